@@ -1,0 +1,1 @@
+"""Baselines and ablations, one module each, all trained and evaluated through the same data and budget."""

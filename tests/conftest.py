@@ -1,0 +1,16 @@
+import pytest
+import torch
+
+from metatuner.testing import tiny_model, tiny_tokenizer
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture()
+def model(tokenizer):
+    return tiny_model(tokenizer, num_layers=4)

@@ -1,0 +1,67 @@
+import torch
+
+from metatuner.generation import chat_prompt, generate, length_batches, lm_batch, score_targets, target_logprobs
+
+PROMPTS = ["Solve 3 + 5.", "What is the answer to this very much longer question about apples?", "Hi", "4 - 1 - 7 ="]
+
+
+def _chats(tokenizer):
+    return [chat_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+
+
+def test_length_batches_cover_every_index_once_longest_first():
+    batches = length_batches([3, 9, 1, 5, 7], batch_size=2)
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+    assert batches[0] == [1, 4]
+
+
+def test_batched_generation_equals_one_by_one(model, tokenizer):
+    chats = _chats(tokenizer)
+    batched = generate(model, tokenizer, chats, max_new_tokens=12, batch_size=4)
+    for i, chat in enumerate(chats):
+        alone = generate(model, tokenizer, [chat], max_new_tokens=12, batch_size=1)
+        assert alone.texts[0] == batched.texts[i]
+        assert alone.new_tokens[0] == batched.new_tokens[i]
+
+
+def test_generation_cuts_at_stop_string(model, tokenizer):
+    chats = _chats(tokenizer)
+    full = generate(model, tokenizer, chats, max_new_tokens=16)
+    text = next(t for t in full.texts if len(t) > 6)
+    stop = text[3:6]
+    cut = generate(model, tokenizer, chats, max_new_tokens=16, stop_strings=[stop])
+    assert all(stop not in t for t in cut.texts)
+
+
+def test_score_targets_matches_manual_computation(model, tokenizer):
+    chats = _chats(tokenizer)
+    targets = ["The answer is 8.", "apples", "Hello there", "-4"]
+    scores = score_targets(model, tokenizer, chats, targets, batch_size=3)
+    for chat, target, (logprob, count) in zip(chats, targets, scores):
+        p = tokenizer(chat, add_special_tokens=False)["input_ids"]
+        t = tokenizer(target, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + t])).logits[0]
+        manual = sum(torch.log_softmax(logits[len(p) - 1 + k], -1)[tok].item() for k, tok in enumerate(t))
+        assert count == len(t)
+        assert abs(manual - logprob) < 1e-4
+
+
+def test_lm_batch_masks_prompt_and_padding_and_keeps_prompt_when_truncating(tokenizer):
+    batch = lm_batch(tokenizer, ["abc abc abc", "a"], ["xyz", "q"], max_length=64)
+    labels, mask = batch["labels"], batch["attention_mask"]
+    assert (labels[mask == 0] == -100).all()
+    n_prompt = len(tokenizer("abc abc abc", add_special_tokens=False)["input_ids"])
+    assert (labels[0, :n_prompt] == -100).all() and (labels[0, n_prompt:][mask[0, n_prompt:] == 1] != -100).all()
+    short = lm_batch(tokenizer, ["abc abc abc"], ["xyz " * 20], max_length=n_prompt + 2)
+    assert short["input_ids"].shape[1] == n_prompt + 2 and (short["labels"] != -100).sum() == 2
+
+
+def test_target_logprobs_is_differentiable(model, tokenizer):
+    batch = lm_batch(tokenizer, _chats(tokenizer)[:2], ["a b", "c"])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits.requires_grad_()
+    sums, counts = target_logprobs(logits, batch["labels"])
+    (-sums.sum()).backward()
+    assert logits.grad is not None and counts.tolist() == [int(x) for x in (batch["labels"][:, 1:] != -100).sum(-1)]
