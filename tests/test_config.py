@@ -11,7 +11,7 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
     assert cfg.train.lr == pytest.approx(5e-5)
     assert cfg.train.batch_size == 4
     assert cfg.data.train_limit == 100
-    assert cfg.output_dir == "runs/sft-rg:chain_sum"
+    assert cfg.output_dir == "runs/metatuner-rg:chain_sum"
 
 
 def test_bad_input_unknown_key_names_its_path(tmp_path):

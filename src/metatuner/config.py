@@ -19,6 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
+METHODS = ("sft", "metatuner")
+
+
 class ConfigError(ValueError):
     """A configuration problem, named by its key path (e.g. `train.lr`)."""
 
@@ -92,9 +95,52 @@ class EvalConfig:
     mc_mode: str = _help("Multiple choice: likelihood (rank options) or generate (parse the generated letter).", "likelihood")
 
 
+DEFAULT_REWRITE_TEMPLATE = (
+    "Rewrite the instruction below so that it best helps to answer this particular question. "
+    "Reply with the rewritten instruction only.\n\nInstruction: {instruction}\n\nQuestion: {question}"
+)
+
+
+@dataclass
+class MetaTunerSettings:
+    # the generator G
+    share_depth: float = _help(
+        "k, the layers of G shared by the prompt and parameter branches: a count (>= 1) or a fraction of G's depth "
+        "(0.25 = K/4 as the paper uses for a 7B generator, 0.75 for a 3B one).", 0.25)
+    pool: str = _help("How h is pooled from layer k: last (the last request token) or mean.", "last")
+    g_lora_r: int = _help("Rank of G's LoRA adapters (phi_s and phi_p).", 16)
+    g_lora_alpha: float = _help("Alpha of G's LoRA adapters.", 32.0)
+    g_target_modules: list[str] = _help("G's linear layers that carry phi_s / phi_p.",
+                                        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rewrite_template: str = _help("G's request, with {instruction} (p0) and {question} (x).", DEFAULT_REWRITE_TEMPLATE)
+    max_prompt_tokens: int = _help("Longest prompt G may write.", 48)
+    max_request_tokens: int = _help("Truncation length of G's request plus prompt in the SR loss.", 512)
+    # the parameter decoder F and the per-query LoRA of M
+    target_modules: list[str] = _help("M's linear layers that receive the per-query LoRA.",
+                                      factory=lambda: ["q_proj", "v_proj"])
+    rank: int = _help("Rank r of the per-query LoRA.", 8)
+    scale: float = _help("lambda: the per-query update is lambda * B (A x).", 1.0)
+    hyper_hidden: int = _help("Hidden width of the hypernetwork's down/up MLP.", 256)
+    # training
+    schedule: str = _help("J: L_task + alpha * L_SR every step; I: the two losses on alternating blocks.", "J")
+    interleave_block: int = _help("Schedule I: steps per block of each loss.", 1)
+    sr_weight: float = _help("alpha, the weight of the supervised-regularisation loss.", 1.0)
+    sync_every: int = _help("Copy phi_p into the frozen phi_p' every N steps.", 10)
+    n_rollouts: int = _help("Sampled candidate prompts per query (p0 and the stored best are always added).", 4)
+    rollout_temperature: float = _help("Sampling temperature T of candidate prompts.", 0.8)
+    rollout_every: int = _help("Run rollouts (and refresh D2) every N steps.", 1)
+    reward: str = _help("likelihood (minus the gold answer's mean NLL) or exact_match (ties by likelihood).", "likelihood")
+    lr_generator: float = _help("Learning rate of G's adapters.", 1e-4)
+    lr_hyper: float = _help("Learning rate of the hypernetwork.", 1e-3)
+    warmup_actor_steps: int = _help("Warm-up: LoRA SFT steps of M on (p0, x) -> y, kept as a static adapter (0: none).", 0)
+    warmup_generator: bool = _help("Warm-up: one rejection-sampling round for G (rollouts, then SFT on the best).", True)
+    warmup_generator_steps: int = _help("Warm-up: SR-only steps on the rejection-sampled prompts.", 0)
+    expert_prompts: Optional[str] = _help("Reuse a saved D2 (expert_prompts.json from an earlier run).", None)
+
+
 @dataclass
 class RunConfig:
-    method: str = _help("Training method: sft (more arrive with the MetaTuner core).", "sft")
+    method: str = _help("Training method: metatuner or sft.", "metatuner")
     seed: int = _help("Seed for data order, sampling and initialisation.", 0)
     output_dir: str = _help("Run folder: config, logs, checkpoints, adapter and evaluation.", "runs/${method}-${data.task}")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -102,6 +148,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    metatuner: MetaTunerSettings = field(default_factory=MetaTunerSettings)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -150,6 +197,22 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.train_limit is None or cfg.data.train_limit >= 1, "data.train_limit", "must be at least 1 or null"),
         (cfg.data.eval_limit is None or cfg.data.eval_limit >= 1, "data.eval_limit", "must be at least 1 or null"),
         (cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip"),
+        (cfg.metatuner.share_depth > 0, "metatuner.share_depth", "must be positive (a layer count or a fraction)"),
+        (cfg.metatuner.pool in ("last", "mean"), "metatuner.pool", "must be last or mean"),
+        (cfg.metatuner.rank >= 1, "metatuner.rank", "must be at least 1"),
+        (cfg.metatuner.g_lora_r >= 1, "metatuner.g_lora_r", "must be at least 1"),
+        (cfg.metatuner.n_rollouts >= 1, "metatuner.n_rollouts", "must be at least 1"),
+        (cfg.metatuner.rollout_temperature > 0, "metatuner.rollout_temperature", "must be positive"),
+        (cfg.metatuner.rollout_every >= 1, "metatuner.rollout_every", "must be at least 1"),
+        (cfg.metatuner.sync_every >= 1, "metatuner.sync_every", "must be at least 1"),
+        (cfg.metatuner.interleave_block >= 1, "metatuner.interleave_block", "must be at least 1"),
+        (cfg.metatuner.schedule in ("J", "I"), "metatuner.schedule", "must be J or I"),
+        (cfg.metatuner.reward in ("likelihood", "exact_match"), "metatuner.reward", "must be likelihood or exact_match"),
+        (cfg.metatuner.max_prompt_tokens >= 1, "metatuner.max_prompt_tokens", "must be at least 1"),
+        (cfg.metatuner.sr_weight >= 0, "metatuner.sr_weight", "must be non-negative"),
+        ("{instruction}" in cfg.metatuner.rewrite_template and "{question}" in cfg.metatuner.rewrite_template,
+         "metatuner.rewrite_template", "must contain {instruction} and {question}"),
+        (cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", "must be float32, bfloat16, float16 or auto"),
     ]
     for ok, key, message in checks:

@@ -12,6 +12,8 @@ each batch in a context manager, which is how per-example LoRA factors follow th
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import time
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
@@ -199,3 +201,72 @@ def score_targets(
         bar.update(len(batch))
     bar.close()
     return results
+
+
+def left_padded_batch(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask` and matching `position_ids` for left-padded texts (last token at -1)."""
+    ids, mask = _left_pad(_encode(tokenizer, texts), tokenizer.pad_token_id, torch.device(device))
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_argument(model) -> str:
+    """The KV-cache keyword of `model.forward`: transformers renamed `past_key_values` to `cache` in 5.x."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_argument(type(base))
+
+
+def output_cache(output):
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+@torch.no_grad()
+def continue_decoding(
+    model: PreTrainedModel,
+    past_key_values,
+    next_logits: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 0.0,
+) -> list[list[int]]:
+    """Decode from an existing prefill (its KV cache and last logits), greedy or sampled; eos-terminated rows.
+
+    This is how a prompt is written from the same forward that produced the meta encoder's states, and how n
+    candidates share one prefill (repeat the cache and logits first): the prefix is never recomputed.
+    """
+    batch = next_logits.shape[0]
+    eos = torch.tensor(list(eos_ids), device=next_logits.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=next_logits.device)
+    tokens: list[torch.Tensor] = []
+    mask, pos = attention_mask, position_ids[:, -1:]
+    logits = next_logits
+    for _ in range(max_new_tokens):
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1).squeeze(-1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        done = done | torch.isin(nxt, eos)
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                    **{cache_argument(model): past_key_values})
+        past_key_values, logits = output_cache(out), out.logits[:, -1]
+    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(batch)]
+    eos_set = set(eos_ids)
+    # Keep tokens up to (not including) the first end-of-sequence token.
+    return [row[: next((k for k, t in enumerate(row) if t in eos_set), len(row))] for row in rows]

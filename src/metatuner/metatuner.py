@@ -1,0 +1,271 @@
+"""The MetaTuner model: a generator G split into a shared meta encoder and a prompt decoder, a frozen copy of the
+prompt decoder, a hypernetwork that writes per-query LoRA, and the actor M that answers.
+
+    mt = MetaTuner(generator, g_tok, settings)                  # G = M: one set of base weights
+    requests = mt.rewrite_requests([p0] * len(xs), xs)
+    written = mt.write_prompts(requests)                        # prompts (text) + h (keeps its gradient)
+    factors = mt.hyper(written.h)                               # per-query LoRA for every target of M
+    loss = mt.task_loss(actor_chats, targets, factors)          # reaches phi_q and phi_s only
+    loss = mt.sr_loss(requests, best_prompts)                   # reaches phi_s and phi_p only
+
+G's parameters are LoRA adapters (PEFT) on one model: `shared` (phi_s) on layers 0..k-1, `prompt` (phi_p) on
+layers k..K-1 and its frozen twin `prompt_frozen` (phi_p'). Each forward states its role by the adapters it
+activates: the writer {shared, prompt_frozen}, the learner {shared, prompt}, the actor none of them (or only M's
+own warm-up adapter `actor`). When G and M are different checkpoints, M is a separate model and only G switches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import MetaTunerSettings
+from .generation import chat_prompt, continue_decoding, output_cache, generate, left_padded_batch, lm_batch, score_targets
+from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA
+
+SHARED, PROMPT, FROZEN, ACTOR = "shared", "prompt", "prompt_frozen", "actor"
+
+
+def resolve_share_depth(share_depth: float, num_layers: int) -> int:
+    """k from a layer count (>= 1) or a fraction of the generator's depth (0 < x < 1)."""
+    k = round(share_depth * num_layers) if 0 < share_depth < 1 else int(share_depth)
+    if not 1 <= k < num_layers:
+        raise ValueError(
+            f"metatuner.share_depth={share_depth} gives k={k}, but the generator has {num_layers} layers: "
+            f"k must be in 1..{num_layers - 1} (a layer count, or a fraction such as 0.25)"
+        )
+    return k
+
+
+@dataclass
+class WrittenPrompts:
+    prompts: list[str]
+    h: torch.Tensor  # (batch, hidden) pooled meta-encoder state at layer k; keeps its gradient
+
+
+class MetaTuner(nn.Module):
+    def __init__(self, generator, g_tokenizer, settings: MetaTunerSettings, actor=None, m_tokenizer=None):
+        super().__init__()
+        self.settings = settings
+        self.g_tok = g_tokenizer
+        self.m_tok = m_tokenizer or g_tokenizer
+        self.num_layers = generator.config.num_hidden_layers
+        self.k = resolve_share_depth(settings.share_depth, self.num_layers)
+        self.shares_weights = actor is None or actor is generator
+        lora = dict(r=settings.g_lora_r, lora_alpha=settings.g_lora_alpha, lora_dropout=0.0,
+                    target_modules=list(settings.g_target_modules), task_type="CAUSAL_LM")
+        lower, upper = list(range(self.k)), list(range(self.k, self.num_layers))
+        self.g: PeftModel = get_peft_model(generator, LoraConfig(**lora, layers_to_transform=lower), adapter_name=SHARED)
+        self.g.add_adapter(PROMPT, LoraConfig(**lora, layers_to_transform=upper))
+        self.g.add_adapter(FROZEN, LoraConfig(**lora, layers_to_transform=upper))
+        self.m = self.g if self.shares_weights else actor
+        self.m.requires_grad_(False)
+        hyper_cfg = HyperLoraConfig(
+            target_modules=list(settings.target_modules), r=settings.rank, scale=settings.scale,
+            hidden_size=settings.hyper_hidden,
+        )
+        self.lora = PerExampleLoRA(self.m, hyper_cfg.target_modules, scale=hyper_cfg.scale)
+        self.hyper = HyperLoraGenerator(hyper_cfg, input_dim=generator.config.hidden_size, targets=self.lora.targets)
+        self.hyper_config = hyper_cfg
+        self.actor_adapter: dict | None = None  # r, alpha, target_modules of M's warm-up LoRA once added
+        self.sync_frozen()
+        self._activate([SHARED, FROZEN])
+
+    # ----- parameters and roles -------------------------------------------------------------------------------
+    def _adapter_params(self, name: str) -> list[nn.Parameter]:
+        return [p for n, p in self.g.named_parameters() if f".{name}." in n and "lora_" in n]
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """phi_s and phi_p: the trainable part of G."""
+        return self._adapter_params(SHARED) + self._adapter_params(PROMPT)
+
+    def _activate(self, adapters: list[str]) -> None:
+        # PEFT's set_adapter flips requires_grad to match the active set; our trainable set is fixed instead, so
+        # phi_p' and M's warm-up adapter stay frozen whatever is active.
+        self.g.base_model.set_adapter(adapters, inference_mode=True)
+        for p in self.generator_parameters():
+            p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def role(self, name: str) -> Iterator[None]:
+        """writer: {phi_s, phi_p'}; learner: {phi_s, phi_p}; actor: none of G's adapters (M's own if any)."""
+        if name == "actor":
+            if not self.shares_weights:
+                yield
+                return
+            if self.actor_adapter is not None:
+                self._activate([ACTOR])
+                try:
+                    yield
+                finally:
+                    self._activate([SHARED, FROZEN])
+                return
+            with self.g.disable_adapter():
+                yield
+            return
+        self._activate({"writer": [SHARED, FROZEN], "learner": [SHARED, PROMPT]}[name])
+        yield
+
+    @torch.no_grad()
+    def sync_frozen(self) -> None:
+        """phi_p' <- phi_p."""
+        frozen = dict(zip([n.replace(f".{FROZEN}.", ".") for n, _ in self._named(FROZEN)], self._adapter_params(FROZEN)))
+        for n, p in self._named(PROMPT):
+            frozen[n.replace(f".{PROMPT}.", ".")].copy_(p)
+
+    def _named(self, adapter: str):
+        return [(n, p) for n, p in self.g.named_parameters() if f".{adapter}." in n and "lora_" in n]
+
+    def add_actor_adapter(self, r: int, alpha: float, target_modules: Sequence[str]) -> list[nn.Parameter]:
+        """M's static warm-up LoRA (adapter `actor`), active only in the actor role; returns its parameters."""
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), task_type="CAUSAL_LM")
+        if self.shares_weights:
+            self.g.add_adapter(ACTOR, config)
+            self._activate([SHARED, FROZEN])
+            params = self._adapter_params(ACTOR)
+        else:
+            self.m = get_peft_model(self.m, config, adapter_name=ACTOR)
+            params = [p for n, p in self.m.named_parameters() if "lora_" in n]
+        self.actor_adapter = {"r": r, "alpha": alpha, "target_modules": list(target_modules)}
+        for p in params:
+            p.requires_grad_(False)
+        return params
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        if self.actor_adapter is None:
+            return []
+        if self.shares_weights:
+            return self._adapter_params(ACTOR)
+        return [p for n, p in self.m.named_parameters() if "lora_" in n]
+
+    # ----- the generator -------------------------------------------------------------------------------------
+    def rewrite_requests(self, instructions: Sequence[str], questions: Sequence[str]) -> list[str]:
+        """G's chat-formatted input: rewrite instruction p0 for question x."""
+        template = self.settings.rewrite_template
+        return [
+            chat_prompt(self.g_tok, [{"role": "user", "content": template.format(instruction=p, question=q)}])
+            for p, q in zip(instructions, questions)
+        ]
+
+    def _prefill(self, requests: Sequence[str]):
+        batch = left_padded_batch(self.g_tok, requests, self.g.device)
+        out = self.g(**batch, use_cache=True, output_hidden_states=True)
+        h = out.hidden_states[self.k]
+        h = h[:, -1] if self.settings.pool == "last" else _masked_mean(h, batch["attention_mask"])
+        return h, out, batch
+
+    def _decode(self, out, batch, temperature: float, repeats: int = 1) -> list[str]:
+        cache, logits = output_cache(out), out.logits[:, -1]
+        mask, pos = batch["attention_mask"], batch["position_ids"]
+        if repeats > 1:
+            # n candidates share the request's prefill: repeat its cache instead of recomputing it.
+            cache.batch_repeat_interleave(repeats)
+            logits, mask, pos = (t.repeat_interleave(repeats, 0) for t in (logits, mask, pos))
+        rows = continue_decoding(
+            self.g, cache, logits.detach(), mask, pos, max_new_tokens=self.settings.max_prompt_tokens,
+            eos_ids=_eos_ids(self.g_tok), pad_id=self.g_tok.pad_token_id, temperature=temperature,
+        )
+        return [self.g_tok.decode(r, skip_special_tokens=True).strip() for r in rows]
+
+    def write_prompts(self, requests: Sequence[str], with_grad: bool = True) -> WrittenPrompts:
+        """Encode once with {phi_s, phi_p'}: h (pooled at layer k) for the hypernetwork, and greedy prompts."""
+        with self.role("writer"), torch.set_grad_enabled(with_grad):
+            h, out, batch = self._prefill(requests)
+        with self.role("writer"):
+            prompts = self._decode(out, batch, temperature=0.0)
+        return WrittenPrompts(prompts, h)
+
+    @torch.no_grad()
+    def sample_prompts(self, requests: Sequence[str], n: int, temperature: float) -> list[list[str]]:
+        """n sampled prompts per request from the current {phi_s, phi_p} (rollouts)."""
+        with self.role("learner"):
+            _, out, batch = self._prefill(requests)
+            flat = self._decode(out, batch, temperature=temperature, repeats=n)
+        return [flat[i * n : (i + 1) * n] for i in range(len(requests))]
+
+    def sr_loss(self, requests: Sequence[str], best_prompts: Sequence[str]) -> torch.Tensor:
+        """Supervised regularisation: NLL of the best prompts so far under {phi_s, phi_p}, teacher forced."""
+        with self.role("learner"):
+            batch = lm_batch(self.g_tok, requests, best_prompts, self.settings.max_request_tokens, device=self.g.device)
+            return self.g(**batch).loss
+
+    # ----- the actor -----------------------------------------------------------------------------------------
+    def _factor_context(self, factors: LoraFactors):
+        return lambda rows: self.lora.apply(factors.index_select(rows))
+
+    def task_loss(self, chats: Sequence[str], targets: Sequence[str], factors: LoraFactors, max_length: int = 512):
+        """Token-level NLL of y under M with the per-query LoRA, given (p, x) already chat-formatted."""
+        batch = lm_batch(self.m_tok, chats, targets, max_length, device=self.m.device)
+        with self.role("actor"), self.lora.apply(factors):
+            return self.m(**batch).loss
+
+    @torch.no_grad()
+    def score(self, chats: Sequence[str], targets: Sequence[str], factors: LoraFactors, batch_size: int = 16):
+        """(sum log-prob, tokens) of each target under M with row i's LoRA."""
+        with self.role("actor"):
+            return score_targets(self.m, self.m_tok, chats, targets, batch_size=batch_size,
+                                 batch_context=self._factor_context(factors))
+
+    @torch.no_grad()
+    def answer(self, chats: Sequence[str], factors: LoraFactors, *, max_new_tokens: int, stop_strings=(),
+               batch_size: int = 16, progress: bool = False):
+        with self.role("actor"):
+            return generate(self.m, self.m_tok, chats, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                            batch_size=batch_size, batch_context=self._factor_context(factors), progress=progress)
+
+    # ----- saving ----------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {f"g.{n}": p.detach().cpu().contiguous() for n, p in self.g.named_parameters() if "lora_" in n}
+        if not self.shares_weights:
+            state.update({f"m.{n}": p.detach().cpu().contiguous() for n, p in self.m.named_parameters() if "lora_" in n})
+        state.update({f"hyper.{n}": t.detach().cpu().contiguous() for n, t in self.hyper.state_dict().items()})
+        return state
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state(), str(directory / "metatuner.safetensors"))
+        meta = {"k": self.k, "actor_adapter": self.actor_adapter, "hyper": asdict(self.hyper_config)}
+        (directory / "metatuner.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    @torch.no_grad()
+    def load(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        weights = directory / "metatuner.safetensors"
+        try:
+            state = load_file(str(weights))
+        except Exception as err:
+            raise ValueError(f"cannot read checkpoint weights {weights}: {err}") from err
+        meta = json.loads((directory / "metatuner.json").read_text())
+        if meta["actor_adapter"] and self.actor_adapter is None:
+            self.add_actor_adapter(**meta["actor_adapter"])
+        own = self.trainable_state()
+        missing = sorted(set(own) - set(state))
+        if missing or set(state) - set(own):
+            raise ValueError(f"{weights} does not match this model: missing {missing[:3]}, "
+                             f"unexpected {sorted(set(state) - set(own))[:3]}")
+        params = {f"g.{n}": p for n, p in self.g.named_parameters() if "lora_" in n}
+        if not self.shares_weights:
+            params.update({f"m.{n}": p for n, p in self.m.named_parameters() if "lora_" in n})
+        for key, tensor in state.items():
+            if key.startswith("hyper."):
+                continue
+            params[key].copy_(tensor)
+        self.hyper.load_state_dict({k[len("hyper."):]: v for k, v in state.items() if k.startswith("hyper.")})
+
+
+def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

@@ -1,0 +1,120 @@
+import pytest
+import torch
+
+from metatuner.config import MetaTunerSettings
+from metatuner.generation import chat_prompt
+from metatuner.metatuner import MetaTuner, resolve_share_depth
+from metatuner.testing import tiny_model
+
+QUESTIONS = ["Janet has 3 apples and buys 5 more. How many?", "4 - 1 - 7 =", "What is 2 + 2?"]
+
+
+@pytest.fixture()
+def mt(tokenizer):
+    torch.manual_seed(0)
+    settings = MetaTunerSettings(share_depth=0.5, rank=4, hyper_hidden=32, g_lora_r=4, max_prompt_tokens=6)
+    return MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer, settings)
+
+
+def _grads(params):
+    return [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params]
+
+
+def _perturb(mt):
+    # LoRA's B starts at zero, so no gradient reaches the A side yet; nonzero weights make routing visible.
+    with torch.no_grad():
+        for p in mt.generator_parameters() + list(mt.hyper.parameters()):
+            p.add_(torch.randn_like(p) * 0.05)
+    mt.sync_frozen()
+
+
+def _actor_chats(mt, prompts):
+    return [chat_prompt(mt.m_tok, [{"role": "user", "content": f"{p}\n\n{q}"}]) for p, q in zip(prompts, QUESTIONS)]
+
+
+def test_share_depth_resolves_counts_and_fractions_and_rejects_impossible():
+    assert resolve_share_depth(0.25, 32) == 8 and resolve_share_depth(3, 4) == 3
+    with pytest.raises(ValueError, match="share_depth"):
+        resolve_share_depth(4, 4)
+
+
+def test_task_loss_reaches_hyper_and_shared_but_not_prompt_decoder(mt):
+    _perturb(mt)
+    requests = mt.rewrite_requests(["Solve it."] * 3, QUESTIONS)
+    written = mt.write_prompts(requests)
+    loss = mt.task_loss(_actor_chats(mt, written.prompts), ["8", "-4", "4"], mt.hyper(written.h))
+    loss.backward()
+    assert all(_grads(mt._adapter_params("shared")))
+    assert not any(_grads(mt._adapter_params("prompt")))
+    assert not any(_grads(mt._adapter_params("prompt_frozen")))
+    assert any(_grads(mt.hyper.parameters()))
+
+
+def test_sr_loss_reaches_prompt_decoder_and_shared_but_not_hyper(mt):
+    _perturb(mt)
+    requests = mt.rewrite_requests(["Solve it."] * 3, QUESTIONS)
+    mt.sr_loss(requests, ["Think step by step.", "Add the numbers.", "Answer."]).backward()
+    assert all(_grads(mt._adapter_params("shared")))
+    assert all(_grads(mt._adapter_params("prompt")))
+    assert not any(_grads(mt._adapter_params("prompt_frozen")))
+    assert not any(_grads(mt.hyper.parameters()))
+
+
+def test_frozen_prompt_decoder_changes_only_at_sync(mt):
+    frozen = [p.clone() for p in mt._adapter_params("prompt_frozen")]
+    with torch.no_grad():
+        for p in mt._adapter_params("prompt"):
+            p.add_(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(frozen, mt._adapter_params("prompt_frozen")))
+    mt.sync_frozen()
+    assert all(torch.equal(a, b) for a, b in zip(mt._adapter_params("prompt"), mt._adapter_params("prompt_frozen")))
+
+
+def test_actor_at_initialisation_equals_base_model(mt, tokenizer):
+    base = tiny_model(tokenizer, num_layers=4)
+    chats = _actor_chats(mt, ["Solve it."] * 3)
+    written = mt.write_prompts(mt.rewrite_requests(["p"] * 3, QUESTIONS), with_grad=False)
+    ours = mt.score(chats, ["8", "-4", "4"], mt.hyper(written.h))
+    from metatuner.generation import score_targets
+    ref = score_targets(base, tokenizer, chats, ["8", "-4", "4"])
+    assert [c for _, c in ours] == [c for _, c in ref]
+    assert all(abs(a - b) < 1e-4 for (a, _), (b, _) in zip(ours, ref))
+
+
+def test_write_prompts_matches_single_request_decoding(mt):
+    _perturb(mt)
+    requests = mt.rewrite_requests(["Solve it."] * 3, QUESTIONS)
+    batched = mt.write_prompts(requests, with_grad=False)
+    for i, request in enumerate(requests):
+        alone = mt.write_prompts([request], with_grad=False)
+        assert alone.prompts[0] == batched.prompts[i]
+        assert torch.allclose(alone.h[0], batched.h[i], atol=1e-5)
+
+
+def test_sample_prompts_returns_n_per_request(mt):
+    out = mt.sample_prompts(mt.rewrite_requests(["Solve it."] * 2, QUESTIONS[:2]), n=3, temperature=1.0)
+    assert [len(c) for c in out] == [3, 3]
+
+
+def test_save_load_round_trip_gives_identical_outputs(mt, tokenizer, tmp_path):
+    _perturb(mt)
+    mt.add_actor_adapter(r=4, alpha=8, target_modules=["q_proj"])
+    with torch.no_grad():
+        for p in mt.actor_parameters():
+            p.add_(0.1)
+    mt.save(tmp_path)
+    other = MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer, mt.settings)
+    other.load(tmp_path)
+    requests = mt.rewrite_requests(["Solve it."] * 3, QUESTIONS)
+    a, b = mt.write_prompts(requests, with_grad=False), other.write_prompts(requests, with_grad=False)
+    assert a.prompts == b.prompts and torch.allclose(a.h, b.h)
+    chats = _actor_chats(mt, a.prompts)
+    assert mt.score(chats, ["8"] * 3, mt.hyper(a.h)) == other.score(chats, ["8"] * 3, other.hyper(b.h))
+
+
+def test_fault_truncated_checkpoint_names_the_file(mt, tmp_path):
+    mt.save(tmp_path)
+    weights = tmp_path / "metatuner.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="metatuner.safetensors"):
+        mt.load(tmp_path)

@@ -1,0 +1,96 @@
+"""Property tests: every extractor and checker takes any text without crashing and answers the same way twice,
+and the file readers turn any bytes into rows or a DataError, nothing else. Select them with `-k bad_input`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metatuner.tasks import DataError, fixture_path, get_task
+from metatuner.tasks.answers import answer_span, is_number, last_boxed, last_number, normalize_number
+from metatuner.tasks.data_io import read_csv, read_jsonl
+
+# Pieces that steer random text into the extractors' interesting branches.
+FRAGMENTS = [
+    "The answer is ", "the final answer is", "Answer:", "####", " ", "\n", "\n\n", "\\boxed{", "\\boxed ", "\\fbox{",
+    "{", "}", "$", "\\(", "\\)", ",", ".", "-", "1", "23", "4.50", "1,000", "(B)", "A", "D.", "option ", "**", "yes",
+    "no", "the", "\\frac{1}{2}", "x^2", "'", '"', "\u00e9", "\x00",
+]
+OUTPUTS = st.one_of(st.text(max_size=200), st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join))
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _tasks():
+    gsm8k = get_task("gsm8k")
+    cosmos = get_task("cosmosqa", train_rows=None)
+    hotpot = get_task("hotpotqa")
+    math = get_task("math")
+    custom_options = {"path": str(fixture_path("custom.jsonl")), "question_field": "input", "answer_field": "output"}
+    pairs = [
+        (gsm8k, gsm8k.load("test", path=str(fixture_path("gsm8k.jsonl")), limit=1)[0]),
+        (cosmos, cosmos.load("test", path=str(fixture_path("cosmosqa.csv")), limit=1)[0]),
+        (hotpot, hotpot.load("test", path=str(fixture_path("hotpotqa.jsonl")), limit=1)[0]),
+        (math, math.load("test", path=str(fixture_path("math.jsonl")), limit=1)[0]),
+    ]
+    for metric in ("exact_match", "contains"):
+        task = get_task("custom", metric=metric, **custom_options)
+        pairs.append((task, task.load("test", limit=1)[0]))
+    for name in ("rg:chain_sum", "gsm_symbolic", "rg:spell_backward"):
+        task = get_task(name, size=5, test_size=5)
+        pairs.append((task, task.load("train", limit=1)[0]))
+    return pairs
+
+
+TASKS = _tasks()
+
+
+@pytest.mark.parametrize("task, example", TASKS, ids=[task.name for task, _ in TASKS])
+@PROPERTY
+@given(output=OUTPUTS)
+def test_bad_input_extract_and_score_never_crash_and_are_deterministic(task, example, output):
+    found = task.extract(output)
+    assert set(found) <= set(task.metrics)
+    assert all(value is None or isinstance(value, str) for value in found.values())
+    scores = task.score(output, example)
+    assert list(scores) == list(task.metrics)
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+    assert task.extract(output) == found and task.score(output, example) == scores
+    assert task.reward(output, example) == scores[task.primary_metric]
+
+
+@PROPERTY
+@given(text=OUTPUTS)
+def test_bad_input_answer_helpers_never_crash(text):
+    for helper in (answer_span, last_boxed, last_number):
+        result = helper(text)
+        assert result is None or isinstance(result, str)
+        assert helper(text) == result
+    normalized = normalize_number(text)
+    assert normalize_number(normalized) == normalized  # idempotent, so normalised values compare as equals
+    assert is_number(text) == is_number(normalized)
+
+
+@PROPERTY
+@given(data=st.one_of(st.binary(max_size=300), st.lists(st.sampled_from([
+    b'{"q": "x", "a": "1"}', b'{"q": 1}', b"[1]", b"{", b"\n", b"\xff\xfe", b'"', b",", b"q,a", b"\r\n", b'{"a": null}',
+]), max_size=12).map(b"\n".join)))
+def test_bad_input_readers_return_rows_or_data_error(data):
+    with tempfile.TemporaryDirectory() as directory:
+        for name, reader in (("d.jsonl", read_jsonl), ("d.csv", read_csv)):
+            path = Path(directory) / name
+            path.write_bytes(data)
+            for mode in ("error", "skip"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    try:
+                        rows = reader(path, ("q",), on_bad_row=mode)
+                    except DataError as e:
+                        assert str(path) in str(e)
+                    else:
+                        assert rows and all(isinstance(row["q"], str) and row["q"].strip() for row in rows)
