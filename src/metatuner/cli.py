@@ -53,8 +53,15 @@ def train_cmd(
         cfg = load_config(config, overrides)
     except ConfigError as err:
         _fail(str(err))
-    if cfg.method != "sft":
-        _fail(f"unknown method {cfg.method!r}; available: sft")
+    if cfg.method == "metatuner":
+        from .train import train_metatuner
+
+        out = train_metatuner(cfg)
+        typer.echo(f"trained: {out}")
+        if eval_after:
+            _eval_run(out, cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_limit, out / "eval",
+                      cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.mc_mode, cfg.model.device)
+        return
     from .baselines.sft import train_sft
 
     out = train_sft(cfg)
@@ -72,7 +79,8 @@ def train_cmd(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(EMBEDDED_DEFAULT_MODEL, help="Hub id, local directory or embedded:<name>."),
-    task: str = typer.Option(..., help="Task name (see `metatuner tasks`)."),
+    task: Optional[str] = typer.Option(None, help="Task name (see `metatuner tasks`); a --run knows its own."),
+    run: Optional[Path] = typer.Option(None, help="A MetaTuner run folder: evaluate its prompts and LoRA."),
     data_path: Optional[str] = typer.Option(None, help="Local JSONL/CSV instead of the hub."),
     split: str = typer.Option("test", help="Split to evaluate."),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N items only."),
@@ -86,7 +94,12 @@ def eval_cmd(
     device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
     task_option: Optional[List[str]] = typer.Option(None, help="Task option key=value (repeatable)."),
 ) -> None:
-    """Evaluate a model (optionally with a PEFT adapter) on a task; writes metrics.json and samples.jsonl."""
+    """Evaluate a model (optionally with a PEFT adapter) or a MetaTuner run; writes metrics.json and samples.jsonl."""
+    if run is not None:
+        _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device)
+        return
+    if task is None:
+        _fail("--task is required (or --run for a MetaTuner run)")
     options = {}
     for item in task_option or []:
         if "=" not in item:
@@ -95,6 +108,66 @@ def eval_cmd(
         options[key] = _parse_scalar(value)
     _run_eval(model, adapter, task, data_path, split, limit, prompt, out, batch_size, max_new_tokens, mc_mode,
               dtype, device, options)
+
+
+def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device) -> None:
+    mt = _load_run(run, device)
+    try:
+        examples = mt.task.load(split, path=data_path, limit=limit)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    result = mt.evaluate(examples, batch_size=batch_size, max_new_tokens=max_new_tokens, mc_mode=mc_mode)
+    result.metrics.update({"run": str(run), "method": "metatuner"})
+    out = out or Path(run) / "eval"
+    result.write(out)
+    shown = {k: result.metrics[k] for k in (*mt.task.metrics, "n_eval", "seconds")}
+    typer.echo(json.dumps(shown))
+    typer.echo(f"wrote {out}/metrics.json and {out}/samples.jsonl")
+
+
+def _load_run(run, device: str = "cpu"):
+    from .metatuner import MetaTuner
+
+    try:
+        return MetaTuner.from_pretrained(run, device=device if device != "auto" else "cpu")
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        _fail(str(err))
+
+
+@app.command("infer")
+def infer_cmd(
+    questions: List[str] = typer.Argument(..., help="One or more questions."),
+    run: Path = typer.Option(..., help="MetaTuner run folder."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Answer length limit (default: the task's)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, mps."),
+) -> None:
+    """Write a prompt and a LoRA for each question, then answer it; prints JSON lines."""
+    mt = _load_run(run, device)
+    for item in mt.generate(questions, max_new_tokens=max_new_tokens):
+        typer.echo(json.dumps(item, ensure_ascii=False))
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Option(..., help="MetaTuner run folder."),
+    query: str = typer.Option(..., help="The question whose LoRA to export."),
+    out: Path = typer.Option(..., help="Directory for the PEFT adapter (created; must be empty or an adapter)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, mps."),
+) -> None:
+    """Export one query's LoRA as a standard PEFT adapter for the actor model."""
+    from .config import load_config
+    from .models import resolve_model_path
+
+    mt = _load_run(run, device)
+    cfg = load_config(Path(run) / "config.yaml")
+    base = resolve_model_path(cfg.model.actor or cfg.model.name)
+    try:
+        path = mt.export_adapter(query, out, base)
+    except ValueError as err:
+        _fail(str(err))
+    prompt = mt.write_all([query])[0][0]
+    (Path(path) / "metatuner_prompt.txt").write_text(prompt + "\n")
+    typer.echo(f"wrote PEFT adapter to {path} (prompt for this query in metatuner_prompt.txt)")
 
 
 def _parse_scalar(value: str):

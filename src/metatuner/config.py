@@ -84,8 +84,9 @@ class TrainConfig:
     max_length: int = _help("Truncate prompt + target to this many tokens.", 512)
     warmup_ratio: float = _help("Share of steps with linear learning-rate warm-up.", 0.05)
     grad_clip: float = _help("Clip the gradient norm to this value (0 disables).", 1.0)
-    mixed_precision: str = _help("no, bf16 or fp16 (accelerate's autocast); auto picks bf16 where supported.", "auto")
+    mixed_precision: str = _help("fp32, bf16 or fp16 autocast; auto picks bf16 where the hardware supports it.", "auto")
     log_every: int = _help("Log scalars every N optimiser steps.", 10)
+    save_every: int = _help("Save the trainable weights and D2 every N steps (0: only at the end).", 0)
 
 
 @dataclass
@@ -190,7 +191,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
         (cfg.train.max_length >= 8, "train.max_length", "must be at least 8"),
         (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
-        (cfg.train.mixed_precision in ("auto", "no", "bf16", "fp16"), "train.mixed_precision", "must be auto, no, bf16 or fp16"),
+        (cfg.train.mixed_precision in ("auto", "fp32", "bf16", "fp16"), "train.mixed_precision", "must be auto, fp32, bf16 or fp16"),
+        (cfg.train.save_every >= 0, "train.save_every", "must be 0 (end only) or positive"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1"),
         (cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1"),
         (cfg.eval.mc_mode in ("likelihood", "generate"), "eval.mc_mode", "must be likelihood or generate"),

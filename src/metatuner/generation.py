@@ -20,7 +20,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BatchContext = Callable[[list[int]], ContextManager]
 
@@ -86,37 +86,31 @@ def generate(
     progress: bool = False,
     desc: str = "generate",
 ) -> GenerationOutput:
-    """Generate a completion for every prompt (greedy unless `do_sample`); returned in the prompts' order."""
+    """Generate a completion for every prompt (greedy unless `do_sample`); returned in the prompts' order.
+
+    Rows that finish (end-of-sequence token or a stop string) leave the batch at once, together with their KV
+    cache and, through `batch_context`, their per-example LoRA: a batch costs what its live rows cost.
+    """
     start = time.perf_counter()
     encoded = _encode(tokenizer, prompts)
     texts: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
     eos_ids = _eos_ids(model, tokenizer)
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_p=top_p if do_sample else None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_ids,
-        stop_strings=list(stop_strings) or None,
-    )
-    device = model.device
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="item")
     for batch in length_batches([len(e) for e in encoded], batch_size):
-        ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, device)
-        ctx = batch_context(batch) if batch_context else contextlib.nullcontext()
-        with ctx:
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, generation_config=config,
-                tokenizer=tokenizer if stop_strings else None,
-            )
-        new = out[:, ids.shape[1] :].tolist()
-        for row, i in zip(new, batch):
-            n = next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))
-            counts[i] = n
-            texts[i] = _cut_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), stop_strings).strip()
+        ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, model.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with batch_context(batch) if batch_context else contextlib.nullcontext():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        rows = decode_loop(
+            model, output_cache(out), out.logits[:, -1], mask, pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+            temperature=temperature if do_sample else 0.0, top_p=top_p, tokenizer=tokenizer,
+            stop_strings=stop_strings, row_context=(lambda live: batch_context([batch[k] for k in live]))
+            if batch_context else None,
+        )
+        for i, row in zip(batch, rows):
+            counts[i] = len(row)
+            texts[i] = _cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings).strip()
         bar.update(len(batch))
     bar.close()
     return GenerationOutput(texts, counts, time.perf_counter() - start)
@@ -227,46 +221,68 @@ def output_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1).squeeze(-1)
+
+
 @torch.no_grad()
-def continue_decoding(
+def decode_loop(
     model: PreTrainedModel,
-    past_key_values,
+    cache,
     next_logits: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     *,
     max_new_tokens: int,
     eos_ids: Sequence[int],
-    pad_id: int,
     temperature: float = 0.0,
+    top_p: float = 1.0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    stop_strings: Sequence[str] = (),
+    row_context: BatchContext | None = None,
 ) -> list[list[int]]:
-    """Decode from an existing prefill (its KV cache and last logits), greedy or sampled; eos-terminated rows.
+    """Decode from an existing prefill (its KV cache and last logits), greedy or sampled.
 
-    This is how a prompt is written from the same forward that produced the meta encoder's states, and how n
-    candidates share one prefill (repeat the cache and logits first): the prefix is never recomputed.
+    Used after a plain prefill (evaluation), after the meta encoder's prefill (the written prompt reuses the states
+    that gave h), and after a prefill repeated n times (n candidate prompts share one prefix). Finished rows are
+    dropped from the batch; `row_context(live_rows)` wraps each forward (per-example LoRA of the live rows).
+    Returns each row's new tokens without the end-of-sequence token.
     """
-    batch = next_logits.shape[0]
-    eos = torch.tensor(list(eos_ids), device=next_logits.device)
-    done = torch.zeros(batch, dtype=torch.bool, device=next_logits.device)
-    tokens: list[torch.Tensor] = []
-    mask, pos = attention_mask, position_ids[:, -1:]
-    logits = next_logits
-    for _ in range(max_new_tokens):
-        if temperature > 0:
-            nxt = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1).squeeze(-1)
-        else:
-            nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens.append(nxt)
-        done = done | torch.isin(nxt, eos)
-        if bool(done.all()):
+    n_rows = next_logits.shape[0]
+    eos = torch.tensor(list(eos_ids), device=next_logits.device, dtype=torch.long)
+    out_rows: list[list[int]] = [[] for _ in range(n_rows)]
+    live = list(range(n_rows))
+    mask, pos, logits = attention_mask, position_ids[:, -1:], next_logits
+    tail = 24  # tokens re-decoded to look for stop strings; longer than any stop string in practice
+    for step in range(max_new_tokens):
+        nxt = _next_tokens(logits, temperature, top_p)
+        finished = torch.isin(nxt, eos).tolist()
+        for k, (row, token, end) in enumerate(zip(live, nxt.tolist(), finished)):
+            if not end:
+                out_rows[row].append(token)
+        if stop_strings and tokenizer is not None:
+            finished = [end or any(s in tokenizer.decode(out_rows[row][-tail:]) for s in stop_strings)
+                        for row, end in zip(live, finished)]
+        if step == max_new_tokens - 1 or all(finished):
             break
+        if any(finished):
+            keep = [k for k, end in enumerate(finished) if not end]
+            index = torch.tensor(keep, device=nxt.device)
+            cache.batch_select_indices(index)
+            mask, pos, nxt = mask[index], pos[index], nxt[index]
+            live = [live[k] for k in keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                    **{cache_argument(model): past_key_values})
-        past_key_values, logits = output_cache(out), out.logits[:, -1]
-    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(batch)]
-    eos_set = set(eos_ids)
-    # Keep tokens up to (not including) the first end-of-sequence token.
-    return [row[: next((k for k, t in enumerate(row) if t in eos_set), len(row))] for row in rows]
+        with row_context(live) if row_context else contextlib.nullcontext():
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                        **{cache_argument(model): cache})
+        cache, logits = output_cache(out), out.logits[:, -1]
+    return out_rows

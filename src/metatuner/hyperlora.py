@@ -57,7 +57,7 @@ TargetKey = tuple[int, str]
 """(layer_index, module_type): how factors name a target, independent of M's module paths."""
 
 # What `PeftModel.save_pretrained` writes for one adapter; anything else in an export directory is refused.
-ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md", "metatuner_prompt.txt"})
 
 
 @dataclass

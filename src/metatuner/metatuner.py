@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,10 +27,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from .config import MetaTunerSettings
-from .generation import chat_prompt, continue_decoding, output_cache, generate, left_padded_batch, lm_batch, score_targets
-from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA
+from .generation import chat_prompt, decode_loop, output_cache, generate, left_padded_batch, lm_batch, score_targets
+from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 
 SHARED, PROMPT, FROZEN, ACTOR = "shared", "prompt", "prompt_frozen", "actor"
 
@@ -76,6 +78,8 @@ class MetaTuner(nn.Module):
         self.hyper = HyperLoraGenerator(hyper_cfg, input_dim=generator.config.hidden_size, targets=self.lora.targets)
         self.hyper_config = hyper_cfg
         self.actor_adapter: dict | None = None  # r, alpha, target_modules of M's warm-up LoRA once added
+        self.actor_trainable = False  # True only while M's warm-up adapter is being trained
+        self.task, self.p0 = None, None  # set by from_pretrained or the trainer; needed by generate/evaluate
         self.sync_frozen()
         self._activate([SHARED, FROZEN])
 
@@ -91,7 +95,7 @@ class MetaTuner(nn.Module):
         # PEFT's set_adapter flips requires_grad to match the active set; our trainable set is fixed instead, so
         # phi_p' and M's warm-up adapter stay frozen whatever is active.
         self.g.base_model.set_adapter(adapters, inference_mode=True)
-        for p in self.generator_parameters():
+        for p in self.generator_parameters() + (self.actor_parameters() if self.actor_trainable else []):
             p.requires_grad_(True)
 
     @contextlib.contextmanager
@@ -135,9 +139,14 @@ class MetaTuner(nn.Module):
             self.m = get_peft_model(self.m, config, adapter_name=ACTOR)
             params = [p for n, p in self.m.named_parameters() if "lora_" in n]
         self.actor_adapter = {"r": r, "alpha": alpha, "target_modules": list(target_modules)}
-        for p in params:
-            p.requires_grad_(False)
+        self.set_actor_trainable(False)
         return params
+
+    def set_actor_trainable(self, trainable: bool) -> None:
+        """M's warm-up adapter trains during the actor warm-up and stays frozen otherwise."""
+        self.actor_trainable = trainable
+        for p in self.actor_parameters():
+            p.requires_grad_(trainable)
 
     def actor_parameters(self) -> list[nn.Parameter]:
         if self.actor_adapter is None:
@@ -169,9 +178,9 @@ class MetaTuner(nn.Module):
             # n candidates share the request's prefill: repeat its cache instead of recomputing it.
             cache.batch_repeat_interleave(repeats)
             logits, mask, pos = (t.repeat_interleave(repeats, 0) for t in (logits, mask, pos))
-        rows = continue_decoding(
+        rows = decode_loop(
             self.g, cache, logits.detach(), mask, pos, max_new_tokens=self.settings.max_prompt_tokens,
-            eos_ids=_eos_ids(self.g_tok), pad_id=self.g_tok.pad_token_id, temperature=temperature,
+            eos_ids=_eos_ids(self.g_tok), temperature=temperature,
         )
         return [self.g_tok.decode(r, skip_special_tokens=True).strip() for r in rows]
 
@@ -220,6 +229,127 @@ class MetaTuner(nn.Module):
         with self.role("actor"):
             return generate(self.m, self.m_tok, chats, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
                             batch_size=batch_size, batch_context=self._factor_context(factors), progress=progress)
+
+    # ----- inference -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, device: str = "cpu") -> "MetaTuner":
+        """Rebuild a trained MetaTuner from its run folder (config.yaml + model/)."""
+        from .config import load_config
+        from .tasks import get_task
+        from .train import build_metatuner
+
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file() or not (run_dir / "model" / "metatuner.json").is_file():
+            raise FileNotFoundError(f"{run_dir} is not a MetaTuner run folder (needs config.yaml and model/)")
+        cfg = load_config(run_dir / "config.yaml")
+        mt = build_metatuner(cfg, device)
+        mt.load(run_dir / "model")
+        mt.task = get_task(cfg.data.task, **cfg.data.task_options)
+        mt.p0 = cfg.data.prompt or mt.task.default_prompt
+        mt.eval()
+        return mt
+
+    @torch.no_grad()
+    def write_all(self, questions: Sequence[str], batch_size: int = 16, progress: bool = False):
+        """Prompts and pooled states h for many questions (h is small; LoRA factors are made per batch later)."""
+        prompts, hs = [], []
+        for i in tqdm(range(0, len(questions), batch_size), desc="write prompts", disable=not progress, unit="batch"):
+            chunk = list(questions[i : i + batch_size])
+            written = self.write_prompts(self.rewrite_requests([self.p0] * len(chunk), chunk), with_grad=False)
+            prompts += written.prompts
+            hs.append(written.h.float())
+        return prompts, torch.cat(hs)
+
+    def lora_context(self, h: torch.Tensor):
+        """A batch context for generation/scoring: rows get the LoRA the hypernetwork makes from their h."""
+        return lambda rows: self.lora.apply(self.hyper(h[list(rows)]))
+
+    @torch.no_grad()
+    def generate(self, questions: Sequence[str], *, return_lora: bool = False, max_new_tokens: int | None = None,
+                 batch_size: int = 16) -> list[dict]:
+        """For each question: the written prompt, M's answer, and (on request) the per-query LoRA factors."""
+        from .tasks.base import Example
+
+        task = self._require_task()
+        prompts, h = self.write_all(questions, batch_size)
+        examples = [Example(id=str(i), question=q, answer="", target="") for i, q in enumerate(questions)]
+        chats = [chat_prompt(self.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, examples)]
+        with self.role("actor"):
+            answers = generate(self.m, self.m_tok, chats, max_new_tokens=max_new_tokens or task.max_new_tokens,
+                               stop_strings=task.stop_strings, batch_size=batch_size,
+                               batch_context=self.lora_context(h))
+        results = []
+        for i, (q, prompt, text) in enumerate(zip(questions, prompts, answers.texts)):
+            item = {"question": q, "prompt": prompt, "answer": text}
+            if return_lora:
+                item["lora"] = self.hyper(h[i : i + 1])
+            results.append(item)
+        return results
+
+    def evaluate(self, examples, *, batch_size: int = 16, max_new_tokens: int | None = None,
+                 mc_mode: str = "likelihood", progress: bool = True):
+        """The task's metrics with MetaTuner's per-query prompts and LoRA (see `evaluate.evaluate`)."""
+        from .evaluate import evaluate
+
+        task = self._require_task()
+        start = time.perf_counter()
+        prompts, h = self.write_all([ex.question for ex in examples], batch_size, progress)
+        write_seconds = time.perf_counter() - start
+        with self.role("actor"):
+            result = evaluate(self.m, self.m_tok, task, examples, prompts, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, mc_mode=mc_mode,
+                              batch_context=self.lora_context(h), progress=progress)
+        result.metrics["prompt_seconds"] = round(write_seconds, 2)
+        result.metrics["seconds"] = round(result.metrics["seconds"] + write_seconds, 2)
+        return result
+
+    def export_adapter(self, question: str, out_dir: str | Path, base_model: str) -> Path:
+        """One query's LoRA as a standard PEFT adapter for M (`base_model`: M's hub id or directory).
+
+        When M carries a static warm-up adapter, both are folded into one adapter of rank r + r_static: the
+        per-query and static factors are stacked (zeros where a module has only one of them) and the scaling is
+        moved into B, so `PeftModel.from_pretrained(M, out_dir)` computes exactly what the actor computes.
+        """
+        _, h = self.write_all([question])
+        factors = self.hyper(h)
+        if self.actor_adapter is None:
+            return export_peft_adapter(factors, base_model, out_dir, self.hyper_config)
+        static = self._static_factors()
+        r_q, r_s = self.hyper_config.r, self.actor_adapter["r"]
+        keys = sorted(set(factors.keys()) | set(static))
+        merged = {}
+        for key in keys:
+            d_out, d_in = (static[key][1].shape[0], static[key][0].shape[1]) if key in static else (
+                factors[key][1].shape[1], factors[key][0].shape[2])
+            a = torch.zeros(1, r_q + r_s, d_in)
+            b = torch.zeros(1, d_out, r_q + r_s)
+            if key in factors.keys():
+                a[0, :r_q], b[0, :, :r_q] = factors[key][0][0], self.hyper_config.scale * factors[key][1][0]
+            if key in static:
+                a[0, r_q:], b[0, :, r_q:] = static[key][0], static[key][1]
+            merged[key] = (a, b)
+        types = sorted({t for _, t in keys}, key=lambda t: (t not in self.hyper_config.target_modules, t))
+        config = HyperLoraConfig(target_modules=types, r=r_q + r_s, scale=1.0)
+        return export_peft_adapter(LoraFactors(merged), base_model, out_dir, config)
+
+    def _static_factors(self) -> dict:
+        """M's warm-up adapter as {(layer, module type): (A, scaling * B)}."""
+        model = self.g if self.shares_weights else self.m
+        scaling = self.actor_adapter["alpha"] / self.actor_adapter["r"]
+        found = {}
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and ACTOR in getattr(module, "lora_A", {}):
+                layer = next(int(p) for p in name.split(".") if p.isdigit())
+                kind = name.rsplit(".", 1)[-1]
+                found[(layer, kind)] = (module.lora_A[ACTOR].weight.detach().float(),
+                                        scaling * module.lora_B[ACTOR].weight.detach().float())
+        return found
+
+    def _require_task(self):
+        task = getattr(self, "task", None)
+        if task is None:
+            raise RuntimeError("this needs a task: load with MetaTuner.from_pretrained(run_dir) or set .task/.p0")
+        return task
 
     # ----- saving ----------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -31,6 +31,9 @@ from ..tasks import get_task
 
 
 def resolve_mixed_precision(setting: str) -> str:
+    """The config's mixed_precision as accelerate spells it."""
+    if setting == "fp32":
+        return "no"
     if setting != "auto":
         return setting
     if torch.cuda.is_available():

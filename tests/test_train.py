@@ -1,0 +1,86 @@
+"""End-to-end MetaTuner training on a tiny model: the loss trajectory, outputs, reload, inference and export."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from metatuner.cli import app
+from metatuner.config import load_config
+from metatuner.metatuner import MetaTuner
+from metatuner.testing import tiny_model_and_tokenizer
+from metatuner.train import train_metatuner
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = tiny_model_and_tokenizer(num_layers=4)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _cfg(tiny_dir, out, *extra):
+    return load_config(None, [
+        f"model.name={tiny_dir}", "model.device=cpu", f"output_dir={out}",
+        "data.task=rg:chain_sum", "data.task_options={size: 4, test_size: 4}",
+        "train.batch_size=4", "train.max_steps=16", "train.warmup_ratio=0", "train.mixed_precision=fp32",
+        "metatuner.share_depth=2", "metatuner.rank=4", "metatuner.hyper_hidden=32", "metatuner.g_lora_r=4",
+        "metatuner.max_prompt_tokens=4", "metatuner.n_rollouts=2", "metatuner.lr_hyper=1e-2",
+        "metatuner.lr_generator=1e-2", "metatuner.sync_every=4", "metatuner.rollout_every=100",
+        "eval.batch_size=8", *extra,
+    ])
+
+
+def test_short_j_run_lowers_both_losses_and_writes_a_run_folder(tiny_dir, tmp_path):
+    torch.manual_seed(0)
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run"))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    task, sr = metrics["history"]["train/task_loss"], metrics["history"]["train/sr_loss"]
+    assert len(task) == 16 and len(sr) == 16
+    # Measured on this seed: task 5.92 -> 5.64, SR 5.79 -> 5.5 (means of the first and last four steps).
+    assert sum(task[-4:]) / 4 < sum(task[:4]) / 4 - 0.1
+    assert sum(sr[-4:]) / 4 < sum(sr[:4]) / 4 - 0.1
+    for name in ("config.yaml", "model/metatuner.safetensors", "model/expert_prompts.json"):
+        assert (out / name).is_file()
+    assert list((out / "tb").rglob("events.*"))
+
+
+def test_interleaved_schedule_alternates_the_losses(tiny_dir, tmp_path):
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "metatuner.schedule=I", "train.max_steps=4",
+                               "metatuner.interleave_block=2"))
+    history = json.loads((out / "train_metrics.json").read_text())["history"]
+    assert len(history["train/task_loss"]) == 2 and len(history["train/sr_loss"]) == 2
+
+
+def test_trained_run_reloads_infers_and_exports(tiny_dir, tmp_path):
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "train.max_steps=2", "metatuner.warmup_actor_steps=2"))
+    mt = MetaTuner.from_pretrained(out)
+    first = mt.generate(["1 + 2 ="], max_new_tokens=4)
+    assert first == MetaTuner.from_pretrained(out).generate(["1 + 2 ="], max_new_tokens=4)
+    assert set(first[0]) == {"question", "prompt", "answer"}
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", "--run", str(out), "--limit", "4", "--out", str(tmp_path / "ev"),
+                                 "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_eval"] == 4
+
+    result = runner.invoke(app, ["export", "--run", str(out), "--query", "1 + 2 =", "--out", str(tmp_path / "ad")])
+    assert result.exit_code == 0, result.output
+
+    # The exported adapter (per-query LoRA folded with M's warm-up adapter) reproduces the actor's logits.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from metatuner.generation import chat_prompt, score_targets
+    prompt = (tmp_path / "ad" / "metatuner_prompt.txt").read_text().rstrip("\n")
+    chat = chat_prompt(mt.m_tok, mt.task.messages(prompt, mt.task.load("test")[0].__class__(
+        id="q", question="1 + 2 =", answer="", target="")))
+    _, h = mt.write_all(["1 + 2 ="])
+    ours = mt.score([chat], ["The answer is 3."], mt.hyper(h))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "ad").eval()
+    theirs = score_targets(peft_model, mt.m_tok, [chat], ["The answer is 3."])
+    assert abs(ours[0][0] - theirs[0][0]) < 1e-3
