@@ -3,7 +3,7 @@ import torch
 
 from metatuner.testing import tiny_model, tiny_tokenizer
 
-torch.set_num_threads(2)
+
 
 
 @pytest.fixture(scope="session")

@@ -118,3 +118,23 @@ def test_fault_truncated_checkpoint_names_the_file(mt, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="metatuner.safetensors"):
         mt.load(tmp_path)
+
+
+def test_sft_adapter_as_actor_warm_up_reproduces_the_peft_model(mt, tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from metatuner.generation import score_targets
+
+    sft = get_peft_model(tiny_model(tokenizer, num_layers=4), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    sft.save_pretrained(tmp_path / "sft")
+    mt.load_actor_adapter(tmp_path / "sft")
+    chats = _actor_chats(mt, ["Solve it."] * 3)
+    written = mt.write_prompts(mt.rewrite_requests(["p"] * 3, QUESTIONS), with_grad=False)
+    ours = mt.score(chats, ["8", "-4", "4"], mt.hyper(written.h))  # the hypernetwork adds nothing at step 0
+    ref = score_targets(sft.eval(), tokenizer, chats, ["8", "-4", "4"])
+    assert all(abs(a - b) < 1e-4 for (a, _), (b, _) in zip(ours, ref))
+    assert abs(ours[0][0] - score_targets(tiny_model(tokenizer, num_layers=4), tokenizer, chats[:1], ["8"])[0][0]) > 1e-3

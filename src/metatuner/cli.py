@@ -112,6 +112,7 @@ def eval_cmd(
 
 def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device) -> None:
     mt = _load_run(run, device)
+    data_path = data_path or load_config(Path(run) / "config.yaml").data.eval_path  # the run's own eval file
     try:
         examples = mt.task.load(split, path=data_path, limit=limit)
     except (ValueError, FileNotFoundError) as err:

@@ -134,6 +134,9 @@ class MetaTunerSettings:
     lr_generator: float = _help("Learning rate of G's adapters.", 1e-4)
     lr_hyper: float = _help("Learning rate of the hypernetwork.", 1e-3)
     warmup_actor_steps: int = _help("Warm-up: LoRA SFT steps of M on (p0, x) -> y, kept as a static adapter (0: none).", 0)
+    warmup_actor_adapter: Optional[str] = _help(
+        "Warm-up: use this trained PEFT LoRA (e.g. the SFT baseline's RUN/adapter) as M's static adapter instead of "
+        "training one.", None)
     warmup_generator: bool = _help("Warm-up: one rejection-sampling round for G (rollouts, then SFT on the best).", True)
     warmup_generator_steps: int = _help("Warm-up: SR-only steps on the rejection-sampled prompts.", 0)
     expert_prompts: Optional[str] = _help("Reuse a saved D2 (expert_prompts.json from an earlier run).", None)

@@ -142,6 +142,24 @@ class MetaTuner(nn.Module):
         self.set_actor_trainable(False)
         return params
 
+    def load_actor_adapter(self, path: str | Path) -> None:
+        """Use a trained PEFT LoRA (e.g. from the SFT baseline) as M's static warm-up adapter."""
+        path = Path(path)
+        config_file = path / "adapter_config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
+        config = json.loads(config_file.read_text())
+        self.add_actor_adapter(config["r"], config["lora_alpha"], config["target_modules"])
+        from peft.utils import set_peft_model_state_dict
+
+        state = load_file(str(path / "adapter_model.safetensors"))
+        model = self.g if self.shares_weights else self.m
+        result = set_peft_model_state_dict(model, state, adapter_name=ACTOR)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{path}: weights do not fit this actor: {result.unexpected_keys[:3]}")
+        self._activate([SHARED, FROZEN])
+        self.set_actor_trainable(False)
+
     def set_actor_trainable(self, trainable: bool) -> None:
         """M's warm-up adapter trains during the actor warm-up and stays frozen otherwise."""
         self.actor_trainable = trainable

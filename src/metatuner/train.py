@@ -115,7 +115,9 @@ def train_metatuner(cfg: RunConfig) -> Path:
     start = time.perf_counter()
 
     # ----- warm-up ------------------------------------------------------------------------------------------
-    if s.warmup_actor_steps > 0:
+    if s.warmup_actor_adapter:
+        mt.load_actor_adapter(s.warmup_actor_adapter)
+    elif s.warmup_actor_steps > 0:
         with timer("warmup_actor"):
             summary.update(warm_up_actor(mt, cfg, task, examples, p0, accelerator, rng))
     g_params, h_params = mt.generator_parameters(), list(mt.hyper.parameters())

@@ -5,7 +5,8 @@
     task.score("4 + 5 = 9. The answer is 9.", test[0])        # {"accuracy": ..., "score": ...}
 
 Options: `size` (train items, default 2000), `test_size` (default 500), `seed` (default 0), `numeric` (whether
-answers are numbers; None detects it from a few generated items), `on_bad_row` (for `path` files), and any field
+answers are numbers; None detects it from a few generated items), `on_bad_row` (for `path` files),
+`max_new_tokens` (default 256 for gsm_symbolic's chains of thought, 64 for one-line answers), and any field
 of the dataset's own config (e.g. `difficulty`, `min_terms`), passed to `reasoning_gym.create_dataset`.
 
 How train and test stay apart: reasoning-gym builds item i of a dataset from `Random(seed + i)`. The train split
@@ -62,6 +63,7 @@ class ReasoningGymTask(Task):
         seed: int = 0,
         numeric: bool | None = None,
         on_bad_row: OnBadRow = "error",
+        max_new_tokens: int | None = None,
         **config: Any,
     ) -> None:
         import reasoning_gym
@@ -76,6 +78,8 @@ class ReasoningGymTask(Task):
             raise ValueError(f"need 0 < size <= {TEST_SEED_OFFSET} and test_size > 0, got {size}, {test_size}")
         self.size, self.test_size, self.seed, self.config = size, test_size, seed, config
         self.on_bad_row = on_bad_row
+        # Chain-of-thought targets need room; one-line answers ("The answer is 7.") do not.
+        self.max_new_tokens = max_new_tokens or (256 if self.dataset == "gsm_symbolic" else 64)
         self._train = self._create(seed, size)  # also validates the config options early
         self._train_questions: set[str] | None = None
         if numeric is None:
