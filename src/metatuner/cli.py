@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from .config import EMBEDDED_DEFAULT_MODEL, ConfigError, load_config
+from .config import EMBEDDED_DEFAULT_MODEL, ConfigError, command_line, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
@@ -118,7 +118,7 @@ def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     result = mt.evaluate(examples, batch_size=batch_size, max_new_tokens=max_new_tokens, mc_mode=mc_mode)
-    result.metrics.update({"run": str(run), "method": "metatuner"})
+    result.metrics.update({"run": str(run), "method": "metatuner", "command": command_line()})
     out = out or Path(run) / "eval"
     result.write(out)
     shown = {k: result.metrics[k] for k in (*mt.task.metrics, "n_eval", "seconds")}
@@ -201,7 +201,8 @@ def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, b
         lm = PeftModel.from_pretrained(lm, adapter).eval()
     result = evaluate(lm, tokenizer, task, examples, prompt, batch_size=batch_size,
                       max_new_tokens=max_new_tokens, mc_mode=mc_mode)
-    result.metrics.update({"model": model, "adapter": adapter, "prompt": prompt or task.default_prompt})
+    result.metrics.update({"model": model, "adapter": adapter, "prompt": prompt or task.default_prompt,
+                           "command": command_line()})
     out = out or Path("runs") / f"eval-{task.name.replace(':', '_')}"
     result.write(out)
     shown = {k: result.metrics[k] for k in (*task.metrics, "n_eval", "seconds", "tokens_per_s")}

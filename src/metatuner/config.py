@@ -9,6 +9,8 @@ config fails in a second, not after minutes of loading.
 
 from __future__ import annotations
 
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -223,6 +225,12 @@ def validate(cfg: RunConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"`{key}` {message}")
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it (recorded next to every result)."""
+    program = "metatuner" if Path(sys.argv[0]).name in ("metatuner", "__main__.py", "cli.py") else sys.argv[0]
+    return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -1,0 +1,103 @@
+"""Results tables: collect finished runs into docs/results/<task>.json and a Markdown table.
+
+    python -m metatuner.report --task gsm8k --out docs/results \\
+        --method zero_shot=runs/gsm8k-zero_shot \\
+        --method sft=runs/gsm8k-sft,runs/sft-gsm8k
+
+Each `--method NAME=EVAL_DIR[,TRAIN_DIR]` names an evaluation folder (metrics.json + samples.jsonl, written by
+`metatuner eval`) and optionally the training run behind it (train_metrics.json). The exact commands come from
+those files. When `metatuner_j` is among the methods, every other method gets `ci_vs_metatuner_j`: the 95%
+paired-bootstrap interval of MetaTuner-J's primary score minus its own, over the items both evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .evaluate import paired_bootstrap
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"cannot read {path}: {err}")
+
+
+def _per_item(eval_dir: Path, metric: str) -> dict[str, float]:
+    with open(eval_dir / "samples.jsonl") as f:
+        return {s["id"]: float(s["scores"][metric]) for s in map(json.loads, f)}
+
+
+def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict | None = None) -> dict:
+    results: dict = {"task": task, "methods": {}, **(notes or {})}
+    items: dict[str, dict[str, float]] = {}
+    for name, (eval_dir, train_dir) in methods.items():
+        metrics = _read_json(eval_dir / "metrics.json")
+        metric_names = [k for k, v in metrics.items() if isinstance(v, float) and k not in (
+            "seconds", "tokens_per_s", "examples_per_s", "prompt_seconds")]
+        entry = {m: round(metrics[m], 4) for m in metric_names}
+        entry.update({"n_eval": metrics["n_eval"], "eval_seconds": metrics["seconds"],
+                      "eval_command": metrics.get("command")})
+        if train_dir is not None:
+            train = _read_json(train_dir / "train_metrics.json")
+            entry.update({"train_examples": train["train_examples"], "train_seconds": train["train_seconds"],
+                          "train_command": train.get("command")})
+        else:
+            entry.update({"train_examples": 0, "train_seconds": 0})
+        entry["command"] = " && ".join(c for c in (entry.get("train_command"), entry["eval_command"]) if c)
+        results["methods"][name] = entry
+        items[name] = _per_item(eval_dir, metric_names[0])
+    if "metatuner_j" in items:
+        ref = items["metatuner_j"]
+        for name, scores in items.items():
+            if name == "metatuner_j":
+                continue
+            shared = sorted(set(ref) & set(scores))
+            low, high = paired_bootstrap([ref[i] for i in shared], [scores[i] for i in shared])
+            results["methods"][name]["ci_vs_metatuner_j"] = [round(low, 4), round(high, 4)]
+    return results
+
+
+def markdown(results: dict) -> str:
+    methods = results["methods"]
+    metrics = [k for k in next(iter(methods.values())) if isinstance(next(iter(methods.values()))[k], float)]
+    head = ["method", *metrics, "n_eval", "train examples", "train s", "eval s"]
+    if any("ci_vs_metatuner_j" in m for m in methods.values()):
+        head.append("MetaTuner-J minus this, 95% CI")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        row = [name, *(f"{m[k]:.4f}" for k in metrics), str(m["n_eval"]), str(m["train_examples"]),
+               f"{m['train_seconds']:.0f}", f"{m['eval_seconds']:.0f}"]
+        if len(head) > len(row):
+            ci = m.get("ci_vs_metatuner_j")
+            row.append(f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--method", action="append", required=True, help="NAME=EVAL_DIR[,TRAIN_DIR]")
+    parser.add_argument("--note", action="append", default=[], help="KEY=VALUE recorded at the top level")
+    args = parser.parse_args(argv)
+    methods = {}
+    for spec in args.method:
+        name, _, dirs = spec.partition("=")
+        parts = dirs.split(",")
+        methods[name] = (Path(parts[0]), Path(parts[1]) if len(parts) > 1 else None)
+    notes = dict(n.split("=", 1) for n in args.note)
+    results = collect(args.task, methods, notes)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.task}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{args.task}.md").write_text(f"# {args.task}\n\n" + markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
