@@ -31,7 +31,7 @@ test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
 bench: setup
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/sft_loop_vs_trl.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

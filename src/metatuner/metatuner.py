@@ -89,7 +89,9 @@ class MetaTuner(nn.Module):
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """phi_s and phi_p: the trainable part of G."""
-        return self._adapter_params(SHARED) + self._adapter_params(PROMPT)
+        if not hasattr(self, "_generator_params"):  # computed once: role switches happen several times a step
+            self._generator_params = self._adapter_params(SHARED) + self._adapter_params(PROMPT)
+        return self._generator_params
 
     def _activate(self, adapters: list[str]) -> None:
         # PEFT's set_adapter flips requires_grad to match the active set; our trainable set is fixed instead, so
