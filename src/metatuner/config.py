@@ -134,7 +134,9 @@ class MetaTunerSettings:
     rollout_every: int = _help("Run rollouts (and refresh D2) every N steps.", 1)
     reward: str = _help("likelihood (minus the gold answer's mean NLL) or exact_match (ties by likelihood).", "likelihood")
     lr_generator: float = _help("Learning rate of G's adapters.", 1e-4)
-    lr_hyper: float = _help("Learning rate of the hypernetwork.", 1e-3)
+    lr_hyper: float = _help(
+        "Learning rate of the hypernetwork. Adam moves every weight of its output heads by about this much per step, "
+        "so the LoRA it writes changes by roughly lr * hidden size: keep it small.", 1e-4)
     warmup_actor_steps: int = _help("Warm-up: LoRA SFT steps of M on (p0, x) -> y, kept as a static adapter (0: none).", 0)
     warmup_actor_adapter: Optional[str] = _help(
         "Warm-up: use this trained PEFT LoRA (e.g. the SFT baseline's RUN/adapter) as M's static adapter instead of "
