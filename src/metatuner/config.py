@@ -235,5 +235,13 @@ def command_line() -> str:
     return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (what a run reports next to its timings)."""
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024, 1)  # macOS reports bytes
+
+
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

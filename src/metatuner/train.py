@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .baselines.sft import resolve_mixed_precision
-from .config import RunConfig, command_line, to_yaml
+from .config import RunConfig, command_line, peak_rss_mb, to_yaml
 from .generation import chat_prompt, lm_batch
 from .metatuner import MetaTuner
 from .models import load_generator_and_actor
@@ -193,7 +193,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
     save_run(mt, store, out)
     summary.update({
         "command": command_line(), "steps": total_steps, "train_examples": seen, "unique_train_examples": len(examples),
-        "train_seconds": round(time.perf_counter() - start, 1),
+        "train_seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
         "seconds_per_phase": {k: round(v, 1) for k, v in timer.seconds.items()},
         "history": dict(history),
     })

@@ -24,7 +24,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from ..config import RunConfig, command_line, to_yaml
+from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
 from ..generation import chat_prompt, lm_batch
 from ..models import load_model
 from ..tasks import get_task
@@ -129,7 +129,7 @@ def train_sft(cfg: RunConfig) -> Path:
         tokenizer.save_pretrained(out / "adapter")
         (out / "train_metrics.json").write_text(json.dumps({
             "method": "sft", "command": command_line(), "steps": step, "train_examples": seen, "unique_train_examples": len(pairs),
-            "target_tokens": tokens, "train_seconds": round(seconds, 1),
+            "target_tokens": tokens, "train_seconds": round(seconds, 1), "peak_rss_mb": peak_rss_mb(),
             "target_tokens_per_s": round(tokens / seconds, 1), "first_loss": losses[0], "final_loss": losses[-1],
             "loss_curve": losses,
         }, indent=2) + "\n")
