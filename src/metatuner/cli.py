@@ -28,14 +28,16 @@ def _fail(message: str) -> None:
 @app.command("tasks")
 def tasks_cmd() -> None:
     """List the registered tasks and their default instruction."""
-    from .tasks import get_task, list_tasks
+    from .tasks import get_task, list_tasks, reasoning_gym_names
 
-    for name in list_tasks():
+    for name in list_tasks(include_reasoning_gym=False):
         try:
             prompt = get_task(name).default_prompt
-        except Exception as err:  # a task that needs options (custom) still gets listed
+        except (TypeError, ValueError) as err:  # a task that needs options (custom) is still listed
             prompt = f"(needs options: {err})"
-        typer.echo(f"{name:24s} {prompt}")
+        typer.echo(f"{name:14s} {prompt}")
+    names = reasoning_gym_names()
+    typer.echo(f"{'rg:<name>':14s} any of {len(names)} reasoning-gym generators: {', '.join(names)}")
 
 
 @app.command("train")
@@ -115,7 +117,7 @@ def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_
     data_path = data_path or load_config(Path(run) / "config.yaml").data.eval_path  # the run's own eval file
     try:
         examples = mt.task.load(split, path=data_path, limit=limit)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(str(err))
     result = mt.evaluate(examples, batch_size=batch_size, max_new_tokens=max_new_tokens, mc_mode=mc_mode)
     result.metrics.update({"run": str(run), "method": "metatuner", "command": command_line()})
@@ -187,7 +189,7 @@ def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, b
     try:
         task = get_task(task_name, **task_options)
         examples = task.load(split, path=data_path, limit=limit)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: the hub could not be reached
         _fail(str(err))
     try:
         lm, tokenizer = load_model(model, dtype=dtype, device=device)
