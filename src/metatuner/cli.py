@@ -1,8 +1,12 @@
 """The `metatuner` command.
 
     metatuner eval --model embedded:smollm2-135m-instruct --task gsm8k --data-path ../shared/data/gsm8k/test.jsonl --limit 50
-    metatuner train --method sft --config configs/sft-gsm8k.yaml train.max_steps=20
+    metatuner train --config configs/sft-gsm8k.yaml train.max_steps=20          # LoRA SFT baseline
     metatuner eval --adapter runs/sft-gsm8k/adapter --task gsm8k --limit 50
+    metatuner train --config configs/smollm2-gsm8k.yaml                         # MetaTuner
+    metatuner eval --run runs/metatuner-gsm8k --limit 50
+    metatuner infer --run runs/metatuner-gsm8k "A robe takes 2 bolts of blue fiber and half that much white fiber..."
+    metatuner export --run runs/metatuner-gsm8k --query "..." --out adapters/query-1
     metatuner tasks
 """
 
