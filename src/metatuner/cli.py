@@ -102,7 +102,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model (optionally with a PEFT adapter) or a MetaTuner run; writes metrics.json and samples.jsonl."""
     if run is not None:
-        _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device)
+        _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype)
         return
     if task is None:
         _fail("--task is required (or --run for a MetaTuner run)")
@@ -116,8 +116,8 @@ def eval_cmd(
               dtype, device, options)
 
 
-def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device) -> None:
-    mt = _load_run(run, device)
+def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype=None) -> None:
+    mt = _load_run(run, device, dtype)
     data_path = data_path or load_config(Path(run) / "config.yaml").data.eval_path  # the run's own eval file
     try:
         examples = mt.task.load(split, path=data_path, limit=limit)
@@ -132,11 +132,11 @@ def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_
     typer.echo(f"wrote {out}/metrics.json and {out}/samples.jsonl")
 
 
-def _load_run(run, device: str = "cpu"):
+def _load_run(run, device: str = "cpu", dtype: str | None = None):
     from .metatuner import MetaTuner
 
     try:
-        return MetaTuner.from_pretrained(run, device=device if device != "auto" else "cpu")
+        return MetaTuner.from_pretrained(run, device=device if device != "auto" else "cpu", dtype=dtype)
     except (FileNotFoundError, ValueError, ConfigError) as err:
         _fail(str(err))
 

@@ -252,8 +252,8 @@ class MetaTuner(nn.Module):
 
     # ----- inference -----------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, device: str = "cpu") -> "MetaTuner":
-        """Rebuild a trained MetaTuner from its run folder (config.yaml + model/)."""
+    def from_pretrained(cls, run_dir: str | Path, device: str = "cpu", dtype: str | None = None) -> "MetaTuner":
+        """Rebuild a trained MetaTuner from its run folder (config.yaml + model/); `dtype` overrides the run's."""
         from .config import load_config
         from .tasks import get_task
         from .train import build_metatuner
@@ -261,7 +261,7 @@ class MetaTuner(nn.Module):
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file() or not (run_dir / "model" / "metatuner.json").is_file():
             raise FileNotFoundError(f"{run_dir} is not a MetaTuner run folder (needs config.yaml and model/)")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / "config.yaml", [f"model.dtype={dtype}"] if dtype else None)
         mt = build_metatuner(cfg, device)
         mt.load(run_dir / "model")
         mt.task = get_task(cfg.data.task, **cfg.data.task_options)
