@@ -138,3 +138,57 @@ def test_sft_adapter_as_actor_warm_up_reproduces_the_peft_model(mt, tokenizer, t
     ref = score_targets(sft.eval(), tokenizer, chats, ["8", "-4", "4"])
     assert all(abs(a - b) < 1e-4 for (a, _), (b, _) in zip(ours, ref))
     assert abs(ours[0][0] - score_targets(tiny_model(tokenizer, num_layers=4), tokenizer, chats[:1], ["8"])[0][0]) > 1e-3
+
+
+@pytest.fixture()
+def mt_full(tokenizer):
+    torch.manual_seed(0)
+    settings = MetaTunerSettings(share_depth=2, rank=4, hyper_hidden=32, max_prompt_tokens=6, g_finetune="full")
+    return MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer, settings,
+                     actor=tiny_model(tokenizer, num_layers=2, seed=1), m_tokenizer=tokenizer)
+
+
+def _split_grads(mt):
+    layers = mt.g.get_decoder().layers
+    lower = [p for layer in layers[: mt.k] for p in layer.parameters()]
+    upper = [p for module in mt._live_upper for p in module.parameters()]
+    return lower, upper
+
+
+def test_full_finetuning_routes_gradients_like_lora(mt_full):
+    with torch.no_grad():
+        for p in mt_full.hyper.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    requests = mt_full.rewrite_requests(["Solve it."] * 3, QUESTIONS)
+    written = mt_full.write_prompts(requests)
+    mt_full.task_loss(_actor_chats(mt_full, written.prompts), ["8", "-4", "4"], mt_full.hyper(written.h)).backward()
+    lower, upper = _split_grads(mt_full)
+    assert all(_grads(lower)) and not any(_grads(upper)) and any(_grads(mt_full.hyper.parameters()))
+    assert not any(_grads(mt_full.frozen_upper.parameters()))
+    mt_full.zero_grad(set_to_none=True)
+    mt_full.sr_loss(requests, ["Think.", "Add.", "Answer."]).backward()
+    lower, upper = _split_grads(mt_full)
+    assert all(_grads(lower)) and all(_grads(upper)) and not any(_grads(mt_full.hyper.parameters()))
+    assert not any(_grads(mt_full.frozen_upper.parameters()))
+
+
+def test_full_finetuning_frozen_copy_syncs_and_round_trips(mt_full, tokenizer, tmp_path):
+    with torch.no_grad():
+        for p in mt_full._live_upper.parameters():
+            p.add_(0.05)
+    assert not all(torch.equal(a, b) for a, b in zip(mt_full._live_upper.parameters(), mt_full.frozen_upper.parameters()))
+    mt_full.sync_frozen()
+    assert all(torch.equal(a, b) for a, b in zip(mt_full._live_upper.parameters(), mt_full.frozen_upper.parameters()))
+    mt_full.save(tmp_path)
+    other = MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer, mt_full.settings,
+                      actor=tiny_model(tokenizer, num_layers=2, seed=1), m_tokenizer=tokenizer)
+    other.load(tmp_path)
+    requests = mt_full.rewrite_requests(["Solve it."] * 2, QUESTIONS[:2])
+    assert mt_full.write_prompts(requests, False).prompts == other.write_prompts(requests, False).prompts
+
+
+def test_bad_input_full_finetuning_with_shared_weights_is_refused():
+    from metatuner.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="g_finetune"):
+        load_config(None, ["metatuner.g_finetune=full"])

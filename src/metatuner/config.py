@@ -111,6 +111,9 @@ class MetaTunerSettings:
         "k, the layers of G shared by the prompt and parameter branches: a count (>= 1) or a fraction of G's depth "
         "(0.25 = K/4 as the paper uses for a 7B generator, 0.75 for a 3B one).", 0.25)
     pool: str = _help("How h is pooled from layer k: last (the last request token) or mean.", "last")
+    g_finetune: str = _help(
+        "How G is trained: lora (adapters for phi_s and phi_p; the default, and the only choice when G and M share "
+        "weights) or full (every weight of G; needs a separate actor, model.actor).", "lora")
     g_lora_r: int = _help("Rank of G's LoRA adapters (phi_s and phi_p).", 16)
     g_lora_alpha: float = _help("Alpha of G's LoRA adapters.", 32.0)
     g_target_modules: list[str] = _help("G's linear layers that carry phi_s / phi_p.",
@@ -208,6 +211,9 @@ def validate(cfg: RunConfig) -> None:
         (cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip"),
         (cfg.metatuner.share_depth > 0, "metatuner.share_depth", "must be positive (a layer count or a fraction)"),
         (cfg.metatuner.pool in ("last", "mean"), "metatuner.pool", "must be last or mean"),
+        (cfg.metatuner.g_finetune in ("lora", "full"), "metatuner.g_finetune", "must be lora or full"),
+        (cfg.metatuner.g_finetune == "lora" or (cfg.model.actor not in (None, cfg.model.name)),
+         "metatuner.g_finetune", "=full needs a separate actor (model.actor): with shared weights it would change M"),
         (cfg.metatuner.rank >= 1, "metatuner.rank", "must be at least 1"),
         (cfg.metatuner.g_lora_r >= 1, "metatuner.g_lora_r", "must be at least 1"),
         (cfg.metatuner.n_rollouts >= 1, "metatuner.n_rollouts", "must be at least 1"),

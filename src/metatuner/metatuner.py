@@ -17,6 +17,7 @@ own warm-up adapter `actor`). When G and M are different checkpoints, M is a sep
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -62,12 +63,23 @@ class MetaTuner(nn.Module):
         self.num_layers = generator.config.num_hidden_layers
         self.k = resolve_share_depth(settings.share_depth, self.num_layers)
         self.shares_weights = actor is None or actor is generator
-        lora = dict(r=settings.g_lora_r, lora_alpha=settings.g_lora_alpha, lora_dropout=0.0,
-                    target_modules=list(settings.g_target_modules), task_type="CAUSAL_LM")
-        lower, upper = list(range(self.k)), list(range(self.k, self.num_layers))
-        self.g: PeftModel = get_peft_model(generator, LoraConfig(**lora, layers_to_transform=lower), adapter_name=SHARED)
-        self.g.add_adapter(PROMPT, LoraConfig(**lora, layers_to_transform=upper))
-        self.g.add_adapter(FROZEN, LoraConfig(**lora, layers_to_transform=upper))
+        self.full = settings.g_finetune == "full"
+        if self.full:
+            if self.shares_weights:
+                raise ValueError("metatuner.g_finetune=full needs a separate actor: with shared weights it would change M")
+            self.g = generator
+            decoder = self._decoder()
+            # phi_p' is a copy of the upper layers and the final norm, swapped in for the writer role.
+            self._live_upper = nn.ModuleList([*decoder.layers[self.k :], decoder.norm])
+            self._generator_params = list(generator.parameters())  # before any copy is swapped in
+            self.frozen_upper = copy.deepcopy(self._live_upper).requires_grad_(False)
+        else:
+            lora = dict(r=settings.g_lora_r, lora_alpha=settings.g_lora_alpha, lora_dropout=0.0,
+                        target_modules=list(settings.g_target_modules), task_type="CAUSAL_LM")
+            lower, upper = list(range(self.k)), list(range(self.k, self.num_layers))
+            self.g = get_peft_model(generator, LoraConfig(**lora, layers_to_transform=lower), adapter_name=SHARED)
+            self.g.add_adapter(PROMPT, LoraConfig(**lora, layers_to_transform=upper))
+            self.g.add_adapter(FROZEN, LoraConfig(**lora, layers_to_transform=upper))
         self.m = self.g if self.shares_weights else actor
         self.m.requires_grad_(False)
         hyper_cfg = HyperLoraConfig(
@@ -83,6 +95,19 @@ class MetaTuner(nn.Module):
         self.sync_frozen()
         self._activate([SHARED, FROZEN])
 
+    def _decoder(self):
+        decoder = self.g.get_decoder()
+        if not (hasattr(decoder, "layers") and hasattr(decoder, "norm")):
+            raise ValueError(f"g_finetune=full needs a decoder with .layers and .norm; {type(decoder).__name__} has not")
+        return decoder
+
+    def _use_upper(self, modules: nn.ModuleList) -> None:
+        """Put `modules` (the live phi_p or the frozen phi_p') in place of G's upper layers and final norm."""
+        decoder = self._decoder()
+        for i, module in enumerate(modules[:-1]):
+            decoder.layers[self.k + i] = module
+        decoder.norm = modules[-1]
+
     # ----- parameters and roles -------------------------------------------------------------------------------
     def _adapter_params(self, name: str) -> list[nn.Parameter]:
         return [p for n, p in self.g.named_parameters() if f".{name}." in n and "lora_" in n]
@@ -94,6 +119,11 @@ class MetaTuner(nn.Module):
         return self._generator_params
 
     def _activate(self, adapters: list[str]) -> None:
+        if self.full:
+            self._use_upper(self.frozen_upper if FROZEN in adapters else self._live_upper)
+            for p in self.generator_parameters():
+                p.requires_grad_(True)
+            return
         # PEFT's set_adapter flips requires_grad to match the active set; our trainable set is fixed instead, so
         # phi_p' and M's warm-up adapter stay frozen whatever is active.
         self.g.base_model.set_adapter(adapters, inference_mode=True)
@@ -123,6 +153,9 @@ class MetaTuner(nn.Module):
     @torch.no_grad()
     def sync_frozen(self) -> None:
         """phi_p' <- phi_p."""
+        if self.full:
+            self.frozen_upper.load_state_dict(self._live_upper.state_dict())
+            return
         frozen = dict(zip([n.replace(f".{FROZEN}.", ".") for n, _ in self._named(FROZEN)], self._adapter_params(FROZEN)))
         for n, p in self._named(PROMPT):
             frozen[n.replace(f".{PROMPT}.", ".")].copy_(p)
@@ -372,8 +405,17 @@ class MetaTuner(nn.Module):
         return task
 
     # ----- saving ----------------------------------------------------------------------------------------------
+    def _g_tensors(self) -> dict[str, torch.Tensor]:
+        """G's trained tensors by stable names: LoRA weights, or (full fine-tuning) every weight plus phi_p'."""
+        if not self.full:
+            return {f"g.{n}": p for n, p in self.g.named_parameters() if "lora_" in n}
+        self._use_upper(self._live_upper)  # names must not depend on which copy is swapped in
+        tensors = {f"g.{n}": p for n, p in self.g.named_parameters()}
+        tensors.update({f"g_frozen.{n}": p for n, p in self.frozen_upper.named_parameters()})
+        return tensors
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        state = {f"g.{n}": p.detach().cpu().contiguous() for n, p in self.g.named_parameters() if "lora_" in n}
+        state = {k: p.detach().cpu().contiguous() for k, p in self._g_tensors().items()}
         if not self.shares_weights:
             state.update({f"m.{n}": p.detach().cpu().contiguous() for n, p in self.m.named_parameters() if "lora_" in n})
         state.update({f"hyper.{n}": t.detach().cpu().contiguous() for n, t in self.hyper.state_dict().items()})
@@ -402,7 +444,7 @@ class MetaTuner(nn.Module):
         if missing or set(state) - set(own):
             raise ValueError(f"{weights} does not match this model: missing {missing[:3]}, "
                              f"unexpected {sorted(set(state) - set(own))[:3]}")
-        params = {f"g.{n}": p for n, p in self.g.named_parameters() if "lora_" in n}
+        params = self._g_tensors()
         if not self.shares_weights:
             params.update({f"m.{n}": p for n, p in self.m.named_parameters() if "lora_" in n})
         for key, tensor in state.items():
