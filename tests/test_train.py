@@ -84,3 +84,18 @@ def test_trained_run_reloads_infers_and_exports(tiny_dir, tmp_path):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "ad").eval()
     theirs = score_targets(peft_model, mt.m_tok, [chat], ["The answer is 3."])
     assert abs(ours[0][0] - theirs[0][0]) < 1e-3
+
+
+@pytest.mark.parametrize("ablation,trained,absent", [
+    ("metatuner.use_hyper=false", "train/sr_loss", "train/task_loss"),   # prompt only (without F)
+    ("metatuner.use_prompt=false", "train/task_loss", "train/sr_loss"),  # parameters only (without P)
+])
+def test_ablations_train_only_their_branch_and_evaluate(tiny_dir, tmp_path, ablation, trained, absent):
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "train.max_steps=2", "metatuner.rollout_every=1", ablation))
+    history = json.loads((out / "train_metrics.json").read_text())["history"]
+    assert len(history[trained]) == 2 and absent not in history
+    mt = MetaTuner.from_pretrained(out)
+    result = mt.evaluate(mt.task.load("test", limit=2), max_new_tokens=4, progress=False)
+    assert result.metrics["n_eval"] == 2
+    if ablation.startswith("metatuner.use_prompt"):
+        assert {s["prompt"] for s in result.samples} == {mt.p0}

@@ -127,6 +127,9 @@ class MetaTunerSettings:
     rank: int = _help("Rank r of the per-query LoRA.", 8)
     scale: float = _help("lambda: the per-query update is lambda * B (A x).", 1.0)
     hyper_hidden: int = _help("Hidden width of the hypernetwork's down/up MLP.", 256)
+    # ablations
+    use_hyper: bool = _help("False: the prompt-only ablation (MetaTuner without the parameter decoder F).", True)
+    use_prompt: bool = _help("False: the parameters-only ablation (M always gets p0; G only encodes).", True)
     # training
     schedule: str = _help("J: L_task + alpha * L_SR every step; I: the two losses on alternating blocks.", "J")
     interleave_block: int = _help("Schedule I: steps per block of each loss.", 1)
@@ -221,6 +224,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.metatuner.rollout_every >= 1, "metatuner.rollout_every", "must be at least 1"),
         (cfg.metatuner.sync_every >= 1, "metatuner.sync_every", "must be at least 1"),
         (cfg.metatuner.interleave_block >= 1, "metatuner.interleave_block", "must be at least 1"),
+        (cfg.metatuner.use_hyper or cfg.metatuner.use_prompt, "metatuner.use_hyper",
+         "and metatuner.use_prompt cannot both be false (nothing would be trained)"),
         (cfg.metatuner.schedule in ("J", "I"), "metatuner.schedule", "must be J or I"),
         (cfg.metatuner.reward in ("likelihood", "exact_match"), "metatuner.reward", "must be likelihood or exact_match"),
         (cfg.metatuner.max_prompt_tokens >= 1, "metatuner.max_prompt_tokens", "must be at least 1"),

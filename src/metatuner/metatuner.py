@@ -50,7 +50,7 @@ def resolve_share_depth(share_depth: float, num_layers: int) -> int:
 
 @dataclass
 class WrittenPrompts:
-    prompts: list[str]
+    prompts: list[str] | None  # None when the prompt branch is off (use_prompt=False): M gets p0
     h: torch.Tensor  # (batch, hidden) pooled meta-encoder state at layer k; keeps its gradient
 
 
@@ -241,9 +241,15 @@ class MetaTuner(nn.Module):
         """Encode once with {phi_s, phi_p'}: h (pooled at layer k) for the hypernetwork, and greedy prompts."""
         with self.role("writer"), torch.set_grad_enabled(with_grad):
             h, out, batch = self._prefill(requests)
+        if not self.settings.use_prompt:
+            return WrittenPrompts(None, h)
         with self.role("writer"):
             prompts = self._decode(out, batch, temperature=0.0)
         return WrittenPrompts(prompts, h)
+
+    def factors(self, h: torch.Tensor) -> LoraFactors | None:
+        """The per-query LoRA for M, or None when the parameter branch is off (use_hyper=False)."""
+        return self.hyper(h) if self.settings.use_hyper else None
 
     @torch.no_grad()
     def sample_prompts(self, requests: Sequence[str], n: int, temperature: float) -> list[list[str]]:
@@ -260,13 +266,15 @@ class MetaTuner(nn.Module):
             return self.g(**batch).loss
 
     # ----- the actor -----------------------------------------------------------------------------------------
-    def _factor_context(self, factors: LoraFactors):
+    def _factor_context(self, factors: LoraFactors | None):
+        if factors is None:
+            return None
         return lambda rows: self.lora.apply(factors.index_select(rows))
 
     def task_loss(self, chats: Sequence[str], targets: Sequence[str], factors: LoraFactors, max_length: int = 512):
         """Token-level NLL of y under M with the per-query LoRA, given (p, x) already chat-formatted."""
         batch = lm_batch(self.m_tok, chats, targets, max_length, device=self.m.device)
-        with self.role("actor"), self.lora.apply(factors):
+        with self.role("actor"), (self.lora.apply(factors) if factors is not None else contextlib.nullcontext()):
             return self.m(**batch).loss
 
     @torch.no_grad()
@@ -309,12 +317,14 @@ class MetaTuner(nn.Module):
         for i in tqdm(range(0, len(questions), batch_size), desc="write prompts", disable=not progress, unit="batch"):
             chunk = list(questions[i : i + batch_size])
             written = self.write_prompts(self.rewrite_requests([self.p0] * len(chunk), chunk), with_grad=False)
-            prompts += written.prompts
+            prompts += written.prompts or [self.p0] * len(chunk)
             hs.append(written.h.float())
         return prompts, torch.cat(hs)
 
     def lora_context(self, h: torch.Tensor):
         """A batch context for generation/scoring: rows get the LoRA the hypernetwork makes from their h."""
+        if not self.settings.use_hyper:
+            return None
         return lambda rows: self.lora.apply(self.hyper(h[list(rows)]))
 
     @torch.no_grad()
@@ -334,7 +344,7 @@ class MetaTuner(nn.Module):
         results = []
         for i, (q, prompt, text) in enumerate(zip(questions, prompts, answers.texts)):
             item = {"question": q, "prompt": prompt, "answer": text}
-            if return_lora:
+            if return_lora and self.settings.use_hyper:
                 item["lora"] = self.hyper(h[i : i + 1])
             results.append(item)
         return results
@@ -363,6 +373,8 @@ class MetaTuner(nn.Module):
         per-query and static factors are stacked (zeros where a module has only one of them) and the scaling is
         moved into B, so `PeftModel.from_pretrained(M, out_dir)` computes exactly what the actor computes.
         """
+        if not self.settings.use_hyper:
+            raise ValueError("this run has no parameter decoder (use_hyper=false): there is no per-query LoRA to export")
         _, h = self.write_all([question])
         factors = self.hyper(h)
         if self.actor_adapter is None:

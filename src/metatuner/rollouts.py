@@ -88,7 +88,7 @@ def run_rollouts(
     task: Task,
     examples: Sequence[Example],
     p0: str,
-    factors: LoraFactors,
+    factors: LoraFactors | None,
     store: ExpertPromptStore,
     *,
     n: int,
@@ -96,7 +96,7 @@ def run_rollouts(
     reward: str = "likelihood",
     batch_size: int = 16,
 ) -> RolloutResult:
-    """Sample, score and keep the best prompt per query; `factors` are the queries' LoRA (detached)."""
+    """Sample, score and keep the best prompt per query; `factors` are the queries' LoRA (None: M without one)."""
     requests = mt.rewrite_requests([p0] * len(examples), [ex.question for ex in examples])
     sampled = mt.sample_prompts(requests, n=n, temperature=temperature)
     candidates = []
@@ -108,7 +108,7 @@ def run_rollouts(
     owners = [i for i, pool in enumerate(candidates) for _ in pool]
     flat = [p for pool in candidates for p in pool]
     chats = [chat_prompt(mt.m_tok, task.messages(p, examples[i])) for p, i in zip(flat, owners)]
-    row_factors = factors.detach().index_select(owners)
+    row_factors = factors.detach().index_select(owners) if factors is not None else None
     scores = candidate_scores(mt, task, [examples[i] for i in owners], chats, row_factors, reward, batch_size)
 
     improved, best_rewards, all_rewards, k = 0, [], [], 0

@@ -120,8 +120,9 @@ def train_metatuner(cfg: RunConfig) -> Path:
     elif s.warmup_actor_steps > 0:
         with timer("warmup_actor"):
             summary.update(warm_up_actor(mt, cfg, task, examples, p0, accelerator, rng))
-    g_params, h_params = mt.generator_parameters(), list(mt.hyper.parameters())
-    if s.warmup_generator:
+    g_params = mt.generator_parameters()
+    h_params = list(mt.hyper.parameters()) if s.use_hyper else []
+    if s.warmup_generator and s.use_prompt:
         with timer("warmup_generator"):
             summary.update(_warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator, rng))
 
@@ -129,7 +130,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
     per_step = cfg.train.batch_size
     total_steps = cfg.train.max_steps or -(-len(examples) // per_step) * cfg.train.epochs
     optimizer = torch.optim.AdamW(
-        [{"params": g_params, "lr": s.lr_generator}, {"params": h_params, "lr": s.lr_hyper}],
+        [{"params": g_params, "lr": s.lr_generator}] + ([{"params": h_params, "lr": s.lr_hyper}] if h_params else []),
         weight_decay=cfg.train.weight_decay,
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
@@ -140,24 +141,25 @@ def train_metatuner(cfg: RunConfig) -> Path:
     for step in bar:
         rows = [examples[i] for i in next(batches)]
         block = (step - 1) // s.interleave_block
-        do_task = s.schedule == "J" or block % 2 == 0
-        do_sr = s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
+        do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
+        do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
         requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
         logs = {}
         with accelerator.autocast():
             with timer("write_prompts"):
                 written = mt.write_prompts(requests, with_grad=do_task)
-                factors = mt.hyper(written.h)
+                factors = mt.factors(written.h)
+                prompts = written.prompts or [p0] * len(rows)
             loss = torch.zeros((), device=accelerator.device)
             if do_task:
                 with timer("task_loss"):
-                    chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(written.prompts, rows)]
+                    chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]
                     task_loss = mt.task_loss(chats, [ex.target for ex in rows], factors, cfg.train.max_length)
                     loss = loss + task_loss
                     logs["train/task_loss"] = task_loss.item()
             if do_sr and (step - 1) % s.rollout_every == 0:
                 with timer("rollouts"):
-                    result = run_rollouts(mt, task, rows, p0, factors.detach(), store, n=s.n_rollouts,
+                    result = run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts,
                                           temperature=s.rollout_temperature, reward=s.reward,
                                           batch_size=cfg.eval.batch_size)
                 logs.update({"rollouts/mean_reward": result.mean_reward, "rollouts/best_reward": result.best_reward,
@@ -211,7 +213,7 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
         rows = examples[i : i + bs]
         with torch.no_grad(), accelerator.autocast():
             written = mt.write_prompts(mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows]), False)
-            result = run_rollouts(mt, task, rows, p0, mt.hyper(written.h), store, n=s.n_rollouts,
+            result = run_rollouts(mt, task, rows, p0, mt.factors(written.h), store, n=s.n_rollouts,
                                   temperature=s.rollout_temperature, reward=s.reward, batch_size=cfg.eval.batch_size)
         improved += result.improved
     optimizer = torch.optim.AdamW(g_params, lr=s.lr_generator)
