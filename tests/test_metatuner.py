@@ -192,3 +192,19 @@ def test_bad_input_full_finetuning_with_shared_weights_is_refused():
 
     with pytest.raises(ConfigError, match="g_finetune"):
         load_config(None, ["metatuner.g_finetune=full"])
+
+
+def test_no_sharing_routes_task_loss_to_the_private_encoder_only(tokenizer):
+    torch.manual_seed(0)
+    settings = MetaTunerSettings(share_depth=2, rank=4, hyper_hidden=32, g_lora_r=4, max_prompt_tokens=6, share=False)
+    mt = MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer, settings)
+    _perturb(mt)
+    requests = mt.rewrite_requests(["Solve it."] * 3, QUESTIONS)
+    written = mt.write_prompts(requests)
+    mt.task_loss(_actor_chats(mt, written.prompts), ["8", "-4", "4"], mt.hyper(written.h)).backward()
+    assert all(_grads(mt._adapter_params("private_encoder"))) and not any(_grads(mt._adapter_params("prompt")))
+    assert not mt._adapter_params("shared")
+    mt.zero_grad(set_to_none=True)
+    mt.sr_loss(requests, ["Think.", "Add.", "Answer."]).backward()
+    assert all(_grads(mt._adapter_params("prompt"))) and not any(_grads(mt._adapter_params("private_encoder")))
+    assert len(mt._adapter_params("prompt")) == 2 * len(mt._adapter_params("private_encoder"))  # all 4 layers vs 2

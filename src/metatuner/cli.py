@@ -3,6 +3,8 @@
     metatuner eval --model embedded:smollm2-135m-instruct --task gsm8k --data-path ../shared/data/gsm8k/test.jsonl --limit 50
     metatuner train --config configs/sft-gsm8k.yaml train.max_steps=20          # LoRA SFT baseline
     metatuner eval --adapter runs/sft-gsm8k/adapter --task gsm8k --limit 50
+    metatuner train --config configs/opro-arithmetic.yaml --eval                # OPRO-like instruction search
+    metatuner train --config configs/better_together-arithmetic.yaml --eval     # search, SFT, search again
     metatuner train --config configs/smollm2-gsm8k.yaml                         # MetaTuner
     metatuner eval --run runs/metatuner-gsm8k --limit 50
     metatuner infer --run runs/metatuner-gsm8k "A robe takes 2 bolts of blue fiber and half that much white fiber..."
@@ -67,6 +69,25 @@ def train_cmd(
         if eval_after:
             _eval_run(out, cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_limit, out / "eval",
                       cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.mc_mode, cfg.model.device)
+        return
+    if cfg.method in ("opro", "better_together"):
+        if cfg.method == "opro":
+            from .baselines.opro import train_opro as train_search
+        else:
+            from .baselines.better_together import train_better_together as train_search
+
+        out = train_search(cfg)
+        best = (out / "best_prompt.txt").read_text().strip()
+        typer.echo(f"trained: {out}\nbest instruction: {best}")
+        if eval_after:
+            adapter = str(out / "adapter") if cfg.method == "better_together" else None
+            _run_eval(
+                model=cfg.model.actor or cfg.model.name, adapter=adapter, task_name=cfg.data.task,
+                data_path=cfg.data.eval_path, split=cfg.data.eval_split, limit=cfg.data.eval_limit, prompt=best,
+                out=out / "eval", batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                mc_mode=cfg.eval.mc_mode, dtype=cfg.model.dtype, device=cfg.model.device,
+                task_options=dict(cfg.data.task_options),
+            )
         return
     from .baselines.sft import train_sft
 

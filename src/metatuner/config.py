@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
-METHODS = ("sft", "metatuner")
+METHODS = ("sft", "metatuner", "opro", "better_together")
 
 
 class ConfigError(ValueError):
@@ -130,6 +130,9 @@ class MetaTunerSettings:
     # ablations
     use_hyper: bool = _help("False: the prompt-only ablation (MetaTuner without the parameter decoder F).", True)
     use_prompt: bool = _help("False: the parameters-only ablation (M always gets p0; G only encodes).", True)
+    share: bool = _help(
+        "False: the no-sharing ablation (k = 0): the parameter decoder reads a private encoder (G's first k layers "
+        "with an adapter of its own) and the prompt decoder is all of G.", True)
     # training
     schedule: str = _help("J: L_task + alpha * L_SR every step; I: the two losses on alternating blocks.", "J")
     interleave_block: int = _help("Schedule I: steps per block of each loss.", 1)
@@ -153,8 +156,26 @@ class MetaTunerSettings:
 
 
 @dataclass
+class SearchSettings:
+    """Task-level instruction search: the OPRO-like baseline and both searches of BetterTogether."""
+
+    rounds: int = _help("Search rounds; each builds one meta-prompt and samples `proposals_per_round` from it.", 5)
+    proposals_per_round: int = _help("Instructions G proposes per round (each is scored on the dev set).", 4)
+    dev_size: int = _help(
+        "Items of the training split held out to score instructions (never the test split); the other training "
+        "items supply the meta-prompt's examples.", 32)
+    scorer: str = _help(
+        "likelihood (mean per-token log-likelihood of the gold targets; one forward pass, cheap and smooth) or "
+        "accuracy (the task's primary metric through generation and its checker).", "likelihood")
+    temperature: float = _help("Sampling temperature of the proposals.", 0.8)
+    max_instruction_tokens: int = _help("Longest instruction G may propose, in tokens.", 48)
+    meta_prompt_top: int = _help("How many of the best instructions so far the meta-prompt lists (with scores).", 20)
+    examples_in_meta_prompt: int = _help("Task examples (question and gold answer) shown in the meta-prompt.", 3)
+
+
+@dataclass
 class RunConfig:
-    method: str = _help("Training method: metatuner or sft.", "metatuner")
+    method: str = _help("Training method: metatuner, sft, opro or better_together.", "metatuner")
     seed: int = _help("Seed for data order, sampling and initialisation.", 0)
     output_dir: str = _help("Run folder: config, logs, checkpoints, adapter and evaluation.", "runs/${method}-${data.task}")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -163,6 +184,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metatuner: MetaTunerSettings = field(default_factory=MetaTunerSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -224,6 +246,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.metatuner.rollout_every >= 1, "metatuner.rollout_every", "must be at least 1"),
         (cfg.metatuner.sync_every >= 1, "metatuner.sync_every", "must be at least 1"),
         (cfg.metatuner.interleave_block >= 1, "metatuner.interleave_block", "must be at least 1"),
+        (cfg.metatuner.share or cfg.metatuner.g_finetune == "lora", "metatuner.share",
+         "=false (no sharing) is built from LoRA adapters: use metatuner.g_finetune=lora"),
         (cfg.metatuner.use_hyper or cfg.metatuner.use_prompt, "metatuner.use_hyper",
          "and metatuner.use_prompt cannot both be false (nothing would be trained)"),
         (cfg.metatuner.schedule in ("J", "I"), "metatuner.schedule", "must be J or I"),
@@ -232,6 +256,14 @@ def validate(cfg: RunConfig) -> None:
         (cfg.metatuner.sr_weight >= 0, "metatuner.sr_weight", "must be non-negative"),
         ("{instruction}" in cfg.metatuner.rewrite_template and "{question}" in cfg.metatuner.rewrite_template,
          "metatuner.rewrite_template", "must contain {instruction} and {question}"),
+        (cfg.search.rounds >= 1, "search.rounds", "must be at least 1"),
+        (cfg.search.proposals_per_round >= 1, "search.proposals_per_round", "must be at least 1"),
+        (cfg.search.dev_size >= 1, "search.dev_size", "must be at least 1"),
+        (cfg.search.scorer in ("likelihood", "accuracy"), "search.scorer", "must be likelihood or accuracy"),
+        (cfg.search.temperature > 0, "search.temperature", "must be positive"),
+        (cfg.search.max_instruction_tokens >= 1, "search.max_instruction_tokens", "must be at least 1"),
+        (cfg.search.meta_prompt_top >= 1, "search.meta_prompt_top", "must be at least 1"),
+        (cfg.search.examples_in_meta_prompt >= 0, "search.examples_in_meta_prompt", "must be 0 or more"),
         (cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", "must be float32, bfloat16, float16 or auto"),
     ]

@@ -34,7 +34,7 @@ from .config import MetaTunerSettings
 from .generation import chat_prompt, decode_loop, output_cache, generate, left_padded_batch, lm_batch, score_targets
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 
-SHARED, PROMPT, FROZEN, ACTOR = "shared", "prompt", "prompt_frozen", "actor"
+SHARED, PROMPT, FROZEN, ACTOR, PRIVATE = "shared", "prompt", "prompt_frozen", "actor", "private_encoder"
 
 
 def resolve_share_depth(share_depth: float, num_layers: int) -> int:
@@ -77,9 +77,18 @@ class MetaTuner(nn.Module):
             lora = dict(r=settings.g_lora_r, lora_alpha=settings.g_lora_alpha, lora_dropout=0.0,
                         target_modules=list(settings.g_target_modules), task_type="CAUSAL_LM")
             lower, upper = list(range(self.k)), list(range(self.k, self.num_layers))
-            self.g = get_peft_model(generator, LoraConfig(**lora, layers_to_transform=lower), adapter_name=SHARED)
+            if settings.share:
+                self.g = get_peft_model(generator, LoraConfig(**lora, layers_to_transform=lower), adapter_name=SHARED)
+            else:
+                # No sharing (the k = 0 ablation): the hypernetwork reads a private encoder (layers 0..k-1 with
+                # their own adapter) and the prompt decoder is all of G.
+                self.g = get_peft_model(generator, LoraConfig(**lora, layers_to_transform=lower), adapter_name=PRIVATE)
+                upper = list(range(self.num_layers))
             self.g.add_adapter(PROMPT, LoraConfig(**lora, layers_to_transform=upper))
             self.g.add_adapter(FROZEN, LoraConfig(**lora, layers_to_transform=upper))
+        encoder = SHARED if settings.share else PRIVATE
+        shared = [SHARED] if settings.share else []
+        self._roles = {"writer": shared + [FROZEN], "learner": shared + [PROMPT], "encoder": [encoder]}
         self.m = self.g if self.shares_weights else actor
         self.m.requires_grad_(False)
         hyper_cfg = HyperLoraConfig(
@@ -93,7 +102,7 @@ class MetaTuner(nn.Module):
         self.actor_trainable = False  # True only while M's warm-up adapter is being trained
         self.task, self.p0 = None, None  # set by from_pretrained or the trainer; needed by generate/evaluate
         self.sync_frozen()
-        self._activate([SHARED, FROZEN])
+        self._activate(self._roles["writer"])
 
     def _decoder(self):
         decoder = self.g.get_decoder()
@@ -115,7 +124,8 @@ class MetaTuner(nn.Module):
     def generator_parameters(self) -> list[nn.Parameter]:
         """phi_s and phi_p: the trainable part of G."""
         if not hasattr(self, "_generator_params"):  # computed once: role switches happen several times a step
-            self._generator_params = self._adapter_params(SHARED) + self._adapter_params(PROMPT)
+            encoder = SHARED if self.settings.share else PRIVATE
+            self._generator_params = self._adapter_params(encoder) + self._adapter_params(PROMPT)
         return self._generator_params
 
     def _activate(self, adapters: list[str]) -> None:
@@ -132,7 +142,8 @@ class MetaTuner(nn.Module):
 
     @contextlib.contextmanager
     def role(self, name: str) -> Iterator[None]:
-        """writer: {phi_s, phi_p'}; learner: {phi_s, phi_p}; actor: none of G's adapters (M's own if any)."""
+        """writer: {phi_s, phi_p'}; learner: {phi_s, phi_p}; actor: none of G's adapters (M's own if any);
+        encoder: the private encoder of the no-sharing ablation."""
         if name == "actor":
             if not self.shares_weights:
                 yield
@@ -142,12 +153,17 @@ class MetaTuner(nn.Module):
                 try:
                     yield
                 finally:
-                    self._activate([SHARED, FROZEN])
+                    self._activate(self._roles["writer"])
                 return
-            with self.g.disable_adapter():
-                yield
+            try:
+                with self.g.disable_adapter():
+                    yield
+            finally:
+                # Leaving disable_adapter() re-runs PEFT's set_adapter, which un-marks inactive adapters as
+                # trainable; a parameter that stops requiring grad before backward() receives no gradient.
+                self._activate(self._roles["writer"])
             return
-        self._activate({"writer": [SHARED, FROZEN], "learner": [SHARED, PROMPT]}[name])
+        self._activate(self._roles[name])
         yield
 
     @torch.no_grad()
@@ -168,7 +184,7 @@ class MetaTuner(nn.Module):
         config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), task_type="CAUSAL_LM")
         if self.shares_weights:
             self.g.add_adapter(ACTOR, config)
-            self._activate([SHARED, FROZEN])
+            self._activate(self._roles["writer"])
             params = self._adapter_params(ACTOR)
         else:
             self.m = get_peft_model(self.m, config, adapter_name=ACTOR)
@@ -192,7 +208,7 @@ class MetaTuner(nn.Module):
         result = set_peft_model_state_dict(model, state, adapter_name=ACTOR)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{path}: weights do not fit this actor: {result.unexpected_keys[:3]}")
-        self._activate([SHARED, FROZEN])
+        self._activate(self._roles["writer"])
         self.set_actor_trainable(False)
 
     def set_actor_trainable(self, trainable: bool) -> None:
@@ -239,8 +255,17 @@ class MetaTuner(nn.Module):
 
     def write_prompts(self, requests: Sequence[str], with_grad: bool = True) -> WrittenPrompts:
         """Encode once with {phi_s, phi_p'}: h (pooled at layer k) for the hypernetwork, and greedy prompts."""
-        with self.role("writer"), torch.set_grad_enabled(with_grad):
-            h, out, batch = self._prefill(requests)
+        if not self.settings.share:
+            # Without sharing, h needs its own forward through the private encoder.
+            with self.role("encoder"), torch.set_grad_enabled(with_grad):
+                h, _, _ = self._prefill(requests)
+            if not self.settings.use_prompt:
+                return WrittenPrompts(None, h)
+            with self.role("writer"), torch.no_grad():
+                _, out, batch = self._prefill(requests)
+        else:
+            with self.role("writer"), torch.set_grad_enabled(with_grad):
+                h, out, batch = self._prefill(requests)
         if not self.settings.use_prompt:
             return WrittenPrompts(None, h)
         with self.role("writer"):

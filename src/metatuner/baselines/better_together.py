@@ -1,0 +1,87 @@
+"""BetterTogether-like baseline (Soylu et al. 2024, "Fine-Tuning and Prompt Optimization: Two Great Steps that
+Work Better Together"): instruction search, then LoRA SFT under the found instruction, then a second search.
+
+    metatuner train --config configs/better_together-arithmetic.yaml --eval     # embedded SmolLM2-135M, CPU
+    metatuner train --method better_together --config configs/sft-gsm8k.yaml --eval
+
+The three phases share the run folder and the training budget:
+1. the OPRO-like search of `baselines.opro` (settings under `search.*`) from p0, with the base actor;
+2. LoRA SFT (`baselines.sft.train_sft`, settings under `train.*` and `lora.*`) on (found instruction, x) -> y;
+3. a second search with the SFT adapter on the actor, starting from the first search's instruction and p0, since
+   the fine-tuned actor may now prefer different wording. G proposes with its base weights: when G and M share a
+   checkpoint the adapter is switched off for G's turn, so the adapter never writes instructions.
+
+The run folder gets `config.yaml`, `adapter/` (a PEFT adapter), TensorBoard scalars of the SFT under `tb/`,
+`best_prompt.txt` (the second search's result), `search.json` (`before_sft` and `after_sft`, each in
+`baselines.opro`'s format) and `train_metrics.json` (the phases' seconds and examples summed, and each phase's
+own numbers under `phases`). `--eval` evaluates the actor with the adapter and the found instruction.
+It runs as one process, on CPU or one GPU (`model.device`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
+from ..models import load_generator_and_actor
+from ..tasks import get_task
+from .opro import search_instructions, search_metrics, search_settings_kwargs
+from .sft import train_sft
+
+
+def train_better_together(cfg: RunConfig) -> Path:
+    """Search, SFT under the found instruction, search again; returns the run folder."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    task = get_task(cfg.data.task, **cfg.data.task_options)
+    examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
+    p0 = cfg.data.prompt or task.default_prompt
+    kwargs = search_settings_kwargs(cfg)
+
+    generator, actor, g_tok, m_tok = _load(cfg)
+    first = search_instructions(actor, m_tok, task, examples, [p0], cfg.search, generator=generator,
+                                g_tokenizer=g_tok, desc="search 1/2", **kwargs)
+    del generator, actor
+    gc.collect()  # the SFT phase loads its own copy of the actor
+
+    # The same SFT as the baseline, only with the found instruction in place of p0; it writes adapter/, tb/ and
+    # its own train_metrics.json into the run folder (the latter is folded into ours below).
+    train_sft(replace(cfg, output_dir=str(out), data=replace(cfg.data, prompt=first.best)))
+    sft_metrics = json.loads((out / "train_metrics.json").read_text())
+
+    from peft import PeftModel
+
+    generator, actor, g_tok, m_tok = _load(cfg)
+    shared = generator is actor
+    actor = PeftModel.from_pretrained(actor, out / "adapter").eval()
+    second = search_instructions(
+        actor, m_tok, task, examples, [first.best, p0], cfg.search,
+        generator=actor if shared else generator, g_tokenizer=g_tok,
+        generator_context=actor.disable_adapter if shared else None, desc="search 2/2", **kwargs)
+
+    (out / "config.yaml").write_text(to_yaml(cfg))  # the run's own config, not the SFT phase's copy
+    (out / "search.json").write_text(json.dumps(
+        {"before_sft": first.to_dict(), "after_sft": second.to_dict()}, indent=2, ensure_ascii=False) + "\n")
+    (out / "best_prompt.txt").write_text(second.best + "\n")
+    phases = {"search_before_sft": search_metrics(first, len(first.dev_ids)), "sft": sft_metrics,
+              "search_after_sft": search_metrics(second, len(second.dev_ids))}
+    metrics = {
+        "method": "better_together", "command": command_line(),
+        "train_seconds": round(sum(p["train_seconds"] for p in phases.values()), 1),
+        "train_examples": sum(p["train_examples"] for p in phases.values()),
+        "unique_train_examples": len(examples), "peak_rss_mb": peak_rss_mb(),
+        "best_prompt": second.best, "sft_prompt": first.best, "phases": phases,
+    }
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
+def _load(cfg: RunConfig):
+    return load_generator_and_actor(cfg.model.name, cfg.model.actor, cfg.model.dtype, cfg.model.device,
+                                    cfg.model.trust_remote_code)
