@@ -70,6 +70,30 @@ def test_search_keeps_the_best_instruction_and_never_loses_to_p0(tiny_dir, task)
     assert result.examples_scored == 4 * result.instructions_scored
 
 
+@pytest.mark.parametrize("p0_is_best", [False, True])
+def test_the_best_scored_instruction_wins_wherever_it_comes(tiny_dir, task, monkeypatch, p0_is_best):
+    """With proposals fixed (the generator stubbed out), the result must be the dev argmax, not the last or the
+    first proposal; and p0 must survive proposals that are all worse."""
+    import metatuner.baselines.opro as opro
+    from metatuner.generation import GenerationOutput
+
+    model, tokenizer = load_model(str(tiny_dir), device="cpu")
+    train = task.load("train")
+    dev, _ = split_dev(train, 4, seed=0)
+    pool = [task.default_prompt, "Add the numbers.", "Compute the sum, then say the answer.", "x", "The answer is"]
+    ranked = sorted(pool, key=lambda ins: _mean_loglik(model, tokenizer, task, dev, ins))
+    if p0_is_best:
+        p0, proposals = ranked[-1], ranked[:-1]
+    else:  # the best in the middle, the worst last, and p0 second worst
+        p0, proposals = ranked[1], [ranked[-2], ranked[-1], ranked[2], "", ranked[0]]
+    monkeypatch.setattr(opro, "generate", lambda *a, **k: GenerationOutput(list(proposals), [1] * len(proposals), 0.0))
+    settings = SearchSettings(rounds=1, proposals_per_round=len(proposals), dev_size=4)
+    result = search_instructions(model, tokenizer, task, train, [p0], settings, seed=0)
+    assert result.best == ranked[-1] and result.p0 == p0
+    assert [h["instruction"] for h in result.history] == [p0, *proposals]
+    assert [h.get("skipped") for h in result.history].count("empty") == (0 if p0_is_best else 1)
+
+
 def test_accuracy_scorer_and_ties_keep_p0(tiny_dir, task):
     model, tokenizer = load_model(str(tiny_dir), device="cpu")
     settings = SearchSettings(rounds=1, proposals_per_round=2, dev_size=3, scorer="accuracy", max_instruction_tokens=6)

@@ -9,6 +9,7 @@
     metatuner eval --run runs/metatuner-gsm8k --limit 50
     metatuner infer --run runs/metatuner-gsm8k "A robe takes 2 bolts of blue fiber and half that much white fiber..."
     metatuner export --run runs/metatuner-gsm8k --query "..." --out adapters/query-1
+    metatuner compare --config configs/compare-arithmetic.yaml                 # every baseline and ablation
     metatuner tasks
 """
 
@@ -196,6 +197,20 @@ def export_cmd(
     prompt = mt.write_all([query])[0][0]
     (Path(path) / "metatuner_prompt.txt").write_text(prompt + "\n")
     typer.echo(f"wrote PEFT adapter to {path} (prompt for this query in metatuner_prompt.txt)")
+
+
+@app.command("compare")
+def compare_cmd(
+    config: Path = typer.Option(..., "--config", "-c", help="Comparison YAML (see configs/compare-*.yaml)."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated methods to run now (the report covers all)."),
+) -> None:
+    """Run every method of a comparison under one budget (skipping finished ones) and write the results table."""
+    from .compare import compare
+
+    try:
+        compare(config, only.split(",") if only else None)
+    except ConfigError as err:
+        _fail(str(err))
 
 
 def _parse_scalar(value: str):

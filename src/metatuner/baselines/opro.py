@@ -221,7 +221,7 @@ def search_instructions(
                         p0=display_score(scores[p0], settings.scorer))
     bar.close()
 
-    best = [h["instruction"] for h in history if h.get("score") is not None][-1]
+    best = _ranked(scores)[-1]
     return SearchResult(
         scorer=settings.scorer, p0=p0, p0_score=scores[p0], best=best, best_score=scores[best],
         dev_ids=[ex.id for ex in dev], history=history, instructions_scored=len(scores),

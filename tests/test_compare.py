@@ -1,0 +1,56 @@
+"""`metatuner compare` on a tiny model: every listed method runs once, results carry paired intervals."""
+
+import json
+
+import pytest
+import yaml
+
+from metatuner.compare import compare, load_compare_config
+from metatuner.config import ConfigError
+from metatuner.testing import tiny_model_and_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = tiny_model_and_tokenizer(num_layers=4)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(tmp_path, tiny_dir, methods):
+    base = {
+        "model": {"name": str(tiny_dir), "device": "cpu"},
+        "data": {"task": "rg:chain_sum", "task_options": {"size": 8, "test_size": 6}},
+        "train": {"batch_size": 4, "max_steps": 2, "mixed_precision": "fp32"},
+        "eval": {"batch_size": 8, "max_new_tokens": 4},
+        "metatuner": {"share_depth": 2, "rank": 4, "hyper_hidden": 32, "g_lora_r": 4, "max_prompt_tokens": 4,
+                      "n_rollouts": 2, "warmup_generator": False},
+    }
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({"name": "toy", "results_dir": str(tmp_path / "results"),
+                                    "runs_dir": str(tmp_path / "runs"), "base": base, "methods": methods}))
+    return path
+
+
+def test_compare_runs_each_method_once_and_reports_intervals(tiny_dir, tmp_path, capsys):
+    path = _config(tmp_path, tiny_dir, {"zero_shot": {}, "sft": {}, "metatuner_j": {},
+                                        "params_only": {"metatuner.use_prompt": False}})
+    results = compare(path)
+    assert set(results["methods"]) == {"zero_shot", "sft", "metatuner_j", "params_only"}
+    for name, entry in results["methods"].items():
+        assert entry["n_eval"] == 6 and "command" in entry
+        assert ("ci_vs_metatuner_j" in entry) == (name != "metatuner_j")
+    assert results["methods"]["metatuner_j"]["warmup_train_examples"] == results["methods"]["sft"]["train_examples"]
+    assert json.loads((tmp_path / "results" / "toy.json").read_text()) == results
+    assert (tmp_path / "results" / "toy.png").is_file() and (tmp_path / "results" / "toy.md").is_file()
+    capsys.readouterr()
+    compare(path)
+    assert capsys.readouterr().out.count("skipping") == 4
+
+
+def test_bad_input_compare_config_names_the_method(tiny_dir, tmp_path):
+    path = _config(tmp_path, tiny_dir, {"metatuner_j": {"metatuner.rank": 0}})
+    with pytest.raises(ConfigError, match="metatuner_j.*metatuner.rank"):
+        load_compare_config(path)
