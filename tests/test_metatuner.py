@@ -208,3 +208,16 @@ def test_no_sharing_routes_task_loss_to_the_private_encoder_only(tokenizer):
     mt.sr_loss(requests, ["Think.", "Add.", "Answer."]).backward()
     assert all(_grads(mt._adapter_params("prompt"))) and not any(_grads(mt._adapter_params("private_encoder")))
     assert len(mt._adapter_params("prompt")) == 2 * len(mt._adapter_params("private_encoder"))  # all 4 layers vs 2
+
+
+def test_gumbel_ablation_sends_the_task_loss_into_the_prompt_decoder(mt):
+    from metatuner.gumbel import gumbel_task_loss
+    from metatuner.tasks import get_task
+
+    _perturb(mt)
+    task = get_task("rg:chain_sum", size=3, test_size=1)
+    loss, prompts = gumbel_task_loss(mt, task, task.load("train"), "Solve it.", max_tokens=4, tau=1.0)
+    loss.backward()
+    assert len(prompts) == 3 and torch.isfinite(loss)
+    assert all(_grads(mt._adapter_params("shared"))) and any(_grads(mt._adapter_params("prompt")))
+    assert any(_grads(mt.hyper.parameters())) and not any(_grads(mt._adapter_params("prompt_frozen")))

@@ -89,6 +89,7 @@ def test_trained_run_reloads_infers_and_exports(tiny_dir, tmp_path):
 @pytest.mark.parametrize("ablation,trained,absent", [
     ("metatuner.use_hyper=false", "train/sr_loss", "train/task_loss"),   # prompt only (without F)
     ("metatuner.use_prompt=false", "train/task_loss", "train/sr_loss"),  # parameters only (without P)
+    ("metatuner.prompt_objective=gumbel", "train/task_loss", "train/sr_loss"),  # Gumbel-softmax for SR
 ])
 def test_ablations_train_only_their_branch_and_evaluate(tiny_dir, tmp_path, ablation, trained, absent):
     out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "train.max_steps=2", "metatuner.rollout_every=1", ablation))

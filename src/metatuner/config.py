@@ -133,6 +133,10 @@ class MetaTunerSettings:
     share: bool = _help(
         "False: the no-sharing ablation (k = 0): the parameter decoder reads a private encoder (G's first k layers "
         "with an adapter of its own) and the prompt decoder is all of G.", True)
+    prompt_objective: str = _help(
+        "sr: the supervised-regularisation loss on D2 (the method); gumbel: the ablation that trains the prompt "
+        "branch through the task loss with straight-through Gumbel-softmax (no rollouts, no D2).", "sr")
+    gumbel_tau: float = _help("Gumbel-softmax temperature (prompt_objective=gumbel).", 1.0)
     # training
     schedule: str = _help("J: L_task + alpha * L_SR every step; I: the two losses on alternating blocks.", "J")
     interleave_block: int = _help("Schedule I: steps per block of each loss.", 1)
@@ -248,6 +252,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.metatuner.interleave_block >= 1, "metatuner.interleave_block", "must be at least 1"),
         (cfg.metatuner.share or cfg.metatuner.g_finetune == "lora", "metatuner.share",
          "=false (no sharing) is built from LoRA adapters: use metatuner.g_finetune=lora"),
+        (cfg.metatuner.prompt_objective in ("sr", "gumbel"), "metatuner.prompt_objective", "must be sr or gumbel"),
+        (cfg.metatuner.gumbel_tau > 0, "metatuner.gumbel_tau", "must be positive"),
         (cfg.metatuner.use_hyper or cfg.metatuner.use_prompt, "metatuner.use_hyper",
          "and metatuner.use_prompt cannot both be false (nothing would be trained)"),
         (cfg.metatuner.schedule in ("J", "I"), "metatuner.schedule", "must be J or I"),

@@ -32,6 +32,7 @@ from transformers import get_linear_schedule_with_warmup
 from .baselines.sft import resolve_mixed_precision
 from .config import RunConfig, command_line, peak_rss_mb, to_yaml
 from .generation import chat_prompt, lm_batch
+from .gumbel import gumbel_task_loss
 from .metatuner import MetaTuner
 from .models import load_generator_and_actor
 from .rollouts import ExpertPromptStore, run_rollouts
@@ -146,11 +147,19 @@ def train_metatuner(cfg: RunConfig) -> Path:
         requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
         logs = {}
         with accelerator.autocast():
-            with timer("write_prompts"):
-                written = mt.write_prompts(requests, with_grad=do_task)
-                factors = mt.factors(written.h)
-                prompts = written.prompts or [p0] * len(rows)
-            loss = torch.zeros((), device=accelerator.device)
+            if s.prompt_objective == "gumbel":
+                with timer("task_loss"):
+                    loss, _ = gumbel_task_loss(mt, task, rows, p0, s.max_prompt_tokens, s.gumbel_tau,
+                                               cfg.train.max_length)
+                logs["train/task_loss"] = loss.item()
+                do_task = do_sr = False
+            else:
+                loss = torch.zeros((), device=accelerator.device)
+            if do_task or do_sr:
+                with timer("write_prompts"):
+                    written = mt.write_prompts(requests, with_grad=do_task)
+                    factors = mt.factors(written.h)
+                    prompts = written.prompts or [p0] * len(rows)
             if do_task:
                 with timer("task_loss"):
                     chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]

@@ -49,6 +49,8 @@ def train_better_together(cfg: RunConfig) -> Path:
                                 g_tokenizer=g_tok, desc="search 1/2", **kwargs)
     del generator, actor
     gc.collect()  # the SFT phase loads its own copy of the actor
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
     # The same SFT as the baseline, only with the found instruction in place of p0; it writes adapter/, tb/ and
     # its own train_metrics.json into the run folder (the latter is folded into ours below).

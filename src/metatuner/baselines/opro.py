@@ -131,7 +131,8 @@ class DevScorer:
         if scorer not in ("likelihood", "accuracy"):
             raise ValueError(f"unknown scorer {scorer!r}; use likelihood or accuracy")
         self.actor, self.tokenizer, self.task, self.dev, self.scorer = actor, tokenizer, task, list(dev), scorer
-        self.batch_size, self.max_length, self.max_new_tokens, self.mc_mode = batch_size, max_length, max_new_tokens, mc_mode
+        self.batch_size, self.max_length = batch_size, max_length
+        self.max_new_tokens, self.mc_mode = max_new_tokens, mc_mode
         self.examples_scored = 0
 
     def __call__(self, instruction: str) -> float:
