@@ -36,9 +36,11 @@ def _config(tmp_path, tiny_dir, methods):
 
 def test_compare_runs_each_method_once_and_reports_intervals(tiny_dir, tmp_path, capsys):
     path = _config(tmp_path, tiny_dir, {"zero_shot": {}, "sft": {}, "metatuner_j": {},
-                                        "params_only": {"metatuner.use_prompt": False}})
+                                        "params_only": {"metatuner.use_prompt": False},
+                                        "opro": {"search.rounds": 1, "search.proposals_per_round": 1,
+                                                 "search.dev_size": 2}})
     results = compare(path)
-    assert set(results["methods"]) == {"zero_shot", "sft", "metatuner_j", "params_only"}
+    assert set(results["methods"]) == {"zero_shot", "sft", "metatuner_j", "params_only", "opro"}
     for name, entry in results["methods"].items():
         assert entry["n_eval"] == 6 and "command" in entry
         assert ("ci_vs_metatuner_j" in entry) == (name != "metatuner_j")
@@ -47,7 +49,7 @@ def test_compare_runs_each_method_once_and_reports_intervals(tiny_dir, tmp_path,
     assert (tmp_path / "results" / "toy.png").is_file() and (tmp_path / "results" / "toy.md").is_file()
     capsys.readouterr()
     compare(path)
-    assert capsys.readouterr().out.count("skipping") == 4
+    assert capsys.readouterr().out.count("skipping") == 5
 
 
 def test_bad_input_compare_config_names_the_method(tiny_dir, tmp_path):

@@ -119,10 +119,13 @@ def run_method(cfg: CompareConfig, name: str) -> Path:
 
 
 def _train_search(run_cfg: RunConfig, name: str, out: Path):
-    from . import baselines
-
-    module = __import__(f"{baselines.__name__}.{name}", fromlist=["train"])
-    module.train(run_cfg)
+    """OPRO-like search or BetterTogether; returns the found instruction and the adapter (BetterTogether)."""
+    if name == "opro":
+        from .baselines.opro import train_opro as train
+    else:
+        from .baselines.better_together import train_better_together as train
+    if not (out / "best_prompt.txt").is_file():
+        train(run_cfg)
     adapter = out / "adapter" if (out / "adapter" / "adapter_config.json").is_file() else None
     return (out / "best_prompt.txt").read_text().strip(), adapter
 
