@@ -53,9 +53,12 @@ def train_cmd(
     method: Optional[str] = typer.Option(None, help="Overrides the config's `method`."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
     eval_after: bool = typer.Option(False, "--eval/--no-eval", help="Evaluate the result on the eval split."),
+    resume: Optional[str] = typer.Option(None, help="auto (newest checkpoint in output_dir) or a checkpoint path."),
 ) -> None:
     """Train a method described by a YAML config (see configs/)."""
     overrides = list(overrides or [])
+    if resume:
+        overrides.append(f"train.resume={resume}")
     if method:
         overrides.append(f"method={method}")
     try:

@@ -88,7 +88,9 @@ class TrainConfig:
     grad_clip: float = _help("Clip the gradient norm to this value (0 disables).", 1.0)
     mixed_precision: str = _help("fp32, bf16 or fp16 autocast; auto picks bf16 where the hardware supports it.", "auto")
     log_every: int = _help("Log scalars every N optimiser steps.", 10)
-    save_every: int = _help("Save the trainable weights and D2 every N steps (0: only at the end).", 0)
+    save_every: int = _help("Write a resumable checkpoint every N steps (0: only the final model).", 0)
+    keep_checkpoints: int = _help("How many of the newest checkpoints to keep.", 2)
+    resume: Optional[str] = _help("Resume from `auto` (the newest checkpoint in output_dir) or a checkpoint path.", None)
 
 
 @dataclass
@@ -232,6 +234,7 @@ def validate(cfg: RunConfig) -> None:
         (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
         (cfg.train.mixed_precision in ("auto", "fp32", "bf16", "fp16"), "train.mixed_precision", "must be auto, fp32, bf16 or fp16"),
         (cfg.train.save_every >= 0, "train.save_every", "must be 0 (end only) or positive"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1"),
         (cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1"),
         (cfg.eval.mc_mode in ("likelihood", "generate"), "eval.mc_mode", "must be likelihood or generate"),

@@ -462,8 +462,7 @@ class MetaTuner(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file(self.trainable_state(), str(directory / "metatuner.safetensors"))
-        meta = {"k": self.k, "actor_adapter": self.actor_adapter, "hyper": asdict(self.hyper_config)}
-        (directory / "metatuner.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (directory / "metatuner.json").write_text(json.dumps(self.meta(), indent=2) + "\n")
 
     @torch.no_grad()
     def load(self, directory: str | Path) -> None:
@@ -473,21 +472,32 @@ class MetaTuner(nn.Module):
             state = load_file(str(weights))
         except Exception as err:
             raise ValueError(f"cannot read checkpoint weights {weights}: {err}") from err
-        meta = json.loads((directory / "metatuner.json").read_text())
+        meta_file = directory / "metatuner.json"
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read {meta_file}: {err}") from err
+        self.load_state(state, meta, source=str(weights))
+
+    def meta(self) -> dict:
+        """What, besides the tensors, it takes to rebuild this model's trainable parts."""
+        return {"k": self.k, "actor_adapter": self.actor_adapter, "hyper": asdict(self.hyper_config)}
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor], meta: dict, source: str = "checkpoint") -> None:
+        """Copy `trainable_state()`-style tensors in, adding M's warm-up adapter first when `meta` has one."""
         if meta["actor_adapter"] and self.actor_adapter is None:
             self.add_actor_adapter(**meta["actor_adapter"])
         own = self.trainable_state()
-        missing = sorted(set(own) - set(state))
-        if missing or set(state) - set(own):
-            raise ValueError(f"{weights} does not match this model: missing {missing[:3]}, "
-                             f"unexpected {sorted(set(state) - set(own))[:3]}")
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"{source} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         params = self._g_tensors()
         if not self.shares_weights:
             params.update({f"m.{n}": p for n, p in self.m.named_parameters() if "lora_" in n})
         for key, tensor in state.items():
-            if key.startswith("hyper."):
-                continue
-            params[key].copy_(tensor)
+            if not key.startswith("hyper."):
+                params[key].copy_(tensor)
         self.hyper.load_state_dict({k[len("hyper."):]: v for k, v in state.items() if k.startswith("hyper.")})
 
 

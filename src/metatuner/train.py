@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .baselines.sft import resolve_mixed_precision
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, command_line, peak_rss_mb, to_yaml
 from .generation import chat_prompt, lm_batch
 from .gumbel import gumbel_task_loss
@@ -63,6 +64,16 @@ class _Timer:
                 timer.seconds[phase] += time.perf_counter() - self.start
 
         return _Span()
+
+
+def batch_rows(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
+    """The training rows of optimiser step `step` (1-based): a pure function of the step, so a resumed run sees
+    exactly the batches the uninterrupted run would have seen. Each epoch is a fresh seeded shuffle."""
+    per_epoch = max(1, n_examples // batch_size)
+    epoch, index = divmod(step - 1, per_epoch)
+    order = list(range(n_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[index * batch_size : (index + 1) * batch_size]
 
 
 def _batches(n_examples: int, batch_size: int, rng: random.Random):
@@ -114,16 +125,23 @@ def train_metatuner(cfg: RunConfig) -> Path:
     store = ExpertPromptStore.load(s.expert_prompts) if s.expert_prompts else ExpertPromptStore()
     timer, summary = _Timer(), {"method": "metatuner", "schedule": s.schedule, "share_depth_layers": mt.k}
     start = time.perf_counter()
+    resume_from = find_checkpoint(out, cfg.train.resume) if cfg.train.resume else None
+    ckpt = load_checkpoint(resume_from) if resume_from else None
 
-    # ----- warm-up ------------------------------------------------------------------------------------------
-    if s.warmup_actor_adapter:
+    # ----- warm-up (its results are in the checkpoint when resuming) ------------------------------------------
+    if ckpt is not None:
+        mt.load_state(ckpt.tensors, ckpt.state["meta"], source=str(ckpt.path))
+        store = ExpertPromptStore(ckpt.state["expert_prompts"])
+        summary = ckpt.state["summary"]
+        timer.seconds.update(ckpt.state["seconds"])
+    elif s.warmup_actor_adapter:
         mt.load_actor_adapter(s.warmup_actor_adapter)
     elif s.warmup_actor_steps > 0:
         with timer("warmup_actor"):
             summary.update(warm_up_actor(mt, cfg, task, examples, p0, accelerator, rng))
     g_params = mt.generator_parameters()
     h_params = list(mt.hyper.parameters()) if s.use_hyper else []
-    if s.warmup_generator and s.use_prompt:
+    if ckpt is None and s.warmup_generator and s.use_prompt:
         with timer("warmup_generator"):
             summary.update(_warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator, rng))
 
@@ -135,12 +153,16 @@ def train_metatuner(cfg: RunConfig) -> Path:
         weight_decay=cfg.train.weight_decay,
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
-    batches = _batches(len(examples), per_step, rng)
-    history = defaultdict(list)
-    seen = tokens = 0
-    bar = tqdm(range(1, total_steps + 1), desc=f"MetaTuner-{s.schedule}", unit="step")
+    history, seen, tokens, first = defaultdict(list), 0, 0, 1
+    if ckpt is not None:
+        ckpt.restore(optimizer, scheduler)
+        history.update(ckpt.state["history"])
+        seen, tokens, first = ckpt.state["seen"], ckpt.state["tokens"], ckpt.step + 1
+        start -= ckpt.state["elapsed"]
+    bar = tqdm(range(first, total_steps + 1), desc=f"MetaTuner-{s.schedule}", unit="step",
+               initial=first - 1, total=total_steps)
     for step in bar:
-        rows = [examples[i] for i in next(batches)]
+        rows = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
         block = (step - 1) // s.interleave_block
         do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
         do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
@@ -197,8 +219,12 @@ def train_metatuner(cfg: RunConfig) -> Path:
         if step % cfg.train.log_every == 0 or step == total_steps:
             accelerator.log({**logs, **{f"seconds/{k}": v for k, v in timer.seconds.items()}}, step=step)
         bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.endswith("loss")})
-        if cfg.train.save_every and step % cfg.train.save_every == 0:
-            save_run(mt, store, out)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+            save_checkpoint(out, step, tensors=mt.trainable_state(), optimizer=optimizer, scheduler=scheduler,
+                            keep=cfg.train.keep_checkpoints, state={
+                                "meta": mt.meta(), "expert_prompts": store.entries, "summary": summary,
+                                "history": dict(history), "seen": seen, "tokens": tokens,
+                                "seconds": dict(timer.seconds), "elapsed": time.perf_counter() - start})
     bar.close()
 
     save_run(mt, store, out)

@@ -1,0 +1,164 @@
+"""Checkpoints that survive crashes: written atomically, verified on load, resumable exactly.
+
+    save_checkpoint(run_dir, step, tensors={...}, optimizer=opt, scheduler=sched, state={...}, keep=2)
+    path = find_checkpoint(run_dir, "auto")          # the newest complete checkpoint, or None
+    ckpt = load_checkpoint(path)                     # .step, .tensors, .state; then .restore(opt, sched)
+
+A checkpoint is a folder `checkpoints/step-00000040/` holding `weights.safetensors` (the caller's trainable
+tensors), `optimizer.safetensors` + `optimizer.json` (the optimizer's tensors and the rest of its state),
+`state.json` (step, scheduler, Python/NumPy RNG states, anything else the trainer wants back) and `rng.safetensors`
+(torch's RNG state). Nothing is pickled. The folder is written under a temporary name and renamed when complete,
+so a crash or a full disk mid-save leaves the previous checkpoint whole and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINTS = "checkpoints"
+FILES = ("weights.safetensors", "optimizer.safetensors", "optimizer.json", "state.json", "rng.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, rest = {}, {"param_groups": state_dict["param_groups"], "state": {}}
+    for index, entries in state_dict["state"].items():
+        rest["state"][str(index)] = {}
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                rest["state"][str(index)][name] = value
+    return tensors, rest
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {int(i): dict(v) for i, v in rest["state"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
+    np_state = np.random.get_state()
+    python = random.getstate()
+    state = {"python": [python[0], list(python[1]), python[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return state, tensors
+
+
+def _set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: str | Path, step: int, *, tensors: dict[str, torch.Tensor], optimizer, scheduler=None,
+                    state: dict | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and delete all but the newest `keep`; returns its folder."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}-", dir=root))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "weights.safetensors"))
+        opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        _write_json(tmp / "optimizer.json", opt_rest)
+        rng_json, rng_tensors = _rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        _write_json(tmp / "state.json", {
+            "step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_json, "trainer": state or {},
+        })
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # the checkpoint exists only once every file is complete
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: str | Path, resume: str) -> Path | None:
+    """`auto`: the newest checkpoint under run_dir (None if there is none); otherwise the path given."""
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        return path
+    found = sorted((Path(run_dir) / CHECKPOINTS).glob("step-*"))
+    return found[-1] if found else None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    tensors: dict[str, torch.Tensor]
+    state: dict  # the trainer's own state
+    _optimizer: dict
+    _scheduler: dict | None
+    _rng: tuple[dict, dict]
+
+    def restore(self, optimizer, scheduler=None) -> None:
+        """Load the optimizer and scheduler states and the RNG states (call after the model's tensors)."""
+        optimizer.load_state_dict(self._optimizer)
+        if scheduler is not None and self._scheduler is not None:
+            scheduler.load_state_dict(self._scheduler)
+        _set_rng_state(*self._rng)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    for name in FILES:
+        if not (path / name).is_file():
+            raise CheckpointError(f"incomplete checkpoint: {path / name} is missing")
+
+    def read(name, reader):
+        try:
+            return reader(str(path / name))
+        except Exception as err:  # truncated or corrupted: name the file, never guess
+            raise CheckpointError(f"cannot read checkpoint file {path / name}: {err}") from err
+
+    def read_json(p):
+        with open(p) as f:
+            return json.load(f)
+
+    state = read("state.json", read_json)
+    optimizer = _join_optimizer(read("optimizer.safetensors", load_file), read("optimizer.json", read_json))
+    return Checkpoint(path, int(state["step"]), read("weights.safetensors", load_file), state["trainer"], optimizer,
+                      state["scheduler"], (state["rng"], read("rng.safetensors", load_file)))

@@ -1,0 +1,124 @@
+"""Checkpoint and resume: a run killed with SIGKILL and resumed ends where an uninterrupted run ends."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from metatuner import checkpoint as ckpt_module
+from metatuner.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from metatuner.testing import tiny_model_and_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tokenizer = tiny_model_and_tokenizer(num_layers=4)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(tmp_path, tiny_dir, out):
+    cfg = {
+        "method": "metatuner", "output_dir": str(out),
+        "model": {"name": str(tiny_dir), "device": "cpu"},
+        "data": {"task": "rg:chain_sum", "task_options": {"size": 8, "test_size": 2}},
+        "train": {"batch_size": 4, "max_steps": 8, "save_every": 2, "mixed_precision": "fp32", "warmup_ratio": 0.25},
+        "metatuner": {"share_depth": 2, "rank": 4, "hyper_hidden": 32, "g_lora_r": 4, "max_prompt_tokens": 4,
+                      "n_rollouts": 2, "sync_every": 3, "lr_hyper": 1e-2, "lr_generator": 1e-2},
+    }
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train(config, *extra, wait=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, "-m", "metatuner", "train", "--config", str(config), *extra]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if wait:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    return proc
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_dir, tmp_path):
+    _train(_config(tmp_path, tiny_dir, tmp_path / "straight"))
+
+    interrupted = _config(tmp_path, tiny_dir, tmp_path / "killed")
+    proc = _train(interrupted, wait=False)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "step-00000004").is_dir():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "model").exists()  # it really died before the end
+    _train(interrupted, "--resume", "auto")
+
+    a = load_file(str(tmp_path / "straight" / "model" / "metatuner.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "metatuner.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    d2 = [(tmp_path / run / "model" / "expert_prompts.json").read_text() for run in ("straight", "killed")]
+    assert d2[0] == d2[1]
+
+
+def _tiny_optimizer():
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    return param, optimizer
+
+
+def test_resume_checkpoint_write_killed_midway_leaves_previous_whole(tmp_path, monkeypatch):
+    param, optimizer = _tiny_optimizer()
+    save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer, state={"x": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_module, "_write_json", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(tmp_path, 2, tensors={"p": param * 2}, optimizer=optimizer)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
+    loaded = load_checkpoint(find_checkpoint(tmp_path, "auto"))
+    assert loaded.step == 1 and torch.equal(loaded.tensors["p"], param.detach()) and loaded.state == {"x": 1}
+
+
+def test_resume_restores_optimizer_and_rng_and_keeps_the_newest(tmp_path):
+    param, optimizer = _tiny_optimizer()
+    torch.manual_seed(7)
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, tensors={"p": param}, optimizer=optimizer, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    expected = torch.rand(4)
+    _, fresh = _tiny_optimizer()
+    torch.manual_seed(0)
+    load_checkpoint(find_checkpoint(tmp_path, "auto")).restore(fresh)
+    assert torch.equal(torch.rand(4), expected)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_fault_truncated_checkpoint_file_is_named(tmp_path):
+    param, optimizer = _tiny_optimizer()
+    path = save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer)
+    weights = path / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match="weights.safetensors"):
+        load_checkpoint(path)
+    (path / "state.json").unlink()
+    with pytest.raises(CheckpointError, match="state.json"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        find_checkpoint(tmp_path, str(Path(tmp_path) / "nope"))
