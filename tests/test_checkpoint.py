@@ -122,3 +122,34 @@ def test_fault_truncated_checkpoint_file_is_named(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not found"):
         find_checkpoint(tmp_path, str(Path(tmp_path) / "nope"))
+
+
+def test_fault_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_dir, tmp_path):
+    config = _config(tmp_path, tiny_dir, tmp_path / "stopped")
+    proc = _train(config, wait=False)
+    deadline = time.time() + 300
+    while not (tmp_path / "stopped" / "checkpoints" / "step-00000002").is_dir():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-1000:]
+    assert b"--resume auto" in err
+    step = load_checkpoint(find_checkpoint(tmp_path / "stopped", "auto")).step
+    assert 2 <= step < 8
+    _train(config, "--resume", "auto")
+    assert (tmp_path / "stopped" / "model" / "metatuner.safetensors").is_file()
+
+
+def test_fault_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    from metatuner.config import load_config
+    from metatuner.metatuner import MetaTuner
+    from metatuner.train import TrainingStopped, train_metatuner
+
+    monkeypatch.setattr(MetaTuner, "task_loss", lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    cfg = load_config(_config(tmp_path, tiny_dir, tmp_path / "nan"), ["train.max_bad_steps=3",
+                                                                      "metatuner.warmup_generator=false"])
+    with pytest.raises(TrainingStopped, match="3 non-finite losses"):
+        train_metatuner(cfg)
+    saved = load_checkpoint(find_checkpoint(tmp_path / "nan", "auto"))
+    assert saved.step == 2 and saved.state["history"] == {}

@@ -66,9 +66,13 @@ def train_cmd(
     except ConfigError as err:
         _fail(str(err))
     if cfg.method == "metatuner":
-        from .train import train_metatuner
+        from .train import TrainingStopped, train_metatuner
 
-        out = train_metatuner(cfg)
+        try:
+            out = train_metatuner(cfg)
+        except TrainingStopped as err:
+            typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(err.exit_code)
         typer.echo(f"trained: {out}")
         if eval_after:
             _eval_run(out, cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_limit, out / "eval",

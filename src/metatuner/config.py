@@ -90,6 +90,7 @@ class TrainConfig:
     log_every: int = _help("Log scalars every N optimiser steps.", 10)
     save_every: int = _help("Write a resumable checkpoint every N steps (0: only the final model).", 0)
     keep_checkpoints: int = _help("How many of the newest checkpoints to keep.", 2)
+    max_bad_steps: int = _help("Non-finite losses in a row (each update skipped) before the run stops.", 5)
     resume: Optional[str] = _help("Resume from `auto` (the newest checkpoint in output_dir) or a checkpoint path.", None)
 
 
@@ -235,6 +236,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.train.mixed_precision in ("auto", "fp32", "bf16", "fp16"), "train.mixed_precision", "must be auto, fp32, bf16 or fp16"),
         (cfg.train.save_every >= 0, "train.save_every", "must be 0 (end only) or positive"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1"),
+        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps", "must be at least 1"),
         (cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1"),
         (cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1"),
         (cfg.eval.mc_mode in ("likelihood", "generate"), "eval.mc_mode", "must be likelihood or generate"),

@@ -19,7 +19,10 @@ weights of every trainable part) with expert_prompts.json (D2) beside it.
 from __future__ import annotations
 
 import json
+import logging
 import random
+import signal
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -39,12 +42,41 @@ from .models import load_generator_and_actor
 from .rollouts import ExpertPromptStore, run_rollouts
 from .tasks import get_task
 
+log = logging.getLogger(__name__)
+
 
 def build_metatuner(cfg: RunConfig, device: str = "cpu") -> MetaTuner:
     g, m, g_tok, m_tok = load_generator_and_actor(
         cfg.model.name, cfg.model.actor, cfg.model.dtype, device, cfg.model.trust_remote_code
     )
     return MetaTuner(g, g_tok, cfg.metatuner, actor=None if m is g else m, m_tokenizer=m_tok)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped early on purpose (a signal, or diverging losses) after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Interrupt:
+    """Records SIGINT/SIGTERM instead of dying mid-step, so the loop can save a checkpoint first."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._record)
+
+    def _record(self, signum, frame):
+        self.signal = signum
+
+    def uninstall(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 class _Timer:
@@ -161,70 +193,94 @@ def train_metatuner(cfg: RunConfig) -> Path:
         start -= ckpt.state["elapsed"]
     bar = tqdm(range(first, total_steps + 1), desc=f"MetaTuner-{s.schedule}", unit="step",
                initial=first - 1, total=total_steps)
-    for step in bar:
-        rows = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
-        block = (step - 1) // s.interleave_block
-        do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
-        do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
-        requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
-        logs = {}
-        with accelerator.autocast():
-            if s.prompt_objective == "gumbel":
-                with timer("task_loss"):
-                    loss, _ = gumbel_task_loss(mt, task, rows, p0, s.max_prompt_tokens, s.gumbel_tau,
-                                               cfg.train.max_length)
-                logs["train/task_loss"] = loss.item()
-                do_task = do_sr = False
-            else:
-                loss = torch.zeros((), device=accelerator.device)
-            if do_task or do_sr:
-                with timer("write_prompts"):
-                    written = mt.write_prompts(requests, with_grad=do_task)
-                    factors = mt.factors(written.h)
-                    prompts = written.prompts or [p0] * len(rows)
-            if do_task:
-                with timer("task_loss"):
-                    chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]
-                    task_loss = mt.task_loss(chats, [ex.target for ex in rows], factors, cfg.train.max_length)
-                    loss = loss + task_loss
-                    logs["train/task_loss"] = task_loss.item()
-            if do_sr and (step - 1) % s.rollout_every == 0:
-                with timer("rollouts"):
-                    result = run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts,
-                                          temperature=s.rollout_temperature, reward=s.reward,
-                                          batch_size=cfg.eval.batch_size)
-                logs.update({"rollouts/mean_reward": result.mean_reward, "rollouts/best_reward": result.best_reward,
-                             "rollouts/d2_improved_share": result.improved / len(rows)})
-            if do_sr:
-                with timer("sr_loss"):
-                    sr = mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
-                    loss = loss + s.sr_weight * sr
-                    logs["train/sr_loss"] = sr.item()
-        with timer("backward"):
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(g_params + h_params, cfg.train.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if step % s.sync_every == 0:
-            mt.sync_frozen()
-        seen += len(rows)
-        tokens += sum(len(mt.m_tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in rows)
-        elapsed = time.perf_counter() - start
-        logs.update({"train/examples_seen": seen, "train/target_tokens_per_s": tokens / elapsed,
-                     "train/d2_size": len(store)})
-        for key, value in logs.items():
-            history[key].append(value)
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            accelerator.log({**logs, **{f"seconds/{k}": v for k, v in timer.seconds.items()}}, step=step)
-        bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.endswith("loss")})
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
-            save_checkpoint(out, step, tensors=mt.trainable_state(), optimizer=optimizer, scheduler=scheduler,
-                            keep=cfg.train.keep_checkpoints, state={
-                                "meta": mt.meta(), "expert_prompts": store.entries, "summary": summary,
-                                "history": dict(history), "seen": seen, "tokens": tokens,
-                                "seconds": dict(timer.seconds), "elapsed": time.perf_counter() - start})
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(out, step, tensors=mt.trainable_state(), optimizer=optimizer, scheduler=scheduler,
+                               keep=cfg.train.keep_checkpoints, state={
+                                   "meta": mt.meta(), "expert_prompts": store.entries, "summary": summary,
+                                   "history": dict(history), "seen": seen, "tokens": tokens,
+                                   "seconds": dict(timer.seconds), "elapsed": time.perf_counter() - start})
+
+    interrupt = _Interrupt()  # SIGINT/SIGTERM finish the current step, save a checkpoint and stop
+    bad_steps = 0
+    try:
+        for step in bar:
+            rows = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
+            block = (step - 1) // s.interleave_block
+            do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
+            do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
+            requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
+            logs = {}
+            with accelerator.autocast():
+                if s.prompt_objective == "gumbel":
+                    with timer("task_loss"):
+                        loss, _ = gumbel_task_loss(mt, task, rows, p0, s.max_prompt_tokens, s.gumbel_tau,
+                                                   cfg.train.max_length)
+                    logs["train/task_loss"] = loss.item()
+                    do_task = do_sr = False
+                else:
+                    loss = torch.zeros((), device=accelerator.device)
+                if do_task or do_sr:
+                    with timer("write_prompts"):
+                        written = mt.write_prompts(requests, with_grad=do_task)
+                        factors = mt.factors(written.h)
+                        prompts = written.prompts or [p0] * len(rows)
+                if do_task:
+                    with timer("task_loss"):
+                        chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]
+                        task_loss = mt.task_loss(chats, [ex.target for ex in rows], factors, cfg.train.max_length)
+                        loss = loss + task_loss
+                        logs["train/task_loss"] = task_loss.item()
+                if do_sr and (step - 1) % s.rollout_every == 0:
+                    with timer("rollouts"):
+                        result = run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts,
+                                              temperature=s.rollout_temperature, reward=s.reward,
+                                              batch_size=cfg.eval.batch_size)
+                    logs.update({"rollouts/mean_reward": result.mean_reward, "rollouts/best_reward": result.best_reward,
+                                 "rollouts/d2_improved_share": result.improved / len(rows)})
+                if do_sr:
+                    with timer("sr_loss"):
+                        sr = mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
+                        loss = loss + s.sr_weight * sr
+                        logs["train/sr_loss"] = sr.item()
+            if not torch.isfinite(loss):
+                # Skip the update: the weights stay those of the last good step.
+                bad_steps += 1
+                log.warning("step %d: non-finite loss (%s), update skipped (%d in a row)", step, loss.item(), bad_steps)
+                optimizer.zero_grad(set_to_none=True)
+                if bad_steps >= cfg.train.max_bad_steps:
+                    path = checkpoint(step - 1)
+                    raise TrainingStopped(f"{bad_steps} non-finite losses in a row at step {step}; the last good state "
+                                          f"is saved in {path}. Lower the learning rates or check the data.")
+                continue
+            bad_steps = 0
+            with timer("backward"):
+                loss.backward()
+                if cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(g_params + h_params, cfg.train.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if step % s.sync_every == 0:
+                mt.sync_frozen()
+            seen += len(rows)
+            tokens += sum(len(mt.m_tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in rows)
+            elapsed = time.perf_counter() - start
+            logs.update({"train/examples_seen": seen, "train/target_tokens_per_s": tokens / elapsed,
+                         "train/d2_size": len(store)})
+            for key, value in logs.items():
+                history[key].append(value)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                accelerator.log({**logs, **{f"seconds/{k}": v for k, v in timer.seconds.items()}}, step=step)
+            bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.endswith("loss")})
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+                checkpoint(step)
+            if interrupt.signal is not None:
+                path = checkpoint(step)
+                raise TrainingStopped(f"stopped by signal {interrupt.signal} after step {step}; saved {path}. "
+                                      "Continue with --resume auto.", exit_code=128 + interrupt.signal)
+    finally:
+        interrupt.uninstall()
     bar.close()
 
     save_run(mt, store, out)
