@@ -206,43 +206,10 @@ def train_metatuner(cfg: RunConfig) -> Path:
     try:
         for step in bar:
             rows = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
-            block = (step - 1) // s.interleave_block
-            do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
-            do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
-            requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
-            logs = {}
             with accelerator.autocast():
-                if s.prompt_objective == "gumbel":
-                    with timer("task_loss"):
-                        loss, _ = gumbel_task_loss(mt, task, rows, p0, s.max_prompt_tokens, s.gumbel_tau,
-                                                   cfg.train.max_length)
-                    logs["train/task_loss"] = loss.item()
-                    do_task = do_sr = False
-                else:
-                    loss = torch.zeros((), device=accelerator.device)
-                if do_task or do_sr:
-                    with timer("write_prompts"):
-                        written = mt.write_prompts(requests, with_grad=do_task)
-                        factors = mt.factors(written.h)
-                        prompts = written.prompts or [p0] * len(rows)
-                if do_task:
-                    with timer("task_loss"):
-                        chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]
-                        task_loss = mt.task_loss(chats, [ex.target for ex in rows], factors, cfg.train.max_length)
-                        loss = loss + task_loss
-                        logs["train/task_loss"] = task_loss.item()
-                if do_sr and (step - 1) % s.rollout_every == 0:
-                    with timer("rollouts"):
-                        result = run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts,
-                                              temperature=s.rollout_temperature, reward=s.reward,
-                                              batch_size=cfg.eval.batch_size)
-                    logs.update({"rollouts/mean_reward": result.mean_reward, "rollouts/best_reward": result.best_reward,
-                                 "rollouts/d2_improved_share": result.improved / len(rows)})
-                if do_sr:
-                    with timer("sr_loss"):
-                        sr = mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
-                        loss = loss + s.sr_weight * sr
-                        logs["train/sr_loss"] = sr.item()
+                loss, logs = _step_loss(mt, cfg, task, rows, p0, store, step, timer)
+            if loss is None:
+                continue
             if not torch.isfinite(loss):
                 # Skip the update: the weights stay those of the last good step.
                 bad_steps += 1
@@ -293,6 +260,49 @@ def train_metatuner(cfg: RunConfig) -> Path:
     (out / "train_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
     accelerator.end_training()
     return out
+
+
+def _step_loss(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: ExpertPromptStore, step: int, timer):
+    """One step's loss under the configured schedule (J: task + alpha * SR; I: alternating blocks), with rollouts
+    refreshing D2 every `rollout_every` steps; returns (loss or None when nothing trains, scalars to log)."""
+    s = cfg.metatuner
+    logs: dict[str, float] = {}
+    device = next(mt.hyper.parameters()).device
+    if s.prompt_objective == "gumbel":
+        with timer("task_loss"):
+            loss, _ = gumbel_task_loss(mt, task, rows, p0, s.max_prompt_tokens, s.gumbel_tau, cfg.train.max_length)
+        logs["train/task_loss"] = loss.item()
+        return loss, logs
+    block = (step - 1) // s.interleave_block
+    do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
+    do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
+    if not (do_task or do_sr):  # schedule I with one branch switched off: this block has nothing to train
+        return None, logs
+    requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
+    loss = torch.zeros((), device=device)
+    with timer("write_prompts"):
+        written = mt.write_prompts(requests, with_grad=do_task)
+        factors = mt.factors(written.h)
+        prompts = written.prompts or [p0] * len(rows)
+    if do_task:
+        with timer("task_loss"):
+            chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]
+            task_loss = mt.task_loss(chats, [ex.target for ex in rows], factors, cfg.train.max_length)
+        loss = loss + task_loss
+        logs["train/task_loss"] = task_loss.item()
+    if do_sr and (step - 1) % s.rollout_every == 0:
+        with timer("rollouts"):
+            result = run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts,
+                                  temperature=s.rollout_temperature, reward=s.reward,
+                                  batch_size=cfg.eval.batch_size)
+        logs.update({"rollouts/mean_reward": result.mean_reward, "rollouts/best_reward": result.best_reward,
+                     "rollouts/d2_improved_share": result.improved / len(rows)})
+    if do_sr:
+        with timer("sr_loss"):
+            sr = mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
+        loss = loss + s.sr_weight * sr
+        logs["train/sr_loss"] = sr.item()
+    return loss, logs
 
 
 def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator, rng) -> dict:
