@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from .config import ConfigError, RunConfig, load_config
-from .report import collect, markdown
+from .report import NOT_SCORES, collect, markdown
 
 SEARCH_METHODS = ("opro", "better_together")
 
@@ -183,7 +183,7 @@ def plot_scores(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = results["methods"]
-    metric = next(k for k, v in next(iter(methods.values())).items() if isinstance(v, float))
+    metric = next(k for k, v in next(iter(methods.values())).items() if isinstance(v, float) and k not in NOT_SCORES)
     names = list(methods)
     scores = [methods[n][metric] for n in names]
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 3.5))

@@ -45,6 +45,8 @@ def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict
             train = _read_json(train_dir / "train_metrics.json")
             entry.update({"train_examples": train["train_examples"], "train_seconds": train["train_seconds"],
                           "train_command": train.get("command")})
+            if "peak_rss_mb" in train:
+                entry["peak_rss_mb"] = train["peak_rss_mb"]
         else:
             entry.update({"train_examples": 0, "train_seconds": 0})
         entry["command"] = " && ".join(c for c in (entry.get("train_command"), entry["eval_command"]) if c)
@@ -61,9 +63,13 @@ def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict
     return results
 
 
+NOT_SCORES = {"eval_seconds", "train_seconds", "peak_rss_mb"}
+
+
 def markdown(results: dict) -> str:
     methods = results["methods"]
-    metrics = [k for k in next(iter(methods.values())) if isinstance(next(iter(methods.values()))[k], float)]
+    first = next(iter(methods.values()))
+    metrics = [k for k, v in first.items() if isinstance(v, float) and k not in NOT_SCORES]
     head = ["method", *metrics, "n_eval", "train examples", "train s", "eval s"]
     if any("ci_vs_metatuner_j" in m for m in methods.values()):
         head.append("MetaTuner-J minus this, 95% CI")
