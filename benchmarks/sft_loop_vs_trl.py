@@ -56,7 +56,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from common import Summary, command_line, library_versions, machine, now, sync, utc_now, write_json  # noqa: E402
 from metatuner.baselines.sft import sft_pairs  # noqa: E402
 from metatuner.config import LoraSettings, TrainConfig  # noqa: E402
-from metatuner.generation import lm_batch  # noqa: E402
+from metatuner.generation import lm_batch, lm_loss  # noqa: E402
 from metatuner.models import load_model  # noqa: E402
 from metatuner.tasks import get_task  # noqa: E402
 from metatuner.testing import tiny_model_and_tokenizer  # noqa: E402
@@ -148,7 +148,7 @@ def run_ours(base, tokenizer, pairs, args, accelerator) -> list[dict]:
                          device=accelerator.device)
         batched = now()
         with accelerator.accumulate(model):
-            loss = model(**batch).loss
+            loss = lm_loss(model, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)

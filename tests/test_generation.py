@@ -65,3 +65,17 @@ def test_target_logprobs_is_differentiable(model, tokenizer):
     sums, counts = target_logprobs(logits, batch["labels"])
     (-sums.sum()).backward()
     assert logits.grad is not None and counts.tolist() == [int(x) for x in (batch["labels"][:, 1:] != -100).sum(-1)]
+
+
+def test_lm_loss_equals_the_models_own_loss_with_and_without_peft(model, tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from metatuner.generation import lm_loss, sequence_logprobs
+
+    batch = lm_batch(tokenizer, _chats(tokenizer), ["The answer is 8.", "apples", "Hello", "-4"])
+    assert torch.allclose(lm_loss(model, batch), model(**batch).loss, atol=1e-5)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert torch.allclose(lm_loss(peft_model, batch), peft_model(**batch).loss, atol=1e-5)
+    sums, counts = sequence_logprobs(peft_model, batch)
+    ref_sums, ref_counts = target_logprobs(peft_model(**batch).logits, batch["labels"])
+    assert torch.allclose(sums, ref_sums, atol=1e-4) and torch.equal(counts, ref_counts)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -156,13 +157,47 @@ def lm_batch(
 
 
 def target_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of target-token log-probabilities and target-token count (differentiable)."""
+    """Per-row sum of target-token log-probabilities and target-token count, from full logits (differentiable)."""
     logits = logits[:, :-1].float()
     labels = labels[:, 1:]
     mask = labels != -100
     picked = torch.gather(logits, 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     logprobs = picked - torch.logsumexp(logits, dim=-1)
     return (logprobs * mask).sum(-1), mask.sum(-1)
+
+
+def _head_only_at_targets(model) -> bool:
+    # Models that transform logits after the head (soft-capping, scaling) must go through their own forward.
+    config = model.config
+    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logits_scaling", None)
+                or getattr(config, "logit_scale", None))
+
+
+def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target log-probabilities, target count) per row of an `lm_batch`, differentiable.
+
+    The LM head runs only at target positions: with a 49k-token vocabulary, logits over every position are most
+    of the memory of a training step and a good part of its time.
+    """
+    base = getattr(model, "module", model)  # DDP / FSDP wrappers
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    labels = batch["labels"][:, 1:]
+    if not _head_only_at_targets(base):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return target_logprobs(logits, batch["labels"])
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = labels != -100
+    logits = base.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    token_logprobs = -F.cross_entropy(logits, labels[mask], reduction="none")
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+    sums = torch.zeros(labels.shape[0], dtype=token_logprobs.dtype, device=labels.device).index_add(0, rows, token_logprobs)
+    return sums, mask.sum(-1)
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean NLL over all target tokens of an `lm_batch` (what `model(**batch).loss` computes, with less memory)."""
+    sums, counts = sequence_logprobs(model, batch)
+    return -sums.sum() / counts.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -186,10 +221,8 @@ def score_targets(
         enc = lm_batch(
             tokenizer, [prompts[i] for i in batch], [targets[i] for i in batch], max_length, append_eos, model.device
         )
-        ctx = batch_context(batch) if batch_context else contextlib.nullcontext()
-        with ctx:
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-        sums, counts = target_logprobs(logits, enc["labels"])
+        with batch_context(batch) if batch_context else contextlib.nullcontext():
+            sums, counts = sequence_logprobs(model, enc)
         for i, s, c in zip(batch, sums.tolist(), counts.tolist()):
             results[i] = (s, int(c))
         bar.update(len(batch))

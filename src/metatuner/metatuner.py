@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import MetaTunerSettings
-from .generation import chat_prompt, decode_loop, output_cache, generate, left_padded_batch, lm_batch, score_targets
+from .generation import chat_prompt, decode_loop, generate, left_padded_batch, lm_batch, lm_loss, output_cache, score_targets
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 
 SHARED, PROMPT, FROZEN, ACTOR, PRIVATE = "shared", "prompt", "prompt_frozen", "actor", "private_encoder"
@@ -288,7 +288,7 @@ class MetaTuner(nn.Module):
         """Supervised regularisation: NLL of the best prompts so far under {phi_s, phi_p}, teacher forced."""
         with self.role("learner"):
             batch = lm_batch(self.g_tok, requests, best_prompts, self.settings.max_request_tokens, device=self.g.device)
-            return self.g(**batch).loss
+            return lm_loss(self.g, batch)
 
     # ----- the actor -----------------------------------------------------------------------------------------
     def _factor_context(self, factors: LoraFactors | None):
@@ -300,7 +300,7 @@ class MetaTuner(nn.Module):
         """Token-level NLL of y under M with the per-query LoRA, given (p, x) already chat-formatted."""
         batch = lm_batch(self.m_tok, chats, targets, max_length, device=self.m.device)
         with self.role("actor"), (self.lora.apply(factors) if factors is not None else contextlib.nullcontext()):
-            return self.m(**batch).loss
+            return lm_loss(self.m, batch)
 
     @torch.no_grad()
     def score(self, chats: Sequence[str], targets: Sequence[str], factors: LoraFactors, batch_size: int = 16):

@@ -35,7 +35,7 @@ from transformers import get_linear_schedule_with_warmup
 from .baselines.sft import resolve_mixed_precision
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, command_line, peak_rss_mb, to_yaml
-from .generation import chat_prompt, lm_batch
+from .generation import chat_prompt, lm_batch, lm_loss
 from .gumbel import gumbel_task_loss
 from .metatuner import MetaTuner
 from .models import load_generator_and_actor
@@ -129,7 +129,7 @@ def warm_up_actor(mt: MetaTuner, cfg: RunConfig, task, examples, p0, accelerator
         chats = [chat_prompt(mt.m_tok, task.messages(p0, ex)) for ex in rows]
         batch = lm_batch(mt.m_tok, chats, [ex.target for ex in rows], cfg.train.max_length, device=mt.m.device)
         with mt.role("actor"), accelerator.autocast():
-            loss = mt.m(**batch).loss
+            loss = lm_loss(mt.m, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
         optimizer.step()

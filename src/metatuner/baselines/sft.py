@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
-from ..generation import chat_prompt, lm_batch
+from ..generation import chat_prompt, lm_batch, lm_loss
 from ..models import load_model
 from ..tasks import get_task
 
@@ -101,7 +101,7 @@ def train_sft(cfg: RunConfig) -> Path:
                 cfg.train.max_length, device=accelerator.device,
             )
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                loss = lm_loss(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
