@@ -56,3 +56,9 @@ def test_bad_input_compare_config_names_the_method(tiny_dir, tmp_path):
     path = _config(tmp_path, tiny_dir, {"metatuner_j": {"metatuner.rank": 0}})
     with pytest.raises(ConfigError, match="metatuner_j.*metatuner.rank"):
         load_compare_config(path)
+
+
+def test_trust_method_names_cannot_escape_the_runs_folder(tiny_dir, tmp_path):
+    path = _config(tmp_path, tiny_dir, {"../../etc": {}})
+    with pytest.raises(ConfigError, match="method name"):
+        load_compare_config(path)

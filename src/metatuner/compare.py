@@ -14,6 +14,7 @@ in each run folder and a plot of the scores with their 95% paired-bootstrap inte
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,9 @@ def load_compare_config(path: str | Path) -> CompareConfig:
     if not cfg.methods:
         raise ConfigError(f"{path}: `methods` is empty")
     for name in cfg.methods:  # fail before any model loads, naming the method
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or ".." in name:
+            # The name becomes a folder under runs_dir: it must not climb out of it.
+            raise ConfigError(f"{path}: method name {name!r} must be letters, digits, '_', '-' or '.'")
         method_config(cfg, name)
     return cfg
 
