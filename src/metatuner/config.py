@@ -285,7 +285,13 @@ def validate(cfg: RunConfig) -> None:
 
 def command_line() -> str:
     """The command that is running, as a user would type it (recorded next to every result)."""
-    program = "metatuner" if Path(sys.argv[0]).name in ("metatuner", "__main__.py", "cli.py") else sys.argv[0]
+    script = Path(sys.argv[0])
+    if script.name in ("metatuner", "__main__.py", "cli.py"):
+        program = "metatuner"
+    elif script.suffix == ".py" and script.parent.name == "metatuner":  # python -m metatuner.<module>
+        program = f"python -m metatuner.{script.stem}"
+    else:
+        program = sys.argv[0]
     return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
