@@ -159,6 +159,8 @@ class MetaTunerSettings:
         "training one.", None)
     warmup_generator: bool = _help("Warm-up: one rejection-sampling round for G (rollouts, then SFT on the best).", True)
     warmup_generator_steps: int = _help("Warm-up: SR-only steps on the rejection-sampled prompts.", 0)
+    warmup_generator_queries: Optional[int] = _help(
+        "Warm-up: run the rejection-sampling round on the first N training queries (None: all of them).", None)
     expert_prompts: Optional[str] = _help("Reuse a saved D2 (expert_prompts.json from an earlier run).", None)
 
 
@@ -264,6 +266,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.metatuner.schedule in ("J", "I"), "metatuner.schedule", "must be J or I"),
         (cfg.metatuner.reward in ("likelihood", "exact_match"), "metatuner.reward", "must be likelihood or exact_match"),
         (cfg.metatuner.max_prompt_tokens >= 1, "metatuner.max_prompt_tokens", "must be at least 1"),
+        (cfg.metatuner.warmup_generator_queries is None or cfg.metatuner.warmup_generator_queries >= 1,
+         "metatuner.warmup_generator_queries", "must be at least 1 or null"),
         (cfg.metatuner.sr_weight >= 0, "metatuner.sr_weight", "must be non-negative"),
         ("{instruction}" in cfg.metatuner.rewrite_template and "{question}" in cfg.metatuner.rewrite_template,
          "metatuner.rewrite_template", "must contain {instruction} and {question}"),

@@ -310,18 +310,19 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
     s = cfg.metatuner
     bs = cfg.train.batch_size
     improved = 0
-    for i in tqdm(range(0, len(examples), bs), desc="warm-up G (rollouts)", unit="batch"):
-        rows = examples[i : i + bs]
+    queries = examples[: s.warmup_generator_queries] if s.warmup_generator_queries else examples
+    for i in tqdm(range(0, len(queries), bs), desc="warm-up G (rollouts)", unit="batch"):
+        rows = queries[i : i + bs]
         with torch.no_grad(), accelerator.autocast():
             written = mt.write_prompts(mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows]), False)
             result = run_rollouts(mt, task, rows, p0, mt.factors(written.h), store, n=s.n_rollouts,
                                   temperature=s.rollout_temperature, reward=s.reward, batch_size=cfg.eval.batch_size)
         improved += result.improved
     optimizer = torch.optim.AdamW(g_params, lr=s.lr_generator)
-    batches = _batches(len(examples), bs, rng)
+    batches = _batches(len(queries), bs, rng)
     losses = []
     for _ in tqdm(range(s.warmup_generator_steps), desc="warm-up G (SFT on best prompts)", unit="step"):
-        rows = [examples[i] for i in next(batches)]
+        rows = [queries[i] for i in next(batches)]
         requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
         with accelerator.autocast():
             loss = mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
@@ -330,7 +331,7 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     mt.sync_frozen()
-    return {"warmup_generator_improved_share": improved / len(examples),
+    return {"warmup_generator_improved_share": improved / len(queries),
             **({"warmup_generator_sr_loss": [losses[0], losses[-1]]} if losses else {})}
 
 
