@@ -14,16 +14,8 @@ from safetensors.torch import load_file
 
 from metatuner import checkpoint as ckpt_module
 from metatuner.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from metatuner.testing import tiny_model_and_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = tiny_model_and_tokenizer(num_layers=4)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _config(tmp_path, tiny_dir, out):

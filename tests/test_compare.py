@@ -7,16 +7,8 @@ import yaml
 
 from metatuner.compare import compare, load_compare_config
 from metatuner.config import ConfigError
-from metatuner.testing import tiny_model_and_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = tiny_model_and_tokenizer(num_layers=4)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _config(tmp_path, tiny_dir, methods):

@@ -12,20 +12,16 @@ from metatuner.config import ConfigError, SearchSettings, load_config
 from metatuner.generation import chat_prompt, score_targets
 from metatuner.models import load_model
 from metatuner.tasks import get_task
-from metatuner.testing import tiny_model_and_tokenizer
 
 TASK = ["data.task=rg:chain_sum", "data.task_options={size: 8, test_size: 4}"]
 SMALL_SEARCH = ["search.rounds=2", "search.proposals_per_round=3", "search.dev_size=4",
                 "search.max_instruction_tokens=10", "eval.max_new_tokens=4"]
 
 
+
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = tiny_model_and_tokenizer(num_layers=2)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_dir_2layers):
+    return tiny_dir_2layers
 
 
 @pytest.fixture(scope="module")

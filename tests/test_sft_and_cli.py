@@ -9,16 +9,12 @@ from metatuner.baselines.sft import train_sft
 from metatuner.cli import app
 from metatuner.config import load_config
 from metatuner.models import ModelLoadError, load_model, resolve_model_path
-from metatuner.testing import tiny_model_and_tokenizer
+
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = tiny_model_and_tokenizer(num_layers=2)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_dir_2layers):
+    return tiny_dir_2layers
 
 
 def test_sft_loss_falls_on_a_toy_task_and_the_adapter_evaluates(tiny_dir, tmp_path):

@@ -9,17 +9,9 @@ from typer.testing import CliRunner
 from metatuner.cli import app
 from metatuner.config import load_config
 from metatuner.metatuner import MetaTuner
-from metatuner.testing import tiny_model_and_tokenizer
 from metatuner.train import train_metatuner
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = tiny_model_and_tokenizer(num_layers=4)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _cfg(tiny_dir, out, *extra):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
