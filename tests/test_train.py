@@ -92,3 +92,26 @@ def test_ablations_train_only_their_branch_and_evaluate(tiny_dir, tmp_path, abla
     assert result.metrics["n_eval"] == 2
     if ablation.startswith("metatuner.use_prompt"):
         assert {s["prompt"] for s in result.samples} == {mt.p0}
+
+
+def test_frozen_prompt_decoder_changes_only_at_sync_steps_in_the_loop(tiny_dir, tmp_path):
+    from metatuner.checkpoint import load_checkpoint
+
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "train.max_steps=5", "train.save_every=1",
+                               "train.keep_checkpoints=10", "metatuner.sync_every=3"))
+    frozen, trained = [], []
+    for step in range(1, 5):
+        tensors = load_checkpoint(out / "checkpoints" / f"step-{step:08d}").tensors
+        frozen.append({k: v for k, v in tensors.items() if ".prompt_frozen." in k})
+        trained.append({k: v for k, v in tensors.items() if ".prompt." in k and "lora_B" in k})
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert same(frozen[0], frozen[1])                   # steps 1 and 2: no sync
+    assert not same(frozen[1], frozen[2])               # step 3 syncs...
+    assert same(frozen[2], frozen[3])                   # ...and step 4 does not
+    assert not same(trained[2], trained[3])             # while phi_p itself keeps training
+    synced = {k.replace(".prompt_frozen.", ".prompt."): v for k, v in frozen[2].items()}
+    assert all(torch.equal(v, load_checkpoint(out / "checkpoints" / "step-00000003").tensors[k])
+               for k, v in synced.items())
