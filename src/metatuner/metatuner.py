@@ -118,8 +118,11 @@ class MetaTuner(nn.Module):
         decoder.norm = modules[-1]
 
     # ----- parameters and roles -------------------------------------------------------------------------------
+    def _named(self, adapter: str) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.g.named_parameters() if f".{adapter}." in n and "lora_" in n]
+
     def _adapter_params(self, name: str) -> list[nn.Parameter]:
-        return [p for n, p in self.g.named_parameters() if f".{name}." in n and "lora_" in n]
+        return [p for _, p in self._named(name)]
 
     def generator_parameters(self) -> list[nn.Parameter]:
         """phi_s and phi_p: the trainable part of G."""
@@ -172,12 +175,9 @@ class MetaTuner(nn.Module):
         if self.full:
             self.frozen_upper.load_state_dict(self._live_upper.state_dict())
             return
-        frozen = dict(zip([n.replace(f".{FROZEN}.", ".") for n, _ in self._named(FROZEN)], self._adapter_params(FROZEN)))
+        frozen = {n.replace(f".{FROZEN}.", "."): p for n, p in self._named(FROZEN)}
         for n, p in self._named(PROMPT):
             frozen[n.replace(f".{PROMPT}.", ".")].copy_(p)
-
-    def _named(self, adapter: str):
-        return [(n, p) for n, p in self.g.named_parameters() if f".{adapter}." in n and "lora_" in n]
 
     def add_actor_adapter(self, r: int, alpha: float, target_modules: Sequence[str]) -> list[nn.Parameter]:
         """M's static warm-up LoRA (adapter `actor`), active only in the actor role; returns its parameters."""
@@ -464,7 +464,6 @@ class MetaTuner(nn.Module):
         save_file(self.trainable_state(), str(directory / "metatuner.safetensors"))
         (directory / "metatuner.json").write_text(json.dumps(self.meta(), indent=2) + "\n")
 
-    @torch.no_grad()
     def load(self, directory: str | Path) -> None:
         directory = Path(directory)
         weights = directory / "metatuner.safetensors"
