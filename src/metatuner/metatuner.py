@@ -96,7 +96,8 @@ class MetaTuner(nn.Module):
             hidden_size=settings.hyper_hidden,
         )
         self.lora = PerExampleLoRA(self.m, hyper_cfg.target_modules, scale=hyper_cfg.scale)
-        self.hyper = HyperLoraGenerator(hyper_cfg, input_dim=generator.config.hidden_size, targets=self.lora.targets)
+        self.hyper = HyperLoraGenerator(hyper_cfg, input_dim=generator.config.hidden_size, targets=self.lora.targets).to(
+            generator.device)  # h lives where G runs
         self.hyper_config = hyper_cfg
         self.actor_adapter: dict | None = None  # r, alpha, target_modules of M's warm-up LoRA once added
         self.actor_trainable = False  # True only while M's warm-up adapter is being trained
