@@ -81,7 +81,9 @@ class TrainConfig:
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     epochs: int = _help("Passes over the (limited) training set.", 1)
     max_steps: Optional[int] = _help("Stop after this many optimiser steps; None runs the full epochs.", None)
-    batch_size: int = _help("Examples per micro-batch.", 8)
+    batch_size: int = _help(
+        "Examples per micro-batch, over all processes: under `accelerate launch` each of N processes takes 1/N of "
+        "them, so the result does not depend on N.", 8)
     grad_accum: int = _help("Micro-batches per optimiser step.", 1)
     max_length: int = _help("Truncate prompt + target to this many tokens.", 512)
     warmup_ratio: float = _help("Share of steps with linear learning-rate warm-up.", 0.05)
@@ -92,6 +94,12 @@ class TrainConfig:
     keep_checkpoints: int = _help("How many of the newest checkpoints to keep.", 2)
     max_bad_steps: int = _help("Non-finite losses in a row (each update skipped) before the run stops.", 5)
     resume: Optional[str] = _help("Resume from `auto` (the newest checkpoint in output_dir) or a checkpoint path.", None)
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in backward instead of storing them: far less memory for long sequences, about a "
+        "third more compute.", False)
+    check_memory: bool = _help(
+        "On GPU, estimate the memory the run needs before loading and stop with advice when it exceeds the free "
+        "memory (false: skip the check).", True)
 
 
 @dataclass
