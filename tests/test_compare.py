@@ -11,7 +11,7 @@ from metatuner.config import ConfigError
 
 
 
-def _config(tmp_path, tiny_dir, methods):
+def _config(tmp_path, tiny_dir, methods, **extra):
     base = {
         "model": {"name": str(tiny_dir), "device": "cpu"},
         "data": {"task": "rg:chain_sum", "task_options": {"size": 8, "test_size": 6}},
@@ -22,7 +22,8 @@ def _config(tmp_path, tiny_dir, methods):
     }
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump({"name": "toy", "results_dir": str(tmp_path / "results"),
-                                    "runs_dir": str(tmp_path / "runs"), "base": base, "methods": methods}))
+                                    "runs_dir": str(tmp_path / "runs"), "base": base, "methods": methods,
+                                    **extra}))
     return path
 
 
@@ -42,6 +43,31 @@ def test_compare_runs_each_method_once_and_reports_intervals(tiny_dir, tmp_path,
     capsys.readouterr()
     compare(path)
     assert capsys.readouterr().out.count("skipping") == 5
+
+
+def test_compare_seeded_sample_full_split_and_overrides(tiny_dir, tmp_path):
+    path = _config(tmp_path, tiny_dir, {"zero_shot": {}, "sft": {}}, eval_sample=4, eval_sample_seed=3,
+                   full_test_methods=["zero_shot"])
+    results = compare(path, overrides=["eval.max_new_tokens=2"])
+    ids = results["eval_ids"]
+    assert len(ids) == 4 and len(set(ids)) == 4
+    for name in ("zero_shot", "sft"):  # every method scored on the same sampled items
+        samples = (tmp_path / "runs" / name / "eval" / "samples.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in samples] == ids
+    full = json.loads((tmp_path / "results" / "toy-full.json").read_text())
+    assert list(full["methods"]) == ["zero_shot"] and full["methods"]["zero_shot"]["n_eval"] == 6
+    assert results["overrides"] == ["eval.max_new_tokens=2"]
+    assert (tmp_path / "results" / "toy-training.png").is_file()  # SFT's loss curve
+    # Another seed draws other items (the sample is seeded, not the first N).
+    (tmp_path / "other").mkdir()
+    other = _config(tmp_path / "other", tiny_dir, {"zero_shot": {}}, eval_sample=4, eval_sample_seed=4)
+    assert compare(other)["eval_ids"] != ids
+
+
+def test_bad_input_compare_full_test_methods_must_be_methods(tiny_dir, tmp_path):
+    path = _config(tmp_path, tiny_dir, {"zero_shot": {}}, eval_sample=2, full_test_methods=["sft"])
+    with pytest.raises(ConfigError, match="full_test_methods.*sft"):
+        load_compare_config(path)
 
 
 def test_bad_input_compare_config_names_the_method(tiny_dir, tmp_path):

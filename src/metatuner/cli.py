@@ -210,12 +210,13 @@ def export_cmd(
 def compare_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="Comparison YAML (see configs/compare-*.yaml)."),
     only: Optional[str] = typer.Option(None, help="Comma-separated methods to run now (the report covers all)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the shared run config."),
 ) -> None:
     """Run every method of a comparison under one budget (skipping finished ones) and write the results table."""
     from .compare import compare
 
     try:
-        compare(config, only.split(",") if only else None)
+        compare(config, only.split(",") if only else None, overrides)
     except ConfigError as err:
         _fail(str(err))
 

@@ -2,23 +2,29 @@
 
     metatuner compare --config configs/compare-arithmetic.yaml            # runs what is missing, then reports
     metatuner compare --config configs/compare-arithmetic.yaml --only sft,metatuner_j
+    metatuner compare --config configs/compare-gsm8k.yaml model.device=cuda eval.batch_size=128   # overrides
 
 The config has a `base` run config shared by all methods and a `methods` map from a method name to its overrides
 (`key: value` in the run config's dotted form). A method's kind comes from its name: `zero_shot`, `sft`, `opro`,
 `better_together`, and everything else is MetaTuner with the given overrides (`metatuner_j`, `metatuner_i`,
 `prompt_only`, `params_only`, `no_share`). A method whose `eval/metrics.json` exists is skipped, so a long
-comparison can span several sittings. Results go to `<results_dir>/<name>.json` and `.md`, with per-sample JSONL
-in each run folder and a plot of the scores with their 95% paired-bootstrap intervals.
+comparison can span several sittings. `key=value` overrides after the config apply to `base`, so to every method.
+
+Every method is evaluated on the same items: the whole test split, or a seeded sample of `eval_sample` items whose
+ids are listed in the results. Methods named in `full_test_methods` are also evaluated on the whole split
+(`<results_dir>/<name>-full.json`). Results go to `<results_dir>/<name>.json` and `.md`, with per-sample JSONL in
+each run folder, a plot of the scores with their 95% paired-bootstrap intervals and a plot of the training curves.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
@@ -36,19 +42,35 @@ class CompareConfig:
     base: dict[str, Any] = field(default_factory=dict, metadata={"help": "The run config shared by all methods."})
     methods: dict[str, Any] = field(default_factory=dict, metadata={"help": "method name -> config overrides."})
     notes: dict[str, Any] = field(default_factory=dict, metadata={"help": "Recorded at the top of the results."})
+    eval_sample: Optional[int] = field(default=None, metadata={
+        "help": "Evaluate every method on a seeded random sample of this many test items (None: the whole split)."})
+    eval_sample_seed: int = field(default=0, metadata={"help": "Seed of the `eval_sample` draw."})
+    full_test_methods: list[str] = field(default_factory=list, metadata={
+        "help": "Methods also evaluated on the whole test split when `eval_sample` is set (<name>-full.json)."})
 
 
-def load_compare_config(path: str | Path) -> CompareConfig:
+def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+    """The comparison config at `path`, with `key=value` overrides applied to its `base` run config."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"comparison config not found: {path}")
+    bad = [o for o in overrides or [] if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(CompareConfig), OmegaConf.load(path))
-        cfg: CompareConfig = OmegaConf.to_object(merged)
+        layers = [OmegaConf.structured(CompareConfig), OmegaConf.load(path)]
+        if overrides:
+            layers.append(OmegaConf.create({"base": OmegaConf.to_container(OmegaConf.from_dotlist(overrides))}))
+        cfg: CompareConfig = OmegaConf.to_object(OmegaConf.merge(*layers))
     except Exception as err:  # OmegaConf's errors carry the key path in their message
         raise ConfigError(f"invalid comparison config {path}: {err}") from None
     if not cfg.methods:
         raise ConfigError(f"{path}: `methods` is empty")
+    if cfg.eval_sample is not None and cfg.eval_sample < 1:
+        raise ConfigError(f"{path}: `eval_sample` must be at least 1 or null")
+    unknown = sorted(set(cfg.full_test_methods) - set(cfg.methods))
+    if unknown:
+        raise ConfigError(f"{path}: `full_test_methods` names methods not in `methods`: {', '.join(unknown)}")
     for name in cfg.methods:  # fail before any model loads, naming the method
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name) or ".." in name:
             # The name becomes a folder under runs_dir: it must not climb out of it.
@@ -79,8 +101,18 @@ def method_config(cfg: CompareConfig, name: str) -> RunConfig:
         tmp.unlink(missing_ok=True)
 
 
-def run_method(cfg: CompareConfig, name: str) -> Path:
-    """Train (if the method trains) and evaluate one method; returns its run folder."""
+def eval_items(cfg: CompareConfig, run_cfg: RunConfig, task, full: bool = False):
+    """The test items every method is scored on: the whole split, or the config's seeded sample of it."""
+    test = task.load(run_cfg.data.eval_split, path=run_cfg.data.eval_path, limit=run_cfg.data.eval_limit)
+    if full or cfg.eval_sample is None or cfg.eval_sample >= len(test):
+        return test
+    chosen = set(random.Random(cfg.eval_sample_seed).sample(range(len(test)), cfg.eval_sample))
+    return [ex for i, ex in enumerate(test) if i in chosen]  # in the split's order
+
+
+def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
+    """Train (if the method trains and has not yet) and evaluate one method; returns its run folder.
+    `full` evaluates on the whole test split into `eval-full/` instead of the comparison's items into `eval/`."""
     from .evaluate import evaluate
     from .models import load_model
     from .tasks import get_task
@@ -89,7 +121,7 @@ def run_method(cfg: CompareConfig, name: str) -> Path:
     out = Path(run_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = get_task(run_cfg.data.task, **run_cfg.data.task_options)
-    test = task.load(run_cfg.data.eval_split, path=run_cfg.data.eval_path, limit=run_cfg.data.eval_limit)
+    test = eval_items(cfg, run_cfg, task, full)
     kwargs = dict(batch_size=run_cfg.eval.batch_size, max_new_tokens=run_cfg.eval.max_new_tokens,
                   mc_mode=run_cfg.eval.mc_mode)
     if name == "zero_shot" or name == "sft" or name in SEARCH_METHODS:
@@ -118,7 +150,7 @@ def run_method(cfg: CompareConfig, name: str) -> Path:
         mt = MetaTuner.from_pretrained(out, device=run_cfg.model.device)
         result = mt.evaluate(test, **kwargs)
     result.metrics["method"] = name
-    result.write(out / "eval")
+    result.write(out / ("eval-full" if full else "eval"))
     return out
 
 
@@ -134,35 +166,55 @@ def _train_search(run_cfg: RunConfig, name: str, out: Path):
     return (out / "best_prompt.txt").read_text().strip(), adapter
 
 
-def compare(config_path: str | Path, only: list[str] | None = None) -> dict:
-    cfg = load_compare_config(config_path)
+def compare(config_path: str | Path, only: list[str] | None = None, overrides: list[str] | None = None) -> dict:
+    cfg = load_compare_config(config_path, overrides)
     names = list(cfg.methods)
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ConfigError(f"--only names methods not in the config: {', '.join(unknown)}")
     # SFT first: MetaTuner variants start from its adapter.
     order = sorted(names, key=lambda n: (n != "sft", names.index(n)))
-    for name in order:
+    runs = Path(cfg.runs_dir)
+    evals = [(name, False) for name in order]
+    if cfg.eval_sample is not None:
+        evals += [(name, True) for name in order if name in cfg.full_test_methods]
+    for name, full in evals:
         if only and name not in only:
             continue
-        out = Path(cfg.runs_dir) / name
-        if (out / "eval" / "metrics.json").is_file():
-            print(f"[compare] {name}: finished earlier, skipping ({out})")
+        label = f"{name} (whole test split)" if full else name
+        if (runs / name / ("eval-full" if full else "eval") / "metrics.json").is_file():
+            print(f"[compare] {label}: finished earlier, skipping ({runs / name})")
             continue
         started = time.perf_counter()
-        print(f"[compare] {name}: running")
-        run_method(cfg, name)
-        print(f"[compare] {name}: done in {time.perf_counter() - started:.0f} s")
-    finished = {n: (Path(cfg.runs_dir) / n / "eval",
-                    Path(cfg.runs_dir) / n if (Path(cfg.runs_dir) / n / "train_metrics.json").is_file() else None)
-                for n in names if (Path(cfg.runs_dir) / n / "eval" / "metrics.json").is_file()}
-    results = collect(cfg.name, finished, {"config": str(config_path), **cfg.notes})
-    _add_warmup_budget(results, cfg)
+        print(f"[compare] {label}: running")
+        run_method(cfg, name, full)
+        print(f"[compare] {label}: done in {time.perf_counter() - started:.0f} s")
+
+    notes = {"config": str(config_path), **({"overrides": list(overrides)} if overrides else {}), **cfg.notes}
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{cfg.name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{cfg.name}.md").write_text(f"# {cfg.name}\n\n" + markdown(results))
-    plot_scores(results, out / f"{cfg.name}.png")
+    results = _report(cfg, names, "eval", cfg.name, notes, out)
+    if cfg.eval_sample is not None and cfg.full_test_methods:
+        _report(cfg, cfg.full_test_methods, "eval-full", f"{cfg.name}-full", notes, out)
+    return results
+
+
+def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, notes: dict, out: Path) -> dict:
+    """Collect the finished methods' evaluations in `eval_folder` into <stem>.json, .md and .png."""
+    runs = Path(cfg.runs_dir)
+    finished = {n: (runs / n / eval_folder, runs / n if (runs / n / "train_metrics.json").is_file() else None)
+                for n in names if (runs / n / eval_folder / "metrics.json").is_file()}
+    if not finished:
+        return {"task": cfg.name, "methods": {}, **notes}
+    results = collect(cfg.name, finished, notes)
+    _add_warmup_budget(results, cfg)
+    with open(next(iter(finished.values()))[0] / "samples.jsonl") as f:
+        results["eval_ids"] = [json.loads(line)["id"] for line in f]
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(f"# {stem}\n\n" + markdown(results))
+    plot_scores(results, out / f"{stem}.png")
+    if eval_folder == "eval":
+        plot_training_curves(runs, list(finished), out / f"{stem}-training.png")
     print(markdown(results))
     return results
 
@@ -199,6 +251,44 @@ def plot_scores(results: dict, path: Path) -> None:
     ax.set_ylabel(metric)
     ax.set_title(f"{results['task']}: {metric}")
     ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training_curves(runs: Path, names: list[str], path: Path) -> None:
+    """Training curves of every method that logged them: M's loss (SFT's loss, MetaTuner's task loss) and the SR
+    loss, against the optimiser step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[str, list[float]]] = {"task / SFT loss": {}, "SR loss": {}}
+    for name in names:
+        metrics_file = runs / name / "train_metrics.json"
+        if not metrics_file.is_file():
+            continue
+        metrics = json.loads(metrics_file.read_text())
+        history = metrics.get("history", {})
+        if isinstance(metrics.get("loss_curve"), list):
+            curves["task / SFT loss"][name] = metrics["loss_curve"]
+        if isinstance(history, dict):
+            if history.get("train/task_loss"):
+                curves["task / SFT loss"][name] = history["train/task_loss"]
+            if history.get("train/sr_loss"):
+                curves["SR loss"][name] = history["train/sr_loss"]
+    panels = [(title, lines) for title, lines in curves.items() if lines]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for name, values in lines.items():
+            ax.plot(range(1, len(values) + 1), values, label=name, linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
