@@ -19,8 +19,10 @@ each run folder, a plot of the scores with their 95% paired-bootstrap intervals 
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,8 +92,10 @@ def method_config(cfg: CompareConfig, name: str) -> RunConfig:
     if kind == "metatuner" and "sft" in cfg.methods:
         # MetaTuner's warm-up of M is the SFT baseline's adapter: the same run, not a second one.
         overrides.append(f"metatuner.warmup_actor_adapter={Path(cfg.runs_dir) / 'sft' / 'adapter'}")
-    tmp = Path(cfg.runs_dir) / f".{name}.base.yaml"
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    # A private file per call: comparisons of one config may run as several processes (`--only`) at once.
+    fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".yaml")
+    os.close(fd)
+    tmp = Path(tmp)
     OmegaConf.save(base, tmp)
     try:
         return load_config(tmp, overrides + _dotlist(cfg.methods[name]))
