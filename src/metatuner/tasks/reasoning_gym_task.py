@@ -28,10 +28,20 @@ Targets: gsm_symbolic's chain of thought (`metadata["answer_cot"]`) ending in "T
 datasets "The answer is {answer}.", or "The answer is:" with the answer on the lines below when it spans lines
 or ends in a period (the extractor reads such a block verbatim). Datasets that check answers instead of giving
 one (answer None, e.g. graph_color) get empty answer and target strings.
+
+Model output is never executed. Some reasoning-gym scorers hand the answer to Python's `eval` (string_insertion,
+spiral_matrix, binary_matrix, n_queens, number_sorting) or to sympy's `parse_expr`, which is `eval` too
+(simple_integration, intermediate_integration, polynomial_multiplication, puzzle24, countdown). For the first
+group `eval` is replaced, for the length of the scoring call, by `ast.literal_eval` (lists and strings still read,
+nothing runs); for the second the answer goes to the scorer only if it is a plain arithmetic expression
+(`is_plain_math`: numbers, one-letter symbols, a few math functions, small literal exponents), else it scores 0.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import sys
 from typing import Any
 
 from .answers import answer_span, clean_span, is_number, last_line, last_number, normalize_number
@@ -41,6 +51,17 @@ from .gsm8k import rationale_to_target
 from .hub import check_split
 
 TEST_SEED_OFFSET = 10_000_000
+# Datasets whose scorer calls `eval` on the answer (or on the gold answer), and those that call sympy's
+# `parse_expr` on it. tests/test_reliability.py scans reasoning-gym's source so that a new one cannot slip by.
+EVAL_SCORERS = frozenset({"string_insertion", "spiral_matrix", "binary_matrix", "n_queens", "number_sorting"})
+SYMPY_SCORERS = frozenset(
+    {"simple_integration", "intermediate_integration", "polynomial_multiplication", "puzzle24", "countdown"}
+)
+_MATH_FUNCTIONS = frozenset({"sqrt", "exp", "log", "ln", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh",
+                             "tanh", "Abs", "pi", "oo", "E", "I"})
+_MATH_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.BitXor, ast.USub, ast.UAdd)
+_MAX_EXPONENT = 100
+_MAX_MATH_CHARS = 1000
 # Items looked at to decide whether a dataset's answers are numbers.
 _NUMERIC_PROBE = 8
 
@@ -169,10 +190,15 @@ class ReasoningGymTask(Task):
             if normalize_number(found) == normalize_number(gold):
                 found = gold
         entry = example.meta.get("entry") or {"question": example.question, "answer": gold, "metadata": {}}
-        try:
-            raw = float(self._train.score_answer(found, entry))
-        except Exception:  # a dataset scorer that chokes on odd text scores it as wrong
-            raw = 0.0
+        source = (entry.get("metadata") or {}).get("source_dataset", self.dataset)  # composite: the item's own
+        if source in SYMPY_SCORERS and found is not None and not is_plain_math(found):
+            raw = 0.0  # parse_expr would run it as Python
+        else:
+            try:
+                with _literal_eval_only(source):
+                    raw = float(self._train.score_answer(found, entry))
+            except Exception:  # a dataset scorer that chokes on odd text scores it as wrong
+                raw = 0.0
         raw = min(max(raw, 0.0), 1.0)
         return {"accuracy": float(raw >= 1.0), "score": raw}
 
@@ -180,3 +206,77 @@ class ReasoningGymTask(Task):
 def _validate(row: dict[str, Any]) -> None:
     if "metadata" in row and row["metadata"] is not None and not isinstance(row["metadata"], dict):
         raise RowError("metadata", f"expected a JSON object, got {type(row['metadata']).__name__}")
+
+
+@contextlib.contextmanager
+def _literal_eval_only(dataset: str):
+    """Within the block, the dataset's module resolves `eval` to `ast.literal_eval` (module globals come before
+    builtins), so its scorer can still read "['a', 'b']" but never runs an answer."""
+    if dataset not in EVAL_SCORERS:
+        yield
+        return
+    import reasoning_gym
+
+    module = sys.modules[reasoning_gym.factory.DATASETS[dataset][0].__module__]
+    missing = object()
+    previous = module.__dict__.get("eval", missing)
+    module.eval = ast.literal_eval
+    try:
+        yield
+    finally:
+        if previous is missing:
+            del module.eval
+        else:
+            module.eval = previous
+
+
+def is_plain_math(text: str) -> bool:
+    """Whether `text` is an arithmetic expression that sympy can evaluate without running code or hanging: numbers,
+    one-letter symbols, calls of a few math functions, + - * / // % ^, and powers whose exponent is a symbol or
+    a literal of at most 100 that are not stacked on another numeric power (9**9**9 would take hours)."""
+    if len(text) > _MAX_MATH_CHARS:
+        return False
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+
+    def numeric_power(node) -> bool:
+        return any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Pow) and not _symbolic(n.right)
+                   for n in ast.walk(node))
+
+    try:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Expression, ast.Load, *_MATH_OPERATORS)):
+                continue
+            if isinstance(node, ast.Constant):
+                if type(node.value) not in (int, float):
+                    return False
+            elif isinstance(node, ast.Name):
+                if not (len(node.id) == 1 and node.id.isascii() or node.id in _MATH_FUNCTIONS):
+                    return False
+            elif isinstance(node, ast.Call):
+                if not (isinstance(node.func, ast.Name) and node.func.id in _MATH_FUNCTIONS) or node.keywords:
+                    return False
+            elif isinstance(node, ast.BinOp):
+                if isinstance(node.op, ast.Pow) and not _symbolic(node.right):
+                    exponent = _literal_number(node.right)
+                    if exponent is None or abs(exponent) > _MAX_EXPONENT or numeric_power(node.left):
+                        return False
+            elif not isinstance(node, ast.UnaryOp):
+                return False
+    except RecursionError:
+        return False
+    return True
+
+
+def _symbolic(node) -> bool:
+    return isinstance(node, ast.Name)
+
+
+def _literal_number(node) -> float | None:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        node = node.operand
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return node.value
+    return None
