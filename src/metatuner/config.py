@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING is part of the structured-config vocabulary)
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING is part of the structured-config vocabulary)
 from omegaconf.errors import OmegaConfBaseException
 
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -213,7 +214,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
+            try:  # OmegaConf reads YAML with a safe loader: tags such as !!python/object are errors, never code
+                loaded = OmegaConf.load(path)
+            except (yaml.YAMLError, UnicodeDecodeError) as err:
+                raise ConfigError(f"cannot read config file {path}: {err}") from None
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{path}: expected keys and values at the top level, got a list")
+            layers.append(loaded)
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
@@ -226,6 +233,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key = getattr(err, "full_key", None)
         raise ConfigError(f"invalid config{where}: key `{key}`: {err.msg if hasattr(err, 'msg') else err}") from None
     validate(cfg)
+    if cfg.data.on_bad_row == "skip":  # tasks take on_bad_row as an option; data.on_bad_row sets it run-wide
+        if cfg.data.task_options.get("on_bad_row", "skip") != "skip":
+            raise ConfigError("`data.on_bad_row`=skip contradicts `data.task_options.on_bad_row`")
+        cfg.data.task_options["on_bad_row"] = "skip"
     return cfg
 
 
