@@ -79,3 +79,61 @@ def test_lm_loss_equals_the_models_own_loss_with_and_without_peft(model, tokeniz
     sums, counts = sequence_logprobs(peft_model, batch)
     ref_sums, ref_counts = target_logprobs(peft_model(**batch).logits, batch["labels"])
     assert torch.allclose(sums, ref_sums, atol=1e-4) and torch.equal(counts, ref_counts)
+
+
+def _lora_context(model, n_rows, seed=0):
+    """A per-row LoRA on q_proj/v_proj with non-zero B, and the actor that applies it."""
+    from metatuner.hyperlora import LoraFactors, PerExampleLoRA
+
+    actor = PerExampleLoRA(model, ["q_proj", "v_proj"])
+    gen = torch.Generator().manual_seed(seed)
+    factors = LoraFactors({t.key: (0.3 * torch.randn(n_rows, 4, t.d_in, generator=gen),
+                                   0.3 * torch.randn(n_rows, t.d_out, 4, generator=gen)) for t in actor.targets})
+    return actor, factors
+
+
+def test_score_choices_equals_scoring_every_option_on_its_own(model, tokenizer):
+    from metatuner.generation import score_choices
+
+    chats = _chats(tokenizer)
+    options = [["The answer is A.", "The answer is B. ok"], ["B"], ["x", "The answer is 42", "apples"], ["-4", "4"]]
+    shared = score_choices(model, tokenizer, chats, options, batch_size=3)
+    flat = score_targets(model, tokenizer, [c for c, o in zip(chats, options) for _ in o], [t for o in options for t in o])
+    assert [len(s) for s in shared] == [len(o) for o in options]
+    for (a, n), (b, m) in zip([s for row in shared for s in row], flat):
+        assert n == m and abs(a - b) < 1e-4
+
+
+def test_score_choices_gives_each_option_its_prompts_lora(model, tokenizer):
+    from metatuner.generation import score_choices
+
+    chats = _chats(tokenizer)
+    options = [["The answer is A.", "B"], ["apples"], ["x", "42"], ["-4"]]
+    owners = [i for i, o in enumerate(options) for _ in o]
+    actor, factors = _lora_context(model, len(chats))
+    shared = score_choices(model, tokenizer, chats, options, batch_size=2,
+                           batch_context=lambda rows: actor.apply(factors.index_select(rows)))
+    flat = score_targets(model, tokenizer, [chats[i] for i in owners], [t for o in options for t in o], batch_size=3,
+                         batch_context=lambda rows: actor.apply(factors.index_select([owners[r] for r in rows])))
+    plain = score_choices(model, tokenizer, chats, options)
+    for (a, _), (b, _), (c, _) in zip([s for row in shared for s in row], flat, [s for row in plain for s in row]):
+        assert abs(a - b) < 1e-4
+        assert abs(a - c) > 1e-6  # the LoRA did change the scores
+
+
+def test_encode_gives_the_prefills_layer_k_state_without_the_upper_layers(model, tokenizer):
+    from metatuner.config import MetaTunerSettings
+    from metatuner.metatuner import MetaTuner
+
+    for pool in ("last", "mean"):
+        mt = MetaTuner(model, tokenizer, MetaTunerSettings(share_depth=0.5, pool=pool))
+        requests = mt.rewrite_requests(["Solve it.", "Answer briefly."], ["What is 3 + 5?", "Why is the sky blue?"])
+        with mt.role("writer"):
+            full, _, _ = mt._prefill(requests)
+            early = mt.encode(requests)
+            again, _, _ = mt._prefill(requests)  # an early stop leaves no hook or state behind
+        assert torch.equal(full, early) and torch.equal(full, again)
+        early.sum().backward()  # h keeps its gradient to the shared adapter
+        assert any(p.grad is not None for p in mt.generator_parameters())
+        mt.lora.remove()
+        model = mt.g.unload()

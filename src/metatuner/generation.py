@@ -102,7 +102,7 @@ def generate(
         ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, model.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with batch_context(batch) if batch_context else contextlib.nullcontext():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_logits_only(model))
         rows = decode_loop(
             model, output_cache(out), out.logits[:, -1], mask, pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
             temperature=temperature if do_sample else 0.0, top_p=top_p, tokenizer=tokenizer,
@@ -166,6 +166,22 @@ def target_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return (logprobs * mask).sum(-1), mask.sum(-1)
 
 
+def _unwrap(model):
+    base = getattr(model, "module", model)  # DDP / FSDP wrappers
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def last_logits_only(model) -> dict:
+    """`logits_to_keep=1` where the model takes it: a prefill needs the last position's logits only, and the LM
+    head over every position of a 49k vocabulary is about a fifth of a small model's prefill."""
+    return {"logits_to_keep": 1} if _accepts_logits_to_keep(type(_unwrap(model))) else {}
+
+
 def _head_only_at_targets(model) -> bool:
     # Models that transform logits after the head (soft-capping, scaling) must go through their own forward.
     config = model.config
@@ -179,8 +195,7 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     The LM head runs only at target positions: with a 49k-token vocabulary, logits over every position are most
     of the memory of a training step and a good part of its time.
     """
-    base = getattr(model, "module", model)  # DDP / FSDP wrappers
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    base = _unwrap(model)
     labels = batch["labels"][:, 1:]
     if not _head_only_at_targets(base):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -225,6 +240,77 @@ def score_targets(
             sums, counts = sequence_logprobs(model, enc)
         for i, s, c in zip(batch, sums.tolist(), counts.tolist()):
             results[i] = (s, int(c))
+        bar.update(len(batch))
+    bar.close()
+    return results
+
+
+@torch.no_grad()
+def score_choices(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    choices: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 16,
+    max_length: int = 1024,
+    batch_context: BatchContext | None = None,
+    progress: bool = False,
+) -> list[list[tuple[float, int]]]:
+    """(sum of log-probabilities, token count) of every option `choices[i][j]` given `prompts[i]`.
+
+    What `score_targets` gives for the flattened (prompt, option) pairs, but each prompt is encoded once and its KV
+    cache is shared by its options: with a long passage and short options (multiple choice) that is nearly
+    options-times less work. Tokens are those of `lm_batch` (prompt and option tokenised separately).
+    `batch_context(indices)` gets prompt indices, repeated once per option for the options' forward.
+    """
+    base = _unwrap(model)
+    if not _head_only_at_targets(base) or not hasattr(base, "get_decoder"):
+        flat = [(i, c) for i, options in enumerate(choices) for c in options]
+        ctx = (lambda rows: batch_context([flat[r][0] for r in rows])) if batch_context else None
+        scores = iter(score_targets(model, tokenizer, [prompts[i] for i, _ in flat], [c for _, c in flat],
+                                    batch_size=batch_size, max_length=max_length, batch_context=ctx))
+        return [[next(scores) for _ in options] for options in choices]
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    cache_kw = _cache_argument(type(decoder))
+    device = base.device
+    p_ids = _encode(tokenizer, prompts)
+    results: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc="score", disable=not progress, unit="item")
+    for batch in length_batches([len(p) for p in p_ids], batch_size):
+        ids, mask = _left_pad([p_ids[i] for i in batch], tokenizer.pad_token_id, device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with batch_context(batch) if batch_context else contextlib.nullcontext():
+            out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        owner, rows = [], []
+        for k, i in enumerate(batch):
+            room = max(0, max_length - len(p_ids[i]))  # as lm_batch: the option's end goes, never the prompt
+            for option in _encode(tokenizer, list(choices[i])):
+                owner.append(k)
+                rows.append(option[:room])
+        width = max(1, max(len(r) for r in rows))
+        target = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        t_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            target[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            t_mask[r, : len(row)] = 1
+        target, t_mask = target.to(device), t_mask.to(device)
+        index = torch.tensor(owner, device=device)
+        cache = output_cache(out)
+        cache.batch_select_indices(index)  # every option row continues its own prompt's cache
+        c_mask = torch.cat([mask[index], t_mask], dim=1)
+        c_pos = pos[index][:, -1:] + 1 + torch.arange(width, device=device)
+        with batch_context([batch[k] for k in owner]) if batch_context else contextlib.nullcontext():
+            hidden = decoder(input_ids=target, attention_mask=c_mask, position_ids=c_pos, use_cache=True,
+                             **{cache_kw: cache}).last_hidden_state
+        # Option token j is predicted by the state before it: the prompt's last for j = 0, the option's j-1 after.
+        before = torch.cat([out.last_hidden_state[index, -1:], hidden[:, :-1]], dim=1)
+        keep = t_mask.bool()
+        token_logprobs = -F.cross_entropy(head(before[keep]).float(), target[keep], reduction="none")
+        row_of = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(target)[keep]
+        sums = torch.zeros(len(rows), dtype=token_logprobs.dtype, device=device).index_add(0, row_of, token_logprobs)
+        for k, s, c in zip(owner, sums.tolist(), t_mask.sum(-1).tolist()):
+            results[batch[k]].append((s, int(c)))
         bar.update(len(batch))
     bar.close()
     return results

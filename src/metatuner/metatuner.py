@@ -31,7 +31,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import MetaTunerSettings
-from .generation import chat_prompt, decode_loop, generate, left_padded_batch, lm_batch, lm_loss, output_cache, score_targets
+from .generation import (chat_prompt, decode_loop, generate, last_logits_only, left_padded_batch, lm_batch, lm_loss,
+                         output_cache, score_targets)
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 
 SHARED, PROMPT, FROZEN, ACTOR, PRIVATE = "shared", "prompt", "prompt_frozen", "actor", "private_encoder"
@@ -236,10 +237,37 @@ class MetaTuner(nn.Module):
 
     def _prefill(self, requests: Sequence[str]):
         batch = left_padded_batch(self.g_tok, requests, self.g.device)
-        out = self.g(**batch, use_cache=True, output_hidden_states=True)
-        h = out.hidden_states[self.k]
-        h = h[:, -1] if self.settings.pool == "last" else _masked_mean(h, batch["attention_mask"])
-        return h, out, batch
+        out = self.g(**batch, use_cache=True, output_hidden_states=True, **last_logits_only(self.g))
+        return self._pool(out.hidden_states[self.k], batch), out, batch
+
+    def _pool(self, states: torch.Tensor, batch) -> torch.Tensor:
+        return states[:, -1] if self.settings.pool == "last" else _masked_mean(states, batch["attention_mask"])
+
+    def encode(self, requests: Sequence[str]) -> torch.Tensor:
+        """h alone: the request through layers 0..k-1 only (no cache, no upper layers, no LM head).
+
+        For callers that need no prompt text (the parameters-only and no-sharing variants, the per-query LoRA of
+        an already written prompt): with k = K/4 this is a quarter of the prefill that `write_prompts` runs.
+        The active role's adapters apply; gradients follow torch's grad mode.
+        """
+        batch = left_padded_batch(self.g_tok, requests, self.g.device)
+        base = self.g.get_base_model() if hasattr(self.g, "get_base_model") else self.g
+        captured: list[torch.Tensor] = []
+
+        def stop_after_layer_k(module, args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward  # the layers above k would be computed for nothing
+
+        handle = base.get_decoder().layers[self.k - 1].register_forward_hook(stop_after_layer_k)
+        try:
+            self.g(**batch, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"layer {self.k - 1} of the generator did not run; cannot read the meta encoder's state")
+        return self._pool(captured[0], batch)
 
     def _decode(self, out, batch, temperature: float, repeats: int = 1) -> list[str]:
         cache, logits = output_cache(out), out.logits[:, -1]
@@ -256,10 +284,11 @@ class MetaTuner(nn.Module):
 
     def write_prompts(self, requests: Sequence[str], with_grad: bool = True) -> WrittenPrompts:
         """Encode once with {phi_s, phi_p'}: h (pooled at layer k) for the hypernetwork, and greedy prompts."""
-        if not self.settings.share:
-            # Without sharing, h needs its own forward through the private encoder.
-            with self.role("encoder"), torch.set_grad_enabled(with_grad):
-                h, _, _ = self._prefill(requests)
+        if not self.settings.share or not self.settings.use_prompt:
+            # Without sharing, h needs its own forward through the private encoder; without the prompt branch the
+            # upper layers have nothing to do. Either way h needs layers 0..k-1 only.
+            with self.role("encoder" if not self.settings.share else "writer"), torch.set_grad_enabled(with_grad):
+                h = self.encode(requests)
             if not self.settings.use_prompt:
                 return WrittenPrompts(None, h)
             with self.role("writer"), torch.no_grad():
@@ -295,7 +324,21 @@ class MetaTuner(nn.Module):
     def _factor_context(self, factors: LoraFactors | None):
         if factors is None:
             return None
-        return lambda rows: self.lora.apply(factors.index_select(rows))
+        return self._row_context(factors.index_select)
+
+    def _row_context(self, make):
+        """A batch context applying `make(rows)`'s factors, remade only when the rows change: decoding asks for
+        the same live rows at every token, and re-gathering (or re-generating) every target's factors per token
+        costs about as much as the decode step itself."""
+        last: dict = {}
+
+        def context(rows):
+            key = tuple(rows)
+            if last.get("rows") != key:
+                last["rows"], last["factors"] = key, make(list(rows))
+            return self.lora.apply(last["factors"])
+
+        return context
 
     def task_loss(self, chats: Sequence[str], targets: Sequence[str], factors: LoraFactors, max_length: int = 512):
         """Token-level NLL of y under M with the per-query LoRA, given (p, x) already chat-formatted."""
@@ -351,7 +394,7 @@ class MetaTuner(nn.Module):
         """A batch context for generation/scoring: rows get the LoRA the hypernetwork makes from their h."""
         if not self.settings.use_hyper:
             return None
-        return lambda rows: self.lora.apply(self.hyper(h[list(rows)]))
+        return self._row_context(lambda rows: self.hyper(h[rows]))
 
     @torch.no_grad()
     def generate(self, questions: Sequence[str], *, return_lora: bool = False, max_new_tokens: int | None = None,
@@ -499,6 +542,10 @@ class MetaTuner(nn.Module):
             if not key.startswith("hyper."):
                 params[key].copy_(tensor)
         self.hyper.load_state_dict({k[len("hyper."):]: v for k, v in state.items() if k.startswith("hyper.")})
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to end a forward early, once the layer whose output is wanted has run."""
 
 
 def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
