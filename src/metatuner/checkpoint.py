@@ -7,12 +7,15 @@
 A checkpoint is a folder `checkpoints/step-00000040/` holding `weights.safetensors` (the caller's trainable
 tensors), `optimizer.safetensors` + `optimizer.json` (the optimizer's tensors and the rest of its state),
 `state.json` (step, scheduler, Python/NumPy RNG states, anything else the trainer wants back) and `rng.safetensors`
-(torch's RNG state). Nothing is pickled. The folder is written under a temporary name and renamed when complete,
-so a crash or a full disk mid-save leaves the previous checkpoint whole and never a half-written one.
+(torch's RNG state). Nothing is pickled. The folder is written under a temporary name, flushed to disk and renamed
+when complete, so a crash or a full disk mid-save leaves the previous checkpoint whole and never a half-written
+one. state.json, written last, records the SHA-256 of every other file: a truncated or corrupted file (even one
+whose damage the safetensors header does not show) is reported by name on load instead of being trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -84,6 +87,23 @@ def _write_json(path: Path, payload: Any) -> None:
         os.fsync(f.fileno())
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    # safetensors does not fsync; without it a power cut after the rename could leave an empty file in place.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, tensors: dict[str, torch.Tensor], optimizer, scheduler=None,
                     state: dict | None = None, keep: int = 2) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`; returns its folder."""
@@ -98,13 +118,22 @@ def save_checkpoint(run_dir: str | Path, step: int, *, tensors: dict[str, torch.
         _write_json(tmp / "optimizer.json", opt_rest)
         rng_json, rng_tensors = _rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        for name in FILES[:-1]:
+            if name.endswith(".safetensors"):
+                _fsync(tmp / name)
         _write_json(tmp / "state.json", {
             "step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng_json, "trainer": state or {},
+            "sha256": {name: _sha256(tmp / name) for name in FILES if name != "state.json"},
         })
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync(tmp)
+        replaced = None
+        if final.exists():  # saving a step again: move the old copy aside rather than delete it before the rename
+            replaced = root / f".replaced-{final.name}-{os.getpid()}"
+            os.replace(final, replaced)
         os.replace(tmp, final)  # the checkpoint exists only once every file is complete
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -159,6 +188,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             return json.load(f)
 
     state = read("state.json", read_json)
-    optimizer = _join_optimizer(read("optimizer.safetensors", load_file), read("optimizer.json", read_json))
+    missing = [key for key in ("step", "scheduler", "rng", "trainer") if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint file {path / 'state.json'} is damaged: it lacks {', '.join(missing)}")
+    for name, expected in (state.get("sha256") or {}).items():  # checkpoints from before checksums have none
+        if name in FILES and _sha256(path / name) != expected:
+            raise CheckpointError(f"checkpoint file {path / name} is corrupted (its SHA-256 differs from the one "
+                                  "recorded when it was saved)")
+    try:
+        optimizer = _join_optimizer(read("optimizer.safetensors", load_file), read("optimizer.json", read_json))
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"checkpoint file {path / 'optimizer.json'} does not match "
+                              f"{path / 'optimizer.safetensors'}: {err!r}") from err
     return Checkpoint(path, int(state["step"]), read("weights.safetensors", load_file), state["trainer"], optimizer,
                       state["scheduler"], (state["rng"], read("rng.safetensors", load_file)))

@@ -54,6 +54,8 @@ def train_cmd(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, e.g. train.lr=1e-4"),
     eval_after: bool = typer.Option(False, "--eval/--no-eval", help="Evaluate the result on the eval split."),
     resume: Optional[str] = typer.Option(None, help="auto (newest checkpoint in output_dir) or a checkpoint path."),
+    on_bad_row: Optional[str] = typer.Option(None, help="error (default: stop at the first bad data row, naming "
+                                             "file, line and field) or skip (drop bad rows and report them)."),
 ) -> None:
     """Train a method described by a YAML config (see configs/)."""
     overrides = list(overrides or [])
@@ -61,9 +63,13 @@ def train_cmd(
         overrides.append(f"train.resume={resume}")
     if method:
         overrides.append(f"method={method}")
+    if on_bad_row:
+        overrides.append(f"data.on_bad_row={on_bad_row}")
     try:
         cfg = load_config(config, overrides)
-    except ConfigError as err:
+        _check_models(cfg)
+        _check_train_lengths(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:  # DataError is a ValueError
         _fail(str(err))
     if cfg.method == "metatuner":
         from .train import TrainingStopped, train_metatuner
@@ -111,6 +117,53 @@ def train_cmd(
         )
 
 
+def _check_models(cfg) -> None:
+    """The settings that depend on the models' architecture, from their config.json, before any weights load."""
+    if cfg.method == "opro":
+        return  # instruction search uses the models as they are: no adapters, no share depth
+    from .models import check_model_settings
+
+    check_model_settings(cfg)
+
+
+def _token_counter(tokenizer):
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_train_lengths(cfg) -> None:
+    """Training examples whose question and target alone exceed train.max_length would be cut short: stop on
+    them (naming file and line) before any weights load, or with on_bad_row=skip say which ones are cut."""
+    import warnings
+
+    from .models import load_tokenizer
+    from .tasks import check_lengths, get_task
+
+    task = get_task(cfg.data.task, **cfg.data.task_options)
+    examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
+    tokenizer = load_tokenizer(cfg.model.actor or cfg.model.name, cfg.model.trust_remote_code)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_lengths(examples, _token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
+    for warning in caught:
+        typer.secho(f"warning: longer than train.max_length={cfg.train.max_length}, so truncated in training: "
+                    f"{warning.message}", fg=typer.colors.YELLOW, err=True)
+
+
+def _fit_context(examples, model, tokenizer, max_new_tokens: int, on_bad_row: str | None):
+    """Evaluation items whose question leaves no room for the answer in the model's context window fail (naming
+    file, line and field), or with on_bad_row=skip are dropped and reported."""
+    from .tasks import check_lengths
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
+        return examples
+    try:
+        return check_lengths(examples, _token_counter(tokenizer), context - max_new_tokens, on_bad_row or "error",
+                             fields=("question",))
+    except ValueError as err:
+        _fail(str(err))
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(EMBEDDED_DEFAULT_MODEL, help="Hub id, local directory or embedded:<name>."),
@@ -128,10 +181,14 @@ def eval_cmd(
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
     task_option: Optional[List[str]] = typer.Option(None, help="Task option key=value (repeatable)."),
+    on_bad_row: Optional[str] = typer.Option(None, help="error (stop at the first bad data row, naming file, line "
+                                             "and field) or skip (drop bad rows and report them)."),
 ) -> None:
     """Evaluate a model (optionally with a PEFT adapter) or a MetaTuner run; writes metrics.json and samples.jsonl."""
+    if on_bad_row not in (None, "error", "skip"):
+        _fail(f"--on-bad-row must be error or skip, not {on_bad_row!r}")
     if run is not None:
-        _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype)
+        _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype, on_bad_row)
         return
     if task is None:
         _fail("--task is required (or --run for a MetaTuner run)")
@@ -141,17 +198,27 @@ def eval_cmd(
             _fail(f"--task-option must look like key=value, got {item!r}")
         key, value = item.split("=", 1)
         options[key] = _parse_scalar(value)
+    if on_bad_row:
+        options["on_bad_row"] = on_bad_row
     _run_eval(model, adapter, task, data_path, split, limit, prompt, out, batch_size, max_new_tokens, mc_mode,
               dtype, device, options)
 
 
-def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype=None) -> None:
+def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype=None,
+              on_bad_row=None) -> None:
     mt = _load_run(run, device, dtype)
-    data_path = data_path or load_config(Path(run) / "config.yaml").data.eval_path  # the run's own eval file
+    cfg = load_config(Path(run) / "config.yaml")
+    data_path = data_path or cfg.data.eval_path  # the run's own eval file
     try:
+        if on_bad_row:
+            from .tasks import get_task
+
+            mt.task = get_task(cfg.data.task, **{**cfg.data.task_options, "on_bad_row": on_bad_row})
         examples = mt.task.load(split, path=data_path, limit=limit)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(str(err))
+    examples = _fit_context(examples, mt.m, mt.m_tok, max_new_tokens or mt.task.max_new_tokens,
+                            on_bad_row or cfg.data.on_bad_row)
     result = mt.evaluate(examples, batch_size=batch_size, max_new_tokens=max_new_tokens, mc_mode=mc_mode)
     result.metrics.update({"run": str(run), "method": "metatuner", "command": command_line()})
     out = out or Path(run) / "eval"
@@ -194,6 +261,12 @@ def export_cmd(
     from .config import load_config
     from .models import resolve_model_path
 
+    from .hyperlora import ADAPTER_FILES
+
+    # The rule export_peft_adapter applies, checked before minutes of loading: the adapter goes into --out and
+    # nowhere else, and --out must be new, empty or an earlier adapter, never a folder that holds other files.
+    if out.exists() and (not out.is_dir() or any(p.name not in ADAPTER_FILES for p in out.iterdir())):
+        _fail(f"--out {out} exists and is not an adapter folder; pick a new or empty folder")
     mt = _load_run(run, device)
     cfg = load_config(Path(run) / "config.yaml")
     base = resolve_model_path(cfg.model.actor or cfg.model.name)
@@ -213,9 +286,16 @@ def compare_cmd(
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the shared run config."),
 ) -> None:
     """Run every method of a comparison under one budget (skipping finished ones) and write the results table."""
-    from .compare import compare
+    from .compare import compare, load_compare_config, method_config
 
     try:
+        cmp = load_compare_config(config, overrides)
+        for name in cmp.methods:  # architecture checks for every method before the first one trains
+            if name != "zero_shot":
+                try:
+                    _check_models(method_config(cmp, name))
+                except ConfigError as err:
+                    raise ConfigError(f"method `{name}`: {err}") from None
         compare(config, only.split(",") if only else None, overrides)
     except ConfigError as err:
         _fail(str(err))
@@ -248,7 +328,12 @@ def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, b
 
         if not (Path(adapter) / "adapter_config.json").is_file():
             _fail(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+        if not (Path(adapter) / "adapter_model.safetensors").is_file():
+            # PEFT would fall back to a pickled adapter_model.bin; weights are read from safetensors only.
+            _fail(f"{adapter} has no adapter_model.safetensors (pickled weights are never loaded)")
         lm = PeftModel.from_pretrained(lm, adapter).eval()
+    examples = _fit_context(examples, lm, tokenizer, max_new_tokens or task.max_new_tokens,
+                            task_options.get("on_bad_row"))
     result = evaluate(lm, tokenizer, task, examples, prompt, batch_size=batch_size,
                       max_new_tokens=max_new_tokens, mc_mode=mc_mode)
     result.metrics.update({"model": model, "adapter": adapter, "prompt": prompt or task.default_prompt,

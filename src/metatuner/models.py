@@ -8,6 +8,13 @@ The embedded default is SmolLM2-135M-Instruct shipped as a GGUF file by the `llm
 reads GGUF (through the `gguf` package) and dequantises it; the result is saved once as a normal Hugging Face
 directory under the cache folder (`$METATUNER_CACHE`, default `~/.cache/metatuner`) and loaded from there
 afterwards, which takes well under a second.
+
+Trust: weights are read from safetensors only (`use_safetensors=True`: a folder or hub repo that has only pickled
+`.bin` weights is refused, never unpickled), and a model's own Python code (`auto_map`) runs only with
+`trust_remote_code=True`, which is off unless the user sets `model.trust_remote_code`.
+
+`check_model_settings(cfg)` checks a run config against the models' config.json files before any weights load:
+share depth within G's layers, target modules that exist in G and M.
 """
 
 from __future__ import annotations
@@ -146,12 +153,15 @@ def load_model(
         raise ModelLoadError(f"{name!r} is not a model transformers can read: {err}") from err
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, config=config, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+            source, config=config, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except ValueError as err:
         arch = ", ".join(getattr(config, "architectures", None) or [type(config).__name__])
         raise ModelLoadError(f"{name!r} ({arch}) is not a causal language model: {err}") from err
     except OSError as err:
+        if Path(source).is_dir() and not any(Path(source).glob("*.safetensors")):
+            raise ModelLoadError(f"{source} has no .safetensors weights; pickled weights (.bin, .pt) are never "
+                                 "loaded: convert them to safetensors first") from err
         raise _hub_hint(name, err) from err
     model.requires_grad_(False)
     model.to(resolve_device(device)).eval()
@@ -172,3 +182,63 @@ def load_generator_and_actor(
         return g_model, g_model, g_tok, g_tok
     m_model, m_tok = load_model(actor, dtype, device, trust_remote_code)
     return g_model, m_model, g_tok, m_tok
+
+
+def load_config_only(name: str, trust_remote_code: bool = False):
+    """A model's configuration (config.json) without its weights."""
+    source = resolve_model_path(name)
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise _hub_hint(name, err) from err
+    except ValueError as err:
+        raise ModelLoadError(f"{name!r} is not a model transformers can read: {err}") from err
+
+
+def linear_module_names(config) -> list[str]:
+    """Names of every linear layer of the model `config` describes, from a weightless (meta-device) skeleton."""
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def check_model_settings(cfg) -> None:
+    """Check the settings that depend on G's and M's architecture against their config.json, before any weights
+    load: raises ConfigError naming the key (`metatuner.share_depth`, `metatuner.target_modules`, ...)."""
+    from .config import ConfigError
+
+    trust = cfg.model.trust_remote_code
+    actor = cfg.model.actor if cfg.model.actor not in (None, cfg.model.name) else None
+    configs = {}
+    for key, name in (("model.name", cfg.model.name), ("model.actor", actor)):
+        if name is not None:
+            try:
+                configs[key] = load_config_only(name, trust)
+            except ModelLoadError as err:
+                raise ConfigError(f"`{key}`: {err}") from None
+    g_config = configs["model.name"]
+    m_config = configs.get("model.actor", g_config)
+    g_linears = linear_module_names(g_config)
+    m_linears = g_linears if m_config is g_config else linear_module_names(m_config)
+    s = cfg.metatuner
+    checks: list[tuple[str, list[str], list[str], str]] = []  # (key, modules, linear names, which model)
+    if cfg.method in ("sft", "better_together") or (cfg.method == "metatuner" and s.warmup_actor_steps > 0):
+        checks.append(("lora.target_modules", cfg.lora.target_modules, m_linears, "the actor M"))
+    if cfg.method == "metatuner":
+        from .metatuner import resolve_share_depth
+
+        try:
+            resolve_share_depth(s.share_depth, g_config.num_hidden_layers)
+        except ValueError as err:  # the message names metatuner.share_depth
+            raise ConfigError(str(err)) from None
+        if s.g_finetune == "lora":
+            checks.append(("metatuner.g_target_modules", s.g_target_modules, g_linears, "the generator G"))
+        if s.use_hyper:
+            checks.append(("metatuner.target_modules", s.target_modules, m_linears, "the actor M"))
+    for key, modules, linears, which in checks:
+        # PEFT's rule: a target names a module by its full name or by a dotted suffix of it.
+        missing = [t for t in modules if not any(n == t or n.endswith("." + t) for n in linears)]
+        if missing:
+            available = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ConfigError(f"`{key}`: {missing} match no linear layer of {which}; its linear layers are "
+                              f"named {available}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from .base import Example, Task
 from .cosmosqa import CosmosQATask
 from .custom import CustomTask
-from .data_io import DataError, DataWarning, read_csv, read_jsonl
+from .data_io import DataError, DataWarning, check_lengths, read_csv, read_jsonl
 from .gsm8k import GSM8KTask
 from .hotpotqa import HotpotQATask
 from .math import MATHTask
@@ -35,6 +35,7 @@ __all__ = [
     "MATHTask",
     "ReasoningGymTask",
     "Task",
+    "check_lengths",
     "fixture_path",
     "get_task",
     "list_tasks",

@@ -33,6 +33,9 @@ class Example:
     target: str
     choices: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    #: (file or hub split, line or row number, "line"/"row") for examples read from data; errors found later
+    #: (an example longer than the context) name this place.
+    origin: tuple[str, int, str] | None = field(default=None, compare=False)
 
 
 class Task(ABC):

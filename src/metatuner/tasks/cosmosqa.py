@@ -122,6 +122,7 @@ def _example(row: dict[str, Any]) -> Example:
         target=f"The answer is {letter}.",
         choices=[option.strip() for option in options],
         meta={"label": row["label"]},
+        origin=getattr(row, "origin", None),
     )
 
 

@@ -18,6 +18,7 @@ Metrics (the score is always reported as "accuracy"):
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Literal
 
@@ -53,6 +54,9 @@ class CustomTask(Task):
     ) -> None:
         if metric not in ("exact_match", "contains", "numeric"):
             raise ValueError(f"metric must be 'exact_match', 'contains' or 'numeric', not {metric!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*", name) or ".." in name:
+            # The name becomes part of folder names (runs/eval-<name>): it must not climb out of them.
+            raise ValueError(f"task name {name!r} must be letters, digits, '_', '-', ':' or '.' (no '..', no '/')")
         self.path, self.split_paths = path, dict(split_paths or {})
         self.question_field, self.answer_field = question_field, answer_field
         self.target_field, self.id_field = target_field, id_field
@@ -75,6 +79,7 @@ class CustomTask(Task):
                     question=row[self.question_field].strip(),
                     answer=answer,
                     target=row[self.target_field] if self.target_field else f"The answer is {answer}.",
+                    origin=getattr(row, "origin", None),
                 )
             )
         return examples

@@ -13,7 +13,8 @@ A bad row raises `DataError` (a ValueError) naming the file, the 1-based line an
 problem that no row can escape (a missing CSV column, no rows at all) still raises.
 
 `check_rows` runs the same checks over rows that came from elsewhere (the Hugging Face hub), numbering them as
-rows rather than lines.
+rows rather than lines. Every row it returns is a `Row`, a dict that remembers its source and line, so a problem
+found later (an example longer than the context, see `check_lengths`) is reported at the same place.
 """
 
 from __future__ import annotations
@@ -62,6 +63,14 @@ class RowError(ValueError):
 
 class DataWarning(UserWarning):
     """Bad rows were skipped (on_bad_row="skip")."""
+
+
+class Row(dict):
+    """A data row (a plain dict to every reader) that also knows where it came from."""
+
+    def __init__(self, values: dict[str, Any], source: str, line: int, unit: str = "line") -> None:
+        super().__init__(values)
+        self.origin = (source, line, unit)
 
 
 def read_jsonl(
@@ -154,19 +163,57 @@ def check_rows(
                 raise error from None
             skipped.append(error)
             continue
-        rows.append(row)
+        rows.append(Row(row, source, line, unit))
     if skipped:
-        lines = ", ".join(str(e.line) for e in skipped[:_MAX_LISTED_LINES])
-        more = f" and {len(skipped) - _MAX_LISTED_LINES} more" if len(skipped) > _MAX_LISTED_LINES else ""
-        warnings.warn(
-            f"Skipped {len(skipped)} bad row(s) of {source} ({unit}s {lines}{more}); first problem: {skipped[0]}",
-            DataWarning,
-            stacklevel=3,
-        )
+        _warn_skipped(skipped, source, unit)
     if not rows:
         reason = "no usable rows" + (f" ({len(skipped)} bad ones skipped)" if skipped else " (the source is empty)")
         raise DataError(source, None, None, reason)
     return rows
+
+
+def _warn_skipped(skipped: list[DataError], source: str, unit: str) -> None:
+    lines = ", ".join(str(e.line) for e in skipped[:_MAX_LISTED_LINES])
+    more = f" and {len(skipped) - _MAX_LISTED_LINES} more" if len(skipped) > _MAX_LISTED_LINES else ""
+    warnings.warn(
+        f"Skipped {len(skipped)} bad row(s) of {source} ({unit}s {lines}{more}); first problem: {skipped[0]}",
+        DataWarning,
+        stacklevel=4,
+    )
+
+
+def check_lengths(
+    examples: Sequence[Any],
+    count_tokens: Callable[[str], int],
+    max_tokens: int,
+    on_bad_row: OnBadRow = "error",
+    fields: Sequence[str] = ("question", "target"),
+) -> list[Any]:
+    """Examples whose `fields` together fit in `max_tokens` tokens (as `count_tokens` counts them). A longer one
+    raises DataError at its file and line (naming its longest field), or with on_bad_row="skip" is dropped and
+    reported like any other bad row; truncating it silently would train on, or answer, a different question."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', not {on_bad_row!r}")
+    kept, skipped = [], []
+    for index, example in enumerate(examples, start=1):
+        lengths = {name: count_tokens(getattr(example, name) or "") for name in fields}
+        if sum(lengths.values()) <= max_tokens:
+            kept.append(example)
+            continue
+        source, line, unit = getattr(example, "origin", None) or (f"example {example.id!r}", None, "line")
+        longest = max(lengths, key=lengths.get)
+        error = DataError(source, line, longest, f"the example is {sum(lengths.values())} tokens "
+                          f"({', '.join(f'{k} {v}' for k, v in lengths.items())}), longer than the context "
+                          f"of {max_tokens}", unit)
+        if on_bad_row == "error":
+            raise error
+        skipped.append(error)
+    if skipped:
+        sources = sorted({e.source for e in skipped})
+        _warn_skipped(skipped, ", ".join(sources), skipped[0].unit)
+    if not kept:
+        raise DataError(skipped[0].source, None, None, f"no example fits in {max_tokens} tokens")
+    return kept
 
 
 def _check_row(

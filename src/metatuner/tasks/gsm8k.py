@@ -84,7 +84,7 @@ class GSM8KTask(Task):
             target, answer = rationale_to_target(row["answer"])
             examples.append(
                 Example(id=f"{split}-{index}", question=row["question"].strip(), answer=answer, target=target,
-                        meta={"rationale": row["answer"]})
+                        meta={"rationale": row["answer"]}, origin=getattr(row, "origin", None))
             )
         return examples
 

@@ -114,6 +114,7 @@ class HotpotQATask(Task):
             answer=answer,
             target=f"The answer is {answer}.",
             meta={key: row[key] for key in ("type", "level") if key in row} | {"supporting": row["supporting_titles"]},
+            origin=getattr(row, "origin", None),
         )
 
     def extract(self, output: str) -> dict[str, str | None]:

@@ -133,7 +133,7 @@ def _example(row: dict[str, Any], split: str, index: int) -> Example:
     target = f"{row['solution'].strip()}\nThe answer is $\\boxed{{{answer}}}$."
     meta = {key: row[key] for key in ("level", "type", "subject") if key in row}
     return Example(id=str(row.get("unique_id") or f"{split}-{index}"), question=row["problem"].strip(),
-                   answer=answer, target=target, meta=meta)
+                   answer=answer, target=target, meta=meta, origin=getattr(row, "origin", None))
 
 
 def _validate(row: dict[str, Any]) -> None:

@@ -125,9 +125,9 @@ class ReasoningGymTask(Task):
     def load(self, split: str, path: str | None = None, limit: int | None = None) -> list[Example]:
         if path is not None:
             rows = read_table(path, ("question", "answer"), self.on_bad_row, validate=_validate)
-            entries = [
-                (str(row.get("id", f"{split}-{i}")), {"question": row["question"], "answer": row["answer"],
-                                                      "metadata": row.get("metadata") or {}})
+            return [
+                self._example(str(row.get("id", f"{split}-{i}")), {"question": row["question"], "answer": row["answer"],
+                                                                   "metadata": row.get("metadata") or {}}, row.origin)
                 for i, row in enumerate(rows[:limit])
             ]
         elif check_split(split) == "train":
@@ -157,10 +157,10 @@ class ReasoningGymTask(Task):
             )
         return entries
 
-    def _example(self, id_: str, entry: dict[str, Any]) -> Example:
+    def _example(self, id_: str, entry: dict[str, Any], origin: tuple[str, int, str] | None = None) -> Example:
         answer = "" if entry["answer"] is None else str(entry["answer"])
         return Example(id=id_, question=entry["question"], answer=answer, target=self._target(entry, answer),
-                       meta={"entry": entry})
+                       meta={"entry": entry}, origin=origin or (f"{self.name} item {id_}", None, "item"))
 
     def _target(self, entry: dict[str, Any], answer: str) -> str:
         cot = (entry.get("metadata") or {}).get("answer_cot")
