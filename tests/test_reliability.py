@@ -76,3 +76,294 @@ def test_trust_math_verify_runs_under_a_timeout():
     for found in ("9^{9^{9^{9}}}", "2^{2^{2^{2^{2^{2}}}}}", "(" * 25 + "x" + ")" * 25):
         assert math_equal(found, "3", timeout_s=1) is False
     assert time.perf_counter() - start < 15  # about 1 s each; without the timeout the first one never returns
+
+
+# ----- bad data ------------------------------------------------------------------------------------------------
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _counter(text):
+    return len(text.split())
+
+
+def test_bad_input_example_longer_than_the_context_names_file_line_and_field(tmp_path):
+    from metatuner.tasks import DataError, DataWarning, check_lengths
+
+    path = _jsonl(tmp_path / "d.jsonl", [{"q": "one two", "a": "1"}, {"q": "word " * 50, "a": "2"},
+                                         {"q": "three", "a": "3"}])
+    task = get_task("custom", path=str(path), question_field="q", answer_field="a")
+    examples = task.load("train")
+    with pytest.raises(DataError) as info:
+        check_lengths(examples, _counter, max_tokens=20)
+    assert (info.value.source, info.value.line, info.value.field) == (str(path), 2, "question")
+    assert "longer than the context of 20" in str(info.value)
+    with pytest.warns(DataWarning, match=r"Skipped 1 bad row\(s\) .*line 2"):
+        kept = check_lengths(examples, _counter, max_tokens=20, on_bad_row="skip")
+    assert [ex.answer for ex in kept] == ["1", "3"]
+
+
+@pytest.mark.parametrize("task_name, options, content, line, field", [
+    ("cosmosqa", {"train_rows": None}, "id,context,question,answer0,answer1,answer2,answer3,label\n"
+     "a,c,q,w,x,y,z,1\nb,c,q,w,x,y,z,4\n", 3, "label"),
+    ("custom", {"id_field": "id"}, '{"id": "x", "question": "q", "answer": "1"}\n'
+     '{"id": "x", "question": "r", "answer": "2"}\n', 2, "id"),
+    ("gsm8k", {}, '{"question": "q", "answer": "no final line"}\n', 1, "answer"),
+])
+def test_bad_input_task_files_name_file_line_and_field(tmp_path, task_name, options, content, line, field):
+    from metatuner.tasks import DataError
+
+    path = tmp_path / ("d.csv" if task_name == "cosmosqa" else "d.jsonl")
+    path.write_text(content)
+    with pytest.raises(DataError) as info:
+        get_task(task_name, **options).load("test", path=str(path))
+    assert (info.value.source, info.value.line, info.value.field) == (str(path), line, field)
+
+
+def test_bad_input_data_on_bad_row_skip_reaches_the_task(tmp_path):
+    from metatuner.config import load_config
+    from metatuner.tasks import DataWarning
+
+    path = _jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "1"}, {"question": "", "answer": "2"}])
+    cfg = load_config(None, ["data.task=custom", f"data.task_options={{path: {path}}}", "data.on_bad_row=skip"])
+    with pytest.warns(DataWarning, match="line 2"):
+        assert len(get_task(cfg.data.task, **cfg.data.task_options).load("train")) == 1
+
+
+def test_bad_input_on_bad_row_flag_of_eval_and_train(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from metatuner.cli import app
+    from metatuner.tasks import DataWarning
+
+    path = _jsonl(tmp_path / "d.jsonl", [{"question": "1 + 1", "answer": "2"}, {"question": "x", "answer": ""},
+                                         {"question": "word " * 600, "answer": "3"}])
+    args = ["eval", "--model", str(tiny_dir), "--task", "custom", "--task-option", f"path={path}", "--device", "cpu",
+            "--max-new-tokens", "2", "--out", str(tmp_path / "ev")]
+    runner = CliRunner()
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and f"{path}, line 2, field 'answer': empty value" in result.output
+    with pytest.warns(DataWarning) as record:
+        result = runner.invoke(app, [*args, "--on-bad-row", "skip"])
+    assert result.exit_code == 0, result.output
+    messages = " ".join(str(w.message) for w in record)
+    assert "line 2, field 'answer'" in messages and "line 3, field 'question'" in messages  # the 1,800-token row
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_eval"] == 1
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {{name: {tiny_dir}, device: cpu}}\noutput_dir: {tmp_path / 'run'}\n"
+                      f"data: {{task: custom, task_options: {{path: {path}}}}}\n"
+                      "metatuner: {share_depth: 2, target_modules: [q_proj]}\n")
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2 and f"{path}, line 2, field 'answer'" in result.output
+    _jsonl(path, [{"question": "1 + 1", "answer": "2"}, {"question": "word " * 40, "answer": "3"}])
+    result = runner.invoke(app, ["train", "--config", str(config), "train.max_length=64"])
+    assert result.exit_code == 2 and f"{path}, line 2, field 'question'" in result.output
+    assert "longer than the context of 64" in result.output
+    assert not (tmp_path / "run").exists()  # all of this before any model loads or any run folder is made
+
+
+# ----- bad configs: checked against the models' config.json before weights load ---------------------------------
+
+
+@pytest.mark.parametrize("override, key", [
+    ("metatuner.share_depth=4", "metatuner.share_depth"),          # the tiny generator has 4 layers
+    ("metatuner.share_depth=0.1", "metatuner.share_depth"),        # rounds to 0 layers
+    ("metatuner.target_modules=[q_proj,c_attn]", "metatuner.target_modules"),
+    ("metatuner.g_target_modules=[query]", "metatuner.g_target_modules"),
+    ("metatuner.warmup_actor_steps=2 lora.target_modules=[wq]", "lora.target_modules"),
+    ("model.actor=/nonexistent/model", "model.actor"),
+])
+def test_bad_input_config_checked_against_the_model_before_weights_load(tiny_dir, override, key, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from metatuner.config import ConfigError, load_config
+    from metatuner.models import check_model_settings
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    cfg = load_config(None, [f"model.name={tiny_dir}", "metatuner.share_depth=2", *override.split()])
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        check_model_settings(cfg)
+    check_model_settings(load_config(None, [f"model.name={tiny_dir}", "metatuner.share_depth=2"]))  # the good one
+
+
+@pytest.mark.parametrize("override, key", [
+    ("metatuner.rank=0", "metatuner.rank"), ("metatuner.n_rollouts=0", "metatuner.n_rollouts"),
+    ("train.batch_size=0", "train.batch_size"), ("metatuner.rewrite_template=x", "metatuner.rewrite_template"),
+    ("data.on_bad_row=ignore", "data.on_bad_row"), ("model.trust_remote_code=maybe", "model.trust_remote_code"),
+    ("metatuner.shared_depth=2", "metatuner.shared_depth"),
+])
+def test_bad_input_config_values_name_their_key(override, key):
+    from metatuner.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("train:\n  lr: [1,\n", "cannot read config file"),
+    ("- 1\n- 2\n", "expected keys and values"),
+    (b"train: \xff\n", "cannot read config file"),
+])
+def test_bad_input_unreadable_config_file_is_named(tmp_path, content, reason):
+    from metatuner.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=reason) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+# ----- trust: what MetaTuner loads is never run --------------------------------------------------------------
+
+
+def test_trust_yaml_python_tags_are_refused(tmp_path):
+    from metatuner.config import ConfigError, load_config
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "run.yaml"
+    path.write_text(f'train: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ConfigError, match="python/object"):
+        load_config(path)
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling this runs `touch`: the shape of a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (__import__("os").system, (f"touch {self.marker}",))
+
+
+def test_trust_pickled_model_weights_are_never_loaded(tiny_dir, tmp_path):
+    import pickle
+    import shutil
+
+    from metatuner.models import ModelLoadError, load_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ModelLoadError, match="no .safetensors weights"):
+        load_model(str(folder), device="cpu")
+    assert not marker.exists()
+
+
+def test_trust_pickled_adapter_is_never_loaded(tiny_dir, tmp_path):
+    import pickle
+
+    from typer.testing import CliRunner
+
+    from metatuner.cli import app
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}))
+    marker = tmp_path / "ran"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_dir), "--task", "rg:chain_sum", "--limit", "1",
+                                      "--task-option", "size=2", "--task-option", "test_size=1", "--adapter",
+                                      str(adapter), "--device", "cpu", "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 2 and "no adapter_model.safetensors" in result.output
+    assert not marker.exists()
+
+
+def test_trust_remote_code_is_off_unless_asked(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import transformers
+
+    from metatuner import models
+
+    # A model folder that ships its own Python code: loading it must not import that code.
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    marker = tmp_path / "ran"
+    (folder / "custom_llama.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                            "from transformers import LlamaConfig as C, LlamaForCausalLM as M\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom_llama.C", "AutoModelForCausalLM": "custom_llama.M"}
+    (folder / "config.json").write_text(json.dumps(config))
+    models.load_model(str(folder), device="cpu")
+    assert not marker.exists()
+
+    # Every loader call gets trust_remote_code=False by default, and True only when asked.
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    models.load_model(str(tiny_dir), device="cpu")
+    assert seen and set(seen) == {False}
+    seen.clear()
+    models.load_model(str(tiny_dir), device="cpu", trust_remote_code=True)
+    assert seen and set(seen) == {True}
+    from metatuner.config import load_config
+
+    assert load_config(None).model.trust_remote_code is False
+
+
+def test_trust_no_pickle_eval_or_exec_in_the_package():
+    """Nothing in MetaTuner unpickles, evaluates or executes text; weights and states go through safetensors/JSON."""
+    from pathlib import Path
+
+    import metatuner
+
+    forbidden = re.compile(r"\b(pickle|torch\.load|yaml\.load|yaml\.unsafe_load|marshal|shelve)\b|(?<![\w.])(eval|exec)\(")
+    hits = [f"{path.name}:{n}: {line.strip()}"
+            for path in Path(metatuner.__file__).parent.rglob("*.py")
+            for n, line in enumerate(path.read_text().splitlines(), 1)
+            if forbidden.search(line.split("#")[0]) and not line.lstrip().startswith(('"', "'"))]
+    assert not hits
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "/abs", "x..y"])
+def test_trust_custom_task_names_cannot_escape_their_folder(name):
+    with pytest.raises(ValueError, match="task name"):
+        get_task("custom", path="d.jsonl", name=name)
+
+
+def test_trust_export_writes_only_into_an_adapter_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from metatuner.cli import app
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    for out in (busy, tmp_path / "notes.txt"):
+        (tmp_path / "notes.txt").write_text("keep me")
+        # The run folder does not even exist: the destination is refused before anything loads.
+        result = CliRunner().invoke(app, ["export", "--run", str(tmp_path / "no-run"), "--query", "q", "--out",
+                                          str(out)])
+        assert result.exit_code == 2 and "not an adapter folder" in result.output
+    assert (busy / "notes.txt").read_text() == "keep me" and sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+
+
+def test_trust_expert_prompts_file_is_validated(tmp_path):
+    from metatuner.rollouts import ExpertPromptStore
+
+    path = tmp_path / "expert_prompts.json"
+    for content in ("{not json", '["a"]', '{"q1": {"prompt": 3, "score": 1}}', '{"q1": {"prompt": "p"}}'):
+        path.write_text(content)
+        with pytest.raises(ValueError, match=re.escape(str(path))):
+            ExpertPromptStore.load(path)
+    path.write_bytes(b'{"q1": {"prompt": "\xff", "score": 1}}')
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        ExpertPromptStore.load(path)
