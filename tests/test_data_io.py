@@ -146,3 +146,10 @@ def test_bad_input_validator_errors_carry_line_and_field(tmp_path):
 def test_bad_input_unknown_on_bad_row_value(tmp_path):
     with pytest.raises(ValueError, match="on_bad_row"):
         read_jsonl(write(tmp_path, "a.jsonl", jsonl([{"q": "x"}])), ("q",), on_bad_row="ignore")
+
+
+def test_bad_input_rows_remember_file_and_line_for_later_checks(tmp_path):
+    path = write(tmp_path, "data.jsonl", jsonl([{"q": "x"}, "", {"q": "y"}]))
+    rows = read_jsonl(path, ("q",))
+    assert rows == [{"q": "x"}, {"q": "y"}]  # still plain dicts to every reader
+    assert [row.origin for row in rows] == [(str(path), 1, "line"), (str(path), 3, "line")]

@@ -9,6 +9,7 @@ import inspect
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -367,3 +368,121 @@ def test_trust_expert_prompts_file_is_validated(tmp_path):
     path.write_bytes(b'{"q1": {"prompt": "\xff", "score": 1}}')
     with pytest.raises(ValueError, match=re.escape(str(path))):
         ExpertPromptStore.load(path)
+
+
+# ----- faults: nothing saved is lost, damage is named ---------------------------------------------------------
+
+
+def _optimizer_with_state():
+    import torch
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    return param, optimizer
+
+
+@pytest.mark.parametrize("fail_at", ["optimizer.safetensors", "rng.safetensors", "state.json"])
+def test_fault_full_disk_mid_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, fail_at):
+    import errno
+
+    import torch
+
+    from metatuner import checkpoint as ckpt
+    from metatuner.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+
+    param, optimizer = _optimizer_with_state()
+    save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer, state={"x": 1})
+    real_save_file, real_write_json = ckpt.save_file, ckpt._write_json
+
+    def disk_fills(path):
+        # Half the file reaches the disk, then the write fails as a full disk does.
+        Path(path).write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def save_file(tensors, path, *args, **kwargs):
+        return disk_fills(path) if Path(path).name == fail_at else real_save_file(tensors, path, *args, **kwargs)
+
+    def write_json(path, payload):
+        return disk_fills(path) if Path(path).name == fail_at else real_write_json(path, payload)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    monkeypatch.setattr(ckpt, "_write_json", write_json)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, 2, tensors={"p": param * 2}, optimizer=optimizer, state={"x": 2})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]  # no temp left over
+    loaded = load_checkpoint(find_checkpoint(tmp_path, "auto"))
+    assert loaded.step == 1 and torch.equal(loaded.tensors["p"], param.detach()) and loaded.state == {"x": 1}
+    # Saving the same step again after a failure replaces it whole.
+    monkeypatch.undo()
+    save_checkpoint(tmp_path, 1, tensors={"p": param * 3}, optimizer=optimizer, state={"x": 3})
+    assert load_checkpoint(find_checkpoint(tmp_path, "auto")).state == {"x": 3}
+
+
+def _flip_a_byte(path, offset=-5):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("weights.safetensors", "flip"),        # the header still reads: only the checksum shows it
+    ("optimizer.safetensors", "truncate"),
+    ("rng.safetensors", "flip"),
+    ("optimizer.json", "garbage"),
+    ("state.json", "garbage"),
+    ("state.json", "empty-object"),
+    ("weights.safetensors", "missing"),
+])
+def test_fault_corrupted_checkpoint_names_the_file(tmp_path, name, damage):
+    from metatuner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    param, optimizer = _optimizer_with_state()
+    path = save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer)
+    target = path / name
+    if damage == "flip":
+        _flip_a_byte(target)
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:30])
+    elif damage == "garbage":
+        target.write_text('{"step": 1, "rng"')
+    elif damage == "empty-object":
+        target.write_text("{}")
+    else:
+        target.unlink()
+    with pytest.raises(CheckpointError, match=re.escape(str(target))):
+        load_checkpoint(path)
+
+
+def test_fault_corrupted_run_folder_names_the_file(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from metatuner.metatuner import MetaTuner
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    weights = model_dir / "metatuner.safetensors"
+    save_file({"hyper.x": torch.ones(4)}, str(weights))
+    weights.write_bytes(weights.read_bytes()[:40])
+    (model_dir / "metatuner.json").write_text("{}")
+    with pytest.raises(ValueError, match=re.escape(str(weights))):
+        MetaTuner.load(object.__new__(MetaTuner), model_dir)
+
+
+def test_fault_sigint_and_sigterm_are_recorded_not_fatal():
+    import os
+    import signal
+
+    from metatuner.train import _Interrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        before = signal.getsignal(sig)
+        interrupt = _Interrupt()
+        try:
+            os.kill(os.getpid(), sig)  # without the handler: KeyboardInterrupt / the process ends
+            assert interrupt.signal == sig
+        finally:
+            interrupt.uninstall()
+        assert signal.getsignal(sig) == before

@@ -14,6 +14,10 @@ from hypothesis import strategies as st
 
 from metatuner.tasks import DataError, fixture_path, get_task
 from metatuner.tasks.answers import answer_span, is_number, last_boxed, last_number, normalize_number
+from metatuner.tasks.cosmosqa import extract_letter
+from metatuner.tasks.hotpotqa import extract_short_answer
+from metatuner.tasks.math import extract_math_answer
+from metatuner.tasks.reasoning_gym_task import is_plain_math
 from metatuner.tasks.data_io import read_csv, read_jsonl
 
 # Pieces that steer random text into the extractors' interesting branches.
@@ -21,6 +25,8 @@ FRAGMENTS = [
     "The answer is ", "the final answer is", "Answer:", "####", " ", "\n", "\n\n", "\\boxed{", "\\boxed ", "\\fbox{",
     "{", "}", "$", "\\(", "\\)", ",", ".", "-", "1", "23", "4.50", "1,000", "(B)", "A", "D.", "option ", "**", "yes",
     "no", "the", "\\frac{1}{2}", "x^2", "'", '"', "\u00e9", "\x00",
+    # Text that code-evaluating scorers would run or choke on.
+    "__import__('os')", ".system('true')", "[", "]", "9**9**9", "**", "x", "sqrt(", "['a', 'b']",
 ]
 OUTPUTS = st.one_of(st.text(max_size=200), st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join))
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -38,19 +44,23 @@ def _tasks():
         (hotpot, hotpot.load("test", path=str(fixture_path("hotpotqa.jsonl")), limit=1)[0]),
         (math, math.load("test", path=str(fixture_path("math.jsonl")), limit=1)[0]),
     ]
-    for metric in ("exact_match", "contains"):
-        task = get_task("custom", metric=metric, **custom_options)
-        pairs.append((task, task.load("test", limit=1)[0]))
-    for name in ("rg:chain_sum", "gsm_symbolic", "rg:spell_backward"):
+    for metric in ("exact_match", "contains", "numeric"):
+        task = get_task("custom", metric=metric, on_bad_row="skip", **custom_options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "numeric" skips the fixture's non-numeric answers
+            pairs.append((task, task.load("test", limit=1)[0]))
+    # One-line numbers, chains of thought, words, and the scorers that evaluate text (sympy, literals).
+    for name in ("rg:chain_sum", "gsm_symbolic", "rg:spell_backward", "rg:countdown", "rg:string_insertion"):
         task = get_task(name, size=5, test_size=5)
         pairs.append((task, task.load("train", limit=1)[0]))
     return pairs
 
 
 TASKS = _tasks()
+TASK_IDS = [task.name if task.name != "custom" else f"custom-{task.metric}" for task, _ in TASKS]
 
 
-@pytest.mark.parametrize("task, example", TASKS, ids=[task.name for task, _ in TASKS])
+@pytest.mark.parametrize("task, example", TASKS, ids=TASK_IDS)
 @PROPERTY
 @given(output=OUTPUTS)
 def test_bad_input_extract_and_score_never_crash_and_are_deterministic(task, example, output):
@@ -67,10 +77,11 @@ def test_bad_input_extract_and_score_never_crash_and_are_deterministic(task, exa
 @PROPERTY
 @given(text=OUTPUTS)
 def test_bad_input_answer_helpers_never_crash(text):
-    for helper in (answer_span, last_boxed, last_number):
+    for helper in (answer_span, last_boxed, last_number, extract_letter, extract_short_answer, extract_math_answer):
         result = helper(text)
         assert result is None or isinstance(result, str)
         assert helper(text) == result
+    assert is_plain_math(text) in (True, False) and is_plain_math(text) == is_plain_math(text)
     normalized = normalize_number(text)
     assert normalize_number(normalized) == normalized  # idempotent, so normalised values compare as equals
     assert is_number(text) == is_number(normalized)
