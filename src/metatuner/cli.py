@@ -119,8 +119,6 @@ def train_cmd(
 
 def _check_models(cfg) -> None:
     """The settings that depend on the models' architecture, from their config.json, before any weights load."""
-    if cfg.method == "opro":
-        return  # instruction search uses the models as they are: no adapters, no share depth
     from .models import check_model_settings
 
     check_model_settings(cfg)
