@@ -11,17 +11,19 @@ and report the median of several repetitions together with the machine, the thre
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -123,3 +125,64 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, number: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each function, measured in turns: every repetition runs each function `number` times,
+    alternating which goes first (so drift in machine load falls on both sides). `warmup` untimed rounds first."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            sync()
+            start = now()
+            for _ in range(number):
+                fns[name]()
+            sync()
+            seconds[name].append((now() - start) / number)
+    return seconds
+
+
+def autocast(precision: str, device: str = "cpu"):
+    """bf16 autocast (what training uses on CPU by default) or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def load_summary() -> dict[str, Any]:
+    """What else ran on the machine: load averages and the busiest other processes (ratios stay fair under load
+    because both sides are interleaved, but absolute figures do not)."""
+    info: dict[str, Any] = {}
+    try:
+        info["loadavg"] = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        pass
+    try:
+        top = subprocess.run(["top", "-bn1", "-w", "200"], capture_output=True, text=True, timeout=10).stdout
+        rows = [line for line in top.splitlines()[7:] if line.strip()]
+        info["top"] = [" ".join(line.split()[8:10] + line.split()[11:])[:120] for line in rows[:6]]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024, 1)
+
+
+def rss_mb() -> float:
+    """Current resident memory in MiB (Linux; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0

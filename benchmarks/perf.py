@@ -1,0 +1,258 @@
+"""MetaTuner's hot paths side by side with PEFT, TRL, transformers and llama.cpp; writes docs/performance.{json,md}.
+
+Run from the repository root with the project's environment (`make bench`, `make bench-quick`, or directly):
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/perf.py                 # SmolLM2-135M (embedded), ~20-30 min on 2 cores
+    .venv/bin/python benchmarks/perf.py --quick --out-json /tmp/p.json --out-md /tmp/p.md   # tiny model, ~1 min
+    .venv/bin/python benchmarks/perf.py --only scoring_vs_forward --only generation_speedup  # update two entries
+
+The six headline figures (docs/performance.json, top level):
+  hyperlora_vs_peft           fwd+bwd of M with per-query generated LoRA / PEFT static LoRA        target <= 1.10
+  metatuner_step_vs_trl_sft   MetaTuner task-loss step / TRL SFTTrainer + PEFT LoRA step           target <= 1.35
+  scoring_vs_forward          likelihood scoring tokens/s / plain forward tokens/s                 target >= 0.80
+  generation_speedup          batched evaluation generation tokens/s / HF generate at batch 1      target >= 6
+  memory_vs_sft               peak RSS of MetaTuner training / LoRA SFT (separate processes)        target <= 1.3
+  eval_examples_per_s         multiple-choice evaluation throughput (CosmosQA, likelihood ranking)
+plus `speedups` (A/B of hot-path changes) and `scaling` (J step time and peak RSS against n, k, r, batch).
+
+Every ratio comes from one process (memory: alternating processes), both sides interleaved, medians of several
+repetitions; the machine, thread count and load go into the JSON. With --only, the other entries of an existing
+--out-json are kept. docs/performance/notes.md, when present, is appended to the Markdown as the closing note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bench_setup import REPO, Bench  # noqa: E402
+from common import command_line, library_versions, load_summary, machine, utc_now, write_json  # noqa: E402
+
+HEADLINE = {  # name -> (key in the benchmark's result, target as (op, value) or None)
+    "hyperlora_vs_peft": ("ratio", ("<=", 1.10)),
+    "metatuner_step_vs_trl_sft": ("ratio", ("<=", 1.35)),
+    "scoring_vs_forward": ("ratio", (">=", 0.80)),
+    "generation_speedup": ("ratio", (">=", 6.0)),
+    "memory_vs_sft": ("ratio", ("<=", 1.3)),
+    "eval_examples_per_s": ("examples_per_s", None),
+}
+ORDER = ["speedups", "hyperlora_vs_peft", "scoring_vs_forward", "eval_examples_per_s", "generation_speedup",
+         "metatuner_step_vs_trl_sft", "memory_vs_sft", "scaling"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the tiny in-memory test model, fewer repetitions (~1 min)")
+    p.add_argument("--model", default=None, help="model name or directory (default: embedded SmolLM2-135M; tiny with --quick)")
+    p.add_argument("--only", action="append", choices=ORDER, help="run only these (repeatable)")
+    p.add_argument("--skip", action="append", choices=ORDER, default=[], help="leave these out (repeatable)")
+    p.add_argument("--repeats", type=int, default=None, help="repetitions per figure (default 5; 2 with --quick)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast of the training benchmarks")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--out-json", default=str(REPO / "docs" / "performance.json"))
+    p.add_argument("--out-md", default=str(REPO / "docs" / "performance.md"))
+    return p.parse_args(argv)
+
+
+def run(name: str, bench: Bench, plot_dir: Path):
+    import hot_paths
+    import memory_scaling
+    import step_vs_trl
+
+    if name == "scaling":
+        return memory_scaling.scaling(bench, plot_dir)
+    module = {"metatuner_step_vs_trl_sft": step_vs_trl, "memory_vs_sft": memory_scaling}.get(name, hot_paths)
+    return getattr(module, name)(bench)
+
+
+def met(value, target) -> bool | None:
+    if target is None or value is None:
+        return None
+    op, bound = target
+    return value <= bound if op == "<=" else value >= bound
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from datasets import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    bench = Bench.for_mode(args.quick, args.model, repeats=args.repeats, precision=args.precision)
+    names = [n for n in ORDER if (not args.only or n in args.only) and n not in args.skip]
+    out_json = Path(args.out_json)
+    data = json.loads(out_json.read_text()) if args.only and out_json.is_file() else {}
+    details, commands = data.get("details", {}), data.get("commands", {})
+    plot_dir = Path(args.out_md).parent / "performance"
+    load_before = load_summary()
+    print(f"model {bench.model}, torch threads {torch.get_num_threads()}, precision {bench.precision}, "
+          f"repeats {bench.repeats}; running {', '.join(names)}", flush=True)
+    for name in names:
+        start = time.perf_counter()
+        result = run(name, bench, plot_dir)
+        result["seconds_to_measure"] = round(time.perf_counter() - start, 1)
+        details[name] = result
+        commands[name] = command_line()
+        headline = HEADLINE.get(name)
+        shown = result.get(headline[0]) if headline else ""
+        print(f"  {name}: {shown}  ({result['seconds_to_measure']} s)", flush=True)
+    for name, (key, target) in HEADLINE.items():
+        if name in details:
+            data[name] = details[name][key]
+    data.update({
+        "targets": {n: (f"{t[0]} {t[1]}" if t else None) for n, (_, t) in HEADLINE.items()},
+        "met": {n: met(data.get(n), t) for n, (_, t) in HEADLINE.items()},
+        "date": utc_now(),
+        "command": command_line(),
+        "commands": commands,
+        "machine": machine(),
+        "load": {"before": load_before, "after": load_summary(), **({"earlier_runs": data["load"]} if args.only and "load" in data else {})},
+        "versions": library_versions("torch", "transformers", "peft", "trl", "accelerate", "llama_cpp_python"),
+        "settings": bench.settings(),
+        "details": details,
+    })
+    data["load"].pop("earlier_runs", None)
+    write_json(out_json, data)
+    Path(args.out_md).write_text(render_markdown(data, Path(args.out_md)))
+    print(f"wrote {out_json} and {args.out_md}")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _fmt(value, digits=3):
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def render_markdown(data: dict, md_path: Path) -> str:
+    d = data.get("details", {})
+    m = data.get("machine", {})
+    lines = [
+        "# Performance",
+        "",
+        "MetaTuner's hot paths measured side by side with the library a user would otherwise use. Each ratio comes "
+        "from one run: both sides in one process (memory: alternating processes), interleaved, medians of several "
+        "repetitions. Written by `benchmarks/perf.py`; regenerate with `make bench` (or `make bench-quick` for the "
+        "tiny model).",
+        "",
+        f"- Date: {data.get('date')}; model: `{data.get('settings', {}).get('model')}`; command: `{data.get('command')}`",
+        f"- Machine: {m.get('cpu_model')}, {m.get('usable_cpus')} usable CPUs, torch {m.get('torch')}, "
+        f"torch threads {m.get('torch_threads')} (interop {m.get('torch_interop_threads')}), "
+        f"thread variables {m.get('env_threads') or 'unset'}",
+        f"- Load average before / after: {data.get('load', {}).get('before', {}).get('loadavg')} / "
+        f"{data.get('load', {}).get('after', {}).get('loadavg')} (the CPU is shared; absolute figures move with "
+        "load, ratios much less since both sides run in turns)",
+        "",
+        "| figure | value | target | met | what |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (key, target) in HEADLINE.items():
+        if name not in d:
+            continue
+        ok = data.get("met", {}).get(name)
+        lines.append(f"| `{name}` | {_fmt(data.get(name))} | {data['targets'][name] or '-'} | "
+                     f"{'yes' if ok else ('-' if ok is None else '**no**')} | {d[name].get('what', '')} |")
+    commands = {n: c for n, c in data.get("commands", {}).items() if n in d}
+    if len(set(commands.values())) == 1:
+        lines += ["", f"Every figure above: `{next(iter(commands.values()))}`.", ""]
+    elif commands:
+        lines += ["", "Commands behind the figures:", ""] + [f"- {n}: `{c}`" for n, c in commands.items()] + [""]
+    lines += _details_md(d)
+    lines += _scaling_md(d.get("scaling"), md_path)
+    notes = md_path.parent / "performance" / "notes.md"
+    if notes.is_file():
+        lines += ["", notes.read_text().strip(), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _details_md(d: dict) -> list[str]:
+    out = ["## Details", ""]
+    if "hyperlora_vs_peft" in d:
+        x = d["hyperlora_vs_peft"]
+        out.append(f"- **hyperlora_vs_peft**: {x['ours_seconds']['median']:.4g} s vs PEFT {x['peft_seconds']['median']:.4g} s "
+                   f"per forward+backward; batch {x['batch_size']}, {x['tokens_per_batch']} tokens, r={x['rank']}, "
+                   f"targets {', '.join(x['targets'])}, {x['precision']}.")
+    if "metatuner_step_vs_trl_sft" in d:
+        x = d["metatuner_step_vs_trl_sft"]
+        out.append(f"- **metatuner_step_vs_trl_sft**: {x['ours_seconds_per_step']['median']:.4g} s vs TRL "
+                   f"{x['trl_seconds_per_step']['median']:.4g} s per step (batch {x['batch_size']}, {x['precision']}; "
+                   f"identical actor tokens: {(x.get('same_actor_tokens') or {}).get('identical_labels')}). "
+                   f"The whole J step (prompt writing, rollouts, SR loss: {x['full_j_step_settings']}) takes "
+                   f"{x['full_j_step_seconds']['median']:.4g} s = {x['full_j_step_over_trl']}x the TRL step; "
+                   f"its phases: {x['full_j_step_phases_seconds']}.")
+    if "scoring_vs_forward" in d:
+        x = d["scoring_vs_forward"]
+        out.append(f"- **scoring_vs_forward**: {x['ours_tokens_per_s']['median']:.4g} tokens/s scoring "
+                   f"{x['rows']} rows ({x['queries']} queries x {x['candidates_per_query']} candidates, per-query LoRA) "
+                   f"vs {x['forward_tokens_per_s']['median']:.4g} tokens/s for the plain forward with logits and "
+                   f"{x['decoder_only_tokens_per_s']['median']:.4g} for the decoder body alone "
+                   f"(ratio {x['ratio_vs_decoder_only']} against that floor); {x['precision']}.")
+    if "generation_speedup" in d:
+        x = d["generation_speedup"]
+        llama = x.get("llama_cpp_batch1_tokens_per_s")
+        out.append(f"- **generation_speedup**: ours {x['ours_tokens_per_s']['median']:.4g} tokens/s, transformers "
+                   f"generate at batch 1 {x['hf_batch1_tokens_per_s']['median']:.4g} tokens/s, llama.cpp at batch 1 "
+                   + (f"{llama['median']:.4g} tokens/s ({x['llama_cpp_gguf']}, ours/llama.cpp = "
+                      f"{x['ours_over_llama_cpp']})" if llama else "not measured")
+                   + f". {x['what']}. With MetaTuner's per-query LoRA: {x['with_per_query_lora_tokens_per_s']['median']:.4g} "
+                   f"tokens/s.")
+    if "memory_vs_sft" in d:
+        x = d["memory_vs_sft"]
+        out.append(f"- **memory_vs_sft**: peak RSS {x['metatuner_peak_rss_mb']['median']:.0f} MiB (MetaTuner) vs "
+                   f"{x['sft_peak_rss_mb']['median']:.0f} MiB (LoRA SFT); after loading the model "
+                   f"{x['rss_after_model_load_mb']['metatuner']['median']:.0f} / {x['rss_after_model_load_mb']['sft']['median']:.0f} MiB, "
+                   f"so training adds {x['training_increment_mb']['metatuner']['median']:.0f} / "
+                   f"{x['training_increment_mb']['sft']['median']:.0f} MiB. {x['metatuner_step']}. Commands: "
+                   + "; ".join(f"`{c}`" for c in x["commands"].values()) + ".")
+    if "eval_examples_per_s" in d:
+        x = d["eval_examples_per_s"]
+        out.append(f"- **eval_examples_per_s**: {x['examples_per_s']} examples/s ({x['what']}; data {x['data']}); "
+                   f"the former flat scorer: {x['flat_rows_examples_per_s']['median']} examples/s.")
+    if "speedups" in d or "generation_speedup" in d or "eval_examples_per_s" in d:
+        out += ["", "## Speed-ups kept (A/B in the same run; > 1 means the kept way is faster)", "",
+                "| change | speed-up | measured as |", "|---|---|---|"]
+        for key, x in d.get("speedups", {}).items():
+            if isinstance(x, dict) and "speedup" in x:
+                out.append(f"| {key.replace('_', ' ')} | {x['speedup']}x | {x['what']} |")
+        if "eval_examples_per_s" in d:
+            out.append(f"| options share their prompt's KV cache | {d['eval_examples_per_s']['shared_prefix_speedup']}x | "
+                       "multiple-choice evaluation examples/s: shared prefix / every option as a full row |")
+        if "generation_speedup" in d:
+            out.append(f"| per-query LoRA factors reused while the live rows are unchanged | "
+                       f"{d['generation_speedup']['lora_factor_reuse_speedup']}x | generation tokens/s with per-query "
+                       "LoRA: factors made once per live-row set / hypernetwork run at every token |")
+    return out + [""]
+
+
+def _scaling_md(x: dict | None, md_path: Path) -> list[str]:
+    if not x:
+        return []
+    out = ["## Scaling: one knob at a time", "",
+           f"Full J step (write prompts with at most {x['max_prompt_tokens']} tokens, task loss, rollouts every step, "
+           f"SR loss, update) from the base {x['base']}; {x['what']}. One process per setting, e.g. "
+           f"`{x['command_example']}`.", "",
+           "| knob | value | step seconds | peak RSS MiB | phases (s) |", "|---|---|---|---|---|"]
+    for r in x["rows"]:
+        phases = ", ".join(f"{k} {v}" for k, v in r["phases"].items())
+        out.append(f"| {r['knob']} | {r['value']} | {r['step_seconds']} | {r['peak_rss_mb']:.0f} | {phases} |")
+    if x.get("plot"):
+        out += ["", f"![scaling]({Path(x['plot']).relative_to(md_path.parent) if Path(x['plot']).is_relative_to(md_path.parent) else x['plot']})"]
+    return out + [""]
+
+
+if __name__ == "__main__":
+    main()
