@@ -1,8 +1,9 @@
 """MetaTuner training: warm-up, then the J (joint) or I (interleaved) schedule.
 
-    metatuner train --config configs/smollm2-arithmetic.yaml            # CPU, embedded model, G = M
+    metatuner train --config configs/demo-arithmetic.yaml                # CPU, embedded model, G = M
     metatuner train --config configs/qwen2.5-7b-3b-gsm8k.yaml           # one GPU
-    accelerate launch -m metatuner.cli train --config ...               # several GPUs
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m metatuner train --config ...   # N GPUs
+    torchrun --standalone --nproc_per_node 2 -m metatuner train --config ... model.device=cpu   # 2 CPU processes
 
 Each step, for a batch of training queries x with initial instruction p0:
 1. G encodes the rewrite request (p0, x) once with {phi_s, phi_p'}: h for the hypernetwork, and a greedy prompt p.
@@ -12,12 +13,17 @@ Each step, for a batch of training queries x with initial instruction p0:
 4. SR loss: NLL of D2's prompt for x under {phi_s, phi_p}, weighted by alpha. Reaches phi_s and phi_p.
 J adds both losses every step; I alternates blocks of `interleave_block` steps. phi_p' <- phi_p every `sync_every`.
 
+Under N processes each takes 1/N of every step's batch (the batch is a pure function of the step), rollouts run on
+each rank's own queries and the D2 updates are merged on every rank, the trainable gradients are averaged, and only
+the main process writes (`distributed.py` says why the gradients are averaged by hand rather than by DDP).
+
 The run folder gets config.yaml, TensorBoard scalars under tb/, train_metrics.json, and model/ (safetensors
 weights of every trainable part) with expert_prompts.json (D2) beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -25,8 +31,11 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -35,8 +44,11 @@ from transformers import get_linear_schedule_with_warmup
 from .baselines.sft import resolve_mixed_precision
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, command_line, peak_rss_mb, to_yaml
+from .distributed import (average_gradients, broadcast_parameters, merge_dicts, shard, sum_across,
+                          warn_if_sharded)
 from .generation import chat_prompt, lm_batch, lm_loss
 from .gumbel import gumbel_task_loss
+from .memory import check_memory
 from .metatuner import MetaTuner
 from .models import load_generator_and_actor
 from .rollouts import ExpertPromptStore, run_rollouts
@@ -50,6 +62,98 @@ def build_metatuner(cfg: RunConfig, device: str = "cpu") -> MetaTuner:
         cfg.model.name, cfg.model.actor, cfg.model.dtype, device, cfg.model.trust_remote_code
     )
     return MetaTuner(g, g_tok, cfg.metatuner, actor=None if m is g else m, m_tokenizer=m_tok)
+
+
+def enable_gradient_checkpointing(mt: MetaTuner) -> None:
+    """Checkpoint G's and M's decoder layers. transformers checkpoints a layer only in training mode, so the models
+    stay in eval mode (KV-cached decoding keeps its cache) and `_training` switches them for the loss forwards."""
+    for model in {id(mt.g): mt.g, id(mt.m): mt.m}.values():
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Non-reentrant: the inputs of a checkpointed layer need not require grad (the base weights are frozen).
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.eval()
+
+
+@contextlib.contextmanager
+def _training(mt: MetaTuner, on: bool):
+    if not on:
+        yield
+        return
+    models = {id(mt.g): mt.g, id(mt.m): mt.m}.values()
+    for model in models:
+        model.train()
+    try:
+        yield
+    finally:
+        for model in models:
+            model.eval()
+
+
+@contextlib.contextmanager
+def _actor_with(mt: MetaTuner, factors):
+    """The actor role with the batch's per-query LoRA: where the task loss runs its forward, and where its
+    backward must run too when layers are checkpointed (the recompute must see the same adapters and LoRA)."""
+    with mt.role("actor"), (mt.lora.apply(factors) if factors is not None else contextlib.nullcontext()):
+        yield
+
+
+@dataclass
+class _Term:
+    """One loss of a step on this rank's rows."""
+
+    name: str
+    loss: torch.Tensor  # this rank's token-mean loss
+    weight: float  # alpha for SR, 1 for the task loss
+    tokens: int  # this rank's target tokens, its share of the global token mean (1 in one process: unused)
+    context: Callable[[], contextlib.AbstractContextManager]  # the role its forward ran in
+
+
+def _target_tokens(tokenizer, prompts, targets, max_length: int) -> int:
+    return int((lm_batch(tokenizer, prompts, targets, max_length)["labels"] != -100).sum())
+
+
+def _combine(terms: list[_Term], accelerator) -> tuple[dict[str, float], list[float]]:
+    """Global token-mean of each term over all ranks, and the factor that makes this rank's backward contribute
+    exactly its share: tokens / global tokens * N (the gradients are then averaged over the N ranks)."""
+    n = accelerator.num_processes
+    if n == 1:
+        return {t.name: t.loss.item() for t in terms}, [1.0] * len(terms)
+    sums = sum_across([v for t in terms for v in (t.tokens, t.loss.item() * t.tokens)], accelerator)
+    means, scales = {}, []
+    for i, t in enumerate(terms):
+        total = sums[2 * i]
+        means[t.name] = sums[2 * i + 1] / total
+        scales.append(t.tokens / total * n)
+    return means, scales
+
+
+def _backward(terms: list[_Term], scales: list[float]) -> None:
+    # One backward per term, each inside the role its forward ran in: with checkpointed layers the recompute
+    # happens here, and G's roles and M's per-query LoRA differ between the terms. The terms' graphs are disjoint
+    # (the task loss goes through the writer's prefill and M, the SR loss through the learner), so this equals one
+    # backward of their sum.
+    for term, scale in zip(terms, scales):
+        with term.context():
+            (term.loss * (term.weight * scale)).backward()
+
+
+def _rng_snapshot() -> dict:
+    py, npst = random.getstate(), np.random.get_state()
+    snap = {"python": [py[0], list(py[1]), py[2]], "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
+            "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        snap["cuda"] = torch.cuda.get_rng_state().tolist()
+    return snap
+
+
+def _rng_restore(snap: dict) -> None:
+    version, internal, gauss = snap["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = snap["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(snap["torch"], dtype=torch.uint8))
+    if "cuda" in snap and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(snap["cuda"], dtype=torch.uint8))
 
 
 class TrainingStopped(RuntimeError):
@@ -120,21 +224,26 @@ def warm_up_actor(mt: MetaTuner, cfg: RunConfig, task, examples, p0, accelerator
     """LoRA SFT of M on (p0, x) -> y as the static adapter `actor` (active only when the model acts as M)."""
     steps = cfg.metatuner.warmup_actor_steps
     params = mt.add_actor_adapter(cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules)
+    broadcast_parameters(params, accelerator)
     mt.set_actor_trainable(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
     batches = _batches(len(examples), cfg.train.batch_size, rng)
     losses = []
-    for _ in tqdm(range(steps), desc="warm-up M (SFT)", unit="step"):
-        rows = [examples[i] for i in next(batches)]
+    for _ in tqdm(range(steps), desc="warm-up M (SFT)", unit="step", disable=not accelerator.is_main_process):
+        rows = shard([examples[i] for i in next(batches)], accelerator)
         chats = [chat_prompt(mt.m_tok, task.messages(p0, ex)) for ex in rows]
         batch = lm_batch(mt.m_tok, chats, [ex.target for ex in rows], cfg.train.max_length, device=mt.m.device)
-        with mt.role("actor"), accelerator.autocast():
-            loss = lm_loss(mt.m, batch)
-        loss.backward()
+        with mt.role("actor"):
+            with accelerator.autocast(), _training(mt, cfg.train.gradient_checkpointing):
+                loss = lm_loss(mt.m, batch)
+            term = _Term("loss", loss, 1.0, int((batch["labels"] != -100).sum()), contextlib.nullcontext)
+            means, scales = _combine([term], accelerator)
+            _backward([term], scales)  # inside the actor role: a checkpointed recompute needs M's adapter active
+        average_gradients([p for p in params if p.grad is not None], accelerator)
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(loss.item())
+        losses.append(means["loss"])
     mt.set_actor_trainable(False)
     return {"warmup_actor_first_loss": losses[0], "warmup_actor_final_loss": losses[-1]} if losses else {}
 
@@ -143,19 +252,32 @@ def train_metatuner(cfg: RunConfig) -> Path:
     s = cfg.metatuner
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
                               log_with="tensorboard", project_dir=str(out), cpu=cfg.model.device == "cpu")
+    main = accelerator.is_main_process
+    if main:
+        (out / "config.yaml").write_text(to_yaml(cfg))
     accelerator.init_trackers("tb")
+    warn_if_sharded(accelerator, "MetaTuner training")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
     task = get_task(cfg.data.task, **cfg.data.task_options)
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     p0 = cfg.data.prompt or task.default_prompt
+    per_step = cfg.train.batch_size  # the global batch: each of the N processes takes 1/N of it
+    if min(per_step, len(examples)) < accelerator.num_processes:
+        raise ValueError(f"train.batch_size={per_step} with {len(examples)} training examples leaves some of the "
+                         f"{accelerator.num_processes} processes without a row: raise train.batch_size to at least "
+                         f"{accelerator.num_processes} or launch fewer processes")
+    if cfg.train.check_memory:
+        check_memory(cfg, accelerator.device, num_processes=accelerator.num_processes)
     mt = build_metatuner(cfg, str(accelerator.device))
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(mt)
     store = ExpertPromptStore.load(s.expert_prompts) if s.expert_prompts else ExpertPromptStore()
-    timer, summary = _Timer(), {"method": "metatuner", "schedule": s.schedule, "share_depth_layers": mt.k}
+    timer, summary = _Timer(), {"method": "metatuner", "schedule": s.schedule, "share_depth_layers": mt.k,
+                                "processes": accelerator.num_processes}
     start = time.perf_counter()
     resume_from = find_checkpoint(out, cfg.train.resume) if cfg.train.resume else None
     ckpt = load_checkpoint(resume_from) if resume_from else None
@@ -173,12 +295,17 @@ def train_metatuner(cfg: RunConfig) -> Path:
             summary.update(warm_up_actor(mt, cfg, task, examples, p0, accelerator, rng))
     g_params = mt.generator_parameters()
     h_params = list(mt.hyper.parameters()) if s.use_hyper else []
+    # Every rank built the same weights from the same seed; rank 0's are broadcast anyway, as DDP does. Full
+    # fine-tuning loads G from the same checkpoint on every rank, so its billions of weights need no broadcast.
+    broadcast_parameters(([] if mt.full else g_params) + list(mt.hyper.parameters()), accelerator)
+    if accelerator.num_processes > 1:
+        # Ranks sample different rollouts for their different queries; the weights above are identical.
+        torch.manual_seed(cfg.seed + 1_000_003 * accelerator.process_index)
     if ckpt is None and s.warmup_generator and s.use_prompt:
         with timer("warmup_generator"):
             summary.update(_warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator, rng))
 
     # ----- joint training ------------------------------------------------------------------------------------
-    per_step = cfg.train.batch_size
     total_steps = cfg.train.max_steps or -(-len(examples) // per_step) * cfg.train.epochs
     optimizer = torch.optim.AdamW(
         [{"params": g_params, "lr": s.lr_generator}] + ([{"params": h_params, "lr": s.lr_hyper}] if h_params else []),
@@ -188,33 +315,53 @@ def train_metatuner(cfg: RunConfig) -> Path:
     history, seen, tokens, first = defaultdict(list), 0, 0, 1
     if ckpt is not None:
         ckpt.restore(optimizer, scheduler)
+        ranks = ckpt.state.get("rank_rng")
+        if ranks and len(ranks) == accelerator.num_processes:
+            _rng_restore(ranks[accelerator.process_index])
+        elif accelerator.num_processes > 1:
+            log.warning("%s was written by %d process(es), this run has %d: rollout sampling will differ from an "
+                        "uninterrupted run", ckpt.path, len(ranks or [0]), accelerator.num_processes)
         history.update(ckpt.state["history"])
         seen, tokens, first = ckpt.state["seen"], ckpt.state["tokens"], ckpt.step + 1
         start -= ckpt.state["elapsed"]
     bar = tqdm(range(first, total_steps + 1), desc=f"MetaTuner-{s.schedule}", unit="step",
-               initial=first - 1, total=total_steps)
+               initial=first - 1, total=total_steps, disable=not main)
 
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(out, step, tensors=mt.trainable_state(), optimizer=optimizer, scheduler=scheduler,
-                               keep=cfg.train.keep_checkpoints, state={
-                                   "meta": mt.meta(), "expert_prompts": store.entries, "summary": summary,
-                                   "history": dict(history), "seen": seen, "tokens": tokens,
-                                   "seconds": dict(timer.seconds), "elapsed": time.perf_counter() - start})
+    def checkpoint(step: int) -> Path | None:
+        # Every rank sends its RNG state (collective); the main process alone writes.
+        ranks = [_rng_snapshot()]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            ranks = gather_object(ranks)
+        path = None
+        if main:
+            path = save_checkpoint(out, step, tensors=mt.trainable_state(), optimizer=optimizer, scheduler=scheduler,
+                                   keep=cfg.train.keep_checkpoints, state={
+                                       "meta": mt.meta(), "expert_prompts": store.entries, "summary": summary,
+                                       "history": dict(history), "seen": seen, "tokens": tokens,
+                                       "seconds": dict(timer.seconds), "elapsed": time.perf_counter() - start,
+                                       "processes": accelerator.num_processes,
+                                       **({"rank_rng": ranks} if accelerator.num_processes > 1 else {})})
+        accelerator.wait_for_everyone()
+        return path or find_checkpoint(out, "auto")
 
     interrupt = _Interrupt()  # SIGINT/SIGTERM finish the current step, save a checkpoint and stop
     bad_steps = 0
     try:
         for step in bar:
-            rows = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
+            rows_global = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
+            rows = shard(rows_global, accelerator)
             with accelerator.autocast():
-                loss, logs = _step_loss(mt, cfg, task, rows, p0, store, step, timer)
-            if loss is None:
+                terms, logs = _step_forward(mt, cfg, task, rows, p0, store, step, timer, accelerator)
+            if not terms:
                 continue
-            if not torch.isfinite(loss):
+            means, scales = _combine(terms, accelerator)
+            total = sum(t.weight * means[t.name] for t in terms)
+            if not np.isfinite(total):  # the same on every rank: the means are global
                 # Skip the update: the weights stay those of the last good step.
                 bad_steps += 1
-                log.warning("step %d: non-finite loss (%s), update skipped (%d in a row)", step, loss.item(), bad_steps)
-                optimizer.zero_grad(set_to_none=True)
+                log.warning("step %d: non-finite loss (%s), update skipped (%d in a row)", step, total, bad_steps)
                 if bad_steps >= cfg.train.max_bad_steps:
                     path = checkpoint(step - 1)
                     raise TrainingStopped(f"{bad_steps} non-finite losses in a row at step {step}; the last good state "
@@ -222,7 +369,8 @@ def train_metatuner(cfg: RunConfig) -> Path:
                 continue
             bad_steps = 0
             with timer("backward"):
-                loss.backward()
+                _backward(terms, scales)
+                average_gradients([p for p in g_params + h_params if p.grad is not None], accelerator)
                 if cfg.train.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(g_params + h_params, cfg.train.grad_clip)
                 optimizer.step()
@@ -230,9 +378,10 @@ def train_metatuner(cfg: RunConfig) -> Path:
                 optimizer.zero_grad(set_to_none=True)
             if step % s.sync_every == 0:
                 mt.sync_frozen()
-            seen += len(rows)
-            tokens += sum(len(mt.m_tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in rows)
+            seen += len(rows_global)
+            tokens += sum(len(mt.m_tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in rows_global)
             elapsed = time.perf_counter() - start
+            logs.update({f"train/{name}_loss": value for name, value in means.items()})
             logs.update({"train/examples_seen": seen, "train/target_tokens_per_s": tokens / elapsed,
                          "train/d2_size": len(store)})
             for key, value in logs.items():
@@ -240,46 +389,54 @@ def train_metatuner(cfg: RunConfig) -> Path:
             if step % cfg.train.log_every == 0 or step == total_steps:
                 accelerator.log({**logs, **{f"seconds/{k}": v for k, v in timer.seconds.items()}}, step=step)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.endswith("loss")})
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+            if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total_steps):
                 checkpoint(step)
-            if interrupt.signal is not None:
+            stop = sum_across([interrupt.signal or 0], accelerator)[0]  # a signal on any rank stops them all
+            if stop:
                 path = checkpoint(step)
-                raise TrainingStopped(f"stopped by signal {interrupt.signal} after step {step}; saved {path}. "
-                                      "Continue with --resume auto.", exit_code=128 + interrupt.signal)
+                signum = interrupt.signal or signal.SIGTERM  # a rank that got none stops as if terminated
+                raise TrainingStopped(f"stopped by signal {signum} after step {step}; saved {path}. "
+                                      "Continue with --resume auto.", exit_code=128 + signum)
     finally:
         interrupt.uninstall()
     bar.close()
 
-    save_run(mt, store, out)
-    summary.update({
-        "command": command_line(), "steps": total_steps, "train_examples": seen, "unique_train_examples": len(examples),
-        "train_seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
-        "seconds_per_phase": {k: round(v, 1) for k, v in timer.seconds.items()},
-        "history": dict(history),
-    })
-    (out / "train_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if main:
+        save_run(mt, store, out)
+        summary.update({
+            "command": command_line(), "steps": total_steps, "train_examples": seen,
+            "unique_train_examples": len(examples), "train_seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_mb": peak_rss_mb(), "seconds_per_phase": {k: round(v, 1) for k, v in timer.seconds.items()},
+            "history": dict(history),
+        })
+        (out / "train_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return out
 
 
-def _step_loss(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: ExpertPromptStore, step: int, timer):
-    """One step's loss under the configured schedule (J: task + alpha * SR; I: alternating blocks), with rollouts
-    refreshing D2 every `rollout_every` steps; returns (loss or None when nothing trains, scalars to log)."""
+def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: ExpertPromptStore, step: int, timer,
+                  accelerator) -> tuple[list[_Term], dict[str, float]]:
+    """One step's forward on this rank's rows under the configured schedule (J: task + alpha * SR; I: alternating
+    blocks), with rollouts refreshing D2 every `rollout_every` steps; returns the loss terms (none when nothing
+    trains in this step) and scalars to log."""
     s = cfg.metatuner
     logs: dict[str, float] = {}
-    device = next(mt.hyper.parameters()).device
+    n = accelerator.num_processes
+    checkpointed = cfg.train.gradient_checkpointing
     if s.prompt_objective == "gumbel":
+        # Its graph mixes G's learner role and M in one backward, so its layers are not checkpointed; across ranks
+        # its examples (not tokens) weight the mean.
         with timer("task_loss"):
             loss, _ = gumbel_task_loss(mt, task, rows, p0, s.max_prompt_tokens, s.gumbel_tau, cfg.train.max_length)
-        logs["train/task_loss"] = loss.item()
-        return loss, logs
+        return [_Term("task", loss, 1.0, len(rows), contextlib.nullcontext)], logs
     block = (step - 1) // s.interleave_block
     do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
     do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
     if not (do_task or do_sr):  # schedule I with one branch switched off: this block has nothing to train
-        return None, logs
+        return [], logs
     requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
-    loss = torch.zeros((), device=device)
+    terms: list[_Term] = []
     with timer("write_prompts"):
         written = mt.write_prompts(requests, with_grad=do_task)
         factors = mt.factors(written.h)
@@ -287,22 +444,31 @@ def _step_loss(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Expert
     if do_task:
         with timer("task_loss"):
             chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]
-            task_loss = mt.task_loss(chats, [ex.target for ex in rows], factors, cfg.train.max_length)
-        loss = loss + task_loss
-        logs["train/task_loss"] = task_loss.item()
+            targets = [ex.target for ex in rows]
+            with _training(mt, checkpointed):
+                task_loss = mt.task_loss(chats, targets, factors, cfg.train.max_length)
+        count = _target_tokens(mt.m_tok, chats, targets, cfg.train.max_length) if n > 1 else 1
+        terms.append(_Term("task", task_loss, 1.0, count, lambda: _actor_with(mt, factors)))
     if do_sr and (step - 1) % s.rollout_every == 0:
         with timer("rollouts"):
             result = run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts,
                                   temperature=s.rollout_temperature, reward=s.reward,
                                   batch_size=cfg.eval.batch_size)
-        logs.update({"rollouts/mean_reward": result.mean_reward, "rollouts/best_reward": result.best_reward,
-                     "rollouts/d2_improved_share": result.improved / len(rows)})
+            # Each rank refreshed D2 for its own queries; every rank gets every update.
+            store.entries.update(merge_dicts({ex.id: store.entries[ex.id] for ex in rows}, accelerator))
+        scored, mean_sum, best_sum, improved, queries = sum_across(
+            [result.scored, result.mean_reward * result.scored, result.best_reward * len(rows), result.improved,
+             len(rows)], accelerator)
+        logs.update({"rollouts/mean_reward": mean_sum / scored, "rollouts/best_reward": best_sum / queries,
+                     "rollouts/d2_improved_share": improved / queries})
     if do_sr:
         with timer("sr_loss"):
-            sr = mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
-        loss = loss + s.sr_weight * sr
-        logs["train/sr_loss"] = sr.item()
-    return loss, logs
+            best = [store.best(ex.id, p0) for ex in rows]
+            with _training(mt, checkpointed):
+                sr = mt.sr_loss(requests, best)
+        count = _target_tokens(mt.g_tok, requests, best, s.max_request_tokens) if n > 1 else 1
+        terms.append(_Term("sr", sr, s.sr_weight, count, lambda: mt.role("learner")))
+    return terms, logs
 
 
 def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator, rng) -> dict:
@@ -310,26 +476,37 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
     s = cfg.metatuner
     bs = cfg.train.batch_size
     improved = 0
+    main = accelerator.is_main_process
     queries = examples[: s.warmup_generator_queries] if s.warmup_generator_queries else examples
-    for i in tqdm(range(0, len(queries), bs), desc="warm-up G (rollouts)", unit="batch"):
-        rows = queries[i : i + bs]
-        with torch.no_grad(), accelerator.autocast():
-            written = mt.write_prompts(mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows]), False)
-            result = run_rollouts(mt, task, rows, p0, mt.factors(written.h), store, n=s.n_rollouts,
-                                  temperature=s.rollout_temperature, reward=s.reward, batch_size=cfg.eval.batch_size)
-        improved += result.improved
+    for i in tqdm(range(0, len(queries), bs), desc="warm-up G (rollouts)", unit="batch", disable=not main):
+        rows = shard(queries[i : i + bs], accelerator)
+        if rows:  # the last batch may leave a rank without rows; it still joins the merge below
+            with torch.no_grad(), accelerator.autocast():
+                written = mt.write_prompts(mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows]), False)
+                result = run_rollouts(mt, task, rows, p0, mt.factors(written.h), store, n=s.n_rollouts,
+                                      temperature=s.rollout_temperature, reward=s.reward,
+                                      batch_size=cfg.eval.batch_size)
+            improved += result.improved
+        store.entries.update(merge_dicts({ex.id: store.entries[ex.id] for ex in rows}, accelerator))
+    improved = int(sum_across([improved], accelerator)[0])
     optimizer = torch.optim.AdamW(g_params, lr=s.lr_generator)
     batches = _batches(len(queries), bs, rng)
     losses = []
-    for _ in tqdm(range(s.warmup_generator_steps), desc="warm-up G (SFT on best prompts)", unit="step"):
-        rows = [queries[i] for i in next(batches)]
+    for _ in tqdm(range(s.warmup_generator_steps), desc="warm-up G (SFT on best prompts)", unit="step",
+                  disable=not main):
+        rows = shard([queries[i] for i in next(batches)], accelerator)
         requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
-        with accelerator.autocast():
-            loss = mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
-        loss.backward()
+        best = [store.best(ex.id, p0) for ex in rows]
+        with accelerator.autocast(), _training(mt, cfg.train.gradient_checkpointing):
+            loss = mt.sr_loss(requests, best)
+        count = _target_tokens(mt.g_tok, requests, best, s.max_request_tokens) if accelerator.num_processes > 1 else 1
+        term = _Term("sr", loss, 1.0, count, lambda: mt.role("learner"))
+        means, scales = _combine([term], accelerator)
+        _backward([term], scales)
+        average_gradients([p for p in g_params if p.grad is not None], accelerator)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(means["sr"])
     mt.sync_frozen()
     return {"warmup_generator_improved_share": improved / len(queries),
             **({"warmup_generator_sr_loss": [losses[0], losses[-1]]} if losses else {})}

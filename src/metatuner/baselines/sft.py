@@ -2,7 +2,10 @@
 
     metatuner train --method sft --config configs/sft-gsm8k.yaml [key=value ...]
 
-One GPU or CPU: the command above. Several GPUs: `accelerate launch -m metatuner.cli train --method sft ...`.
+One GPU or CPU: the command above. Several GPUs: `accelerate launch --config_file configs/accelerate/ddp.yaml
+-m metatuner train --method sft ...` (or fsdp.yaml / deepspeed_zero2.yaml / deepspeed_zero3.yaml to shard the
+frozen weights too; docs/scaling.md). Each process takes 1/N of every batch of `train.batch_size` examples and its
+loss is weighted by its share of the batch's target tokens, so N processes train the same adapter as one.
 The run folder gets `config.yaml`, `train_metrics.json`, TensorBoard scalars under `tb/`, and `adapter/`, a
 standard PEFT adapter (`metatuner eval --adapter RUN/adapter` or `PeftModel.from_pretrained`).
 
@@ -15,19 +18,22 @@ it ran 1.39x the target tokens/s of TRL 1.16's SFTTrainer (`docs/performance/sft
 
 from __future__ import annotations
 
+import inspect
 import json
 import random
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
-from ..generation import chat_prompt, lm_batch, lm_loss
+from ..generation import chat_prompt, lm_batch
+from ..memory import check_memory
 from ..models import load_model
 from ..tasks import get_task
 
@@ -48,11 +54,32 @@ def sft_pairs(task, examples, prompt: str, tokenizer) -> list[tuple[str, str]]:
     return [(chat_prompt(tokenizer, task.messages(prompt, ex)), ex.target) for ex in examples]
 
 
+def forward_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean NLL over the target tokens of an `lm_batch`, through the (possibly wrapped) model's own forward.
+
+    DDP synchronises gradients, and FSDP and ZeRO-3 gather their shards, only when the wrapper's forward runs, so
+    the loss must not call the inner decoder directly. `logits_to_keep` still limits the LM head to the columns
+    that hold a target, which keeps most of the memory saving of scoring target positions only.
+    """
+    labels = batch["labels"][:, 1:]
+    columns = (labels != -100).any(0).nonzero().squeeze(1)
+    inner = model
+    while hasattr(inner, "module"):  # DDP / FSDP / DeepSpeed engine
+        inner = inner.module
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=columns).logits
+        labels = labels[:, columns]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
 def train_sft(cfg: RunConfig) -> Path:
     """Train the LoRA SFT baseline described by `cfg`; returns the run folder."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         gradient_accumulation_steps=cfg.train.grad_accum,
@@ -60,18 +87,26 @@ def train_sft(cfg: RunConfig) -> Path:
         project_dir=str(out),
         cpu=cfg.model.device == "cpu",
     )
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.data.task, **cfg.data.task_options)
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     prompt = cfg.data.prompt or task.default_prompt
 
+    if cfg.train.check_memory:
+        check_memory(cfg, accelerator.device, accelerator.num_processes, verbose=accelerator.is_main_process)
     model, tokenizer = load_model(cfg.model.actor or cfg.model.name, cfg.model.dtype, "cpu", cfg.model.trust_remote_code)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen under LoRA).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     model.train()
+    _wrap_lora_separately(accelerator, model)
 
     pairs = sft_pairs(task, examples, prompt, tokenizer)
     steps_per_epoch = -(-len(pairs) // (cfg.train.batch_size * cfg.train.grad_accum))
@@ -80,7 +115,12 @@ def train_sft(cfg: RunConfig) -> Path:
         [p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays unprepared: accelerate's wrapper steps it once per process per optimizer step (it assumes
+    # each process reads its own batch), while here N processes share one batch. It steps with the optimizer below.
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:  # DeepSpeed wants a per-process batch size, normally read from a prepared DataLoader
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = -(-cfg.train.batch_size // accelerator.num_processes)
+    model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.init_trackers("tb")
 
     rng = random.Random(cfg.seed)
@@ -90,27 +130,32 @@ def train_sft(cfg: RunConfig) -> Path:
     while step < total_steps:
         order = list(range(len(pairs)))
         rng.shuffle(order)
-        # Each rank takes its own slice of every global batch.
-        for first in range(0, len(order), cfg.train.batch_size * accelerator.num_processes):
-            rows = order[first : first + cfg.train.batch_size * accelerator.num_processes]
-            rows = rows[accelerator.process_index :: accelerator.num_processes]
-            if not rows:
-                continue
+        for first in range(0, len(order), cfg.train.batch_size):
+            batch_rows = order[first : first + cfg.train.batch_size]
+            if len(batch_rows) < accelerator.num_processes:
+                continue  # the epoch's last, short batch would leave a process without rows (all ranks skip it)
+            rows = batch_rows[accelerator.process_index :: accelerator.num_processes]
             batch = lm_batch(
                 tokenizer, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
                 cfg.train.max_length, device=accelerator.device,
             )
             with accelerator.accumulate(model):
-                loss = lm_loss(model, batch)
-                accelerator.backward(loss)
+                loss = forward_lm_loss(model, batch)
+                # The loss is a mean over this rank's target tokens and DDP/FSDP/ZeRO average gradients over
+                # ranks; weighting by this rank's share of the batch's tokens makes that average the gradient of
+                # the batch's token mean, the same as one process computing the whole batch.
+                local = (batch["labels"] != -100).sum().float()
+                total, loss_sum = accelerator.reduce(torch.stack([local, loss.detach() * local]), "sum").tolist()
+                accelerator.backward(loss * (local / total * accelerator.num_processes))
                 if accelerator.sync_gradients and cfg.train.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad()
-            seen += len(rows) * accelerator.num_processes
-            tokens += int((batch["labels"] != -100).sum()) * accelerator.num_processes
-            losses.append(loss.item())
+            seen += len(batch_rows)
+            tokens += int(total)
+            losses.append(loss_sum / total)
             if accelerator.sync_gradients:
                 step += 1
                 bar.update(1)
@@ -126,8 +171,11 @@ def train_sft(cfg: RunConfig) -> Path:
     seconds = time.perf_counter() - start
 
     accelerator.wait_for_everyone()
+    # Every rank joins get_state_dict: under ZeRO-3 and FSDP it gathers the sharded weights. Saving from
+    # unwrap_model(model) alone would write ZeRO-3's empty placeholders, an adapter of size-0 tensors.
+    state = _full_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(out / "adapter")
+        accelerator.unwrap_model(model).save_pretrained(out / "adapter", state_dict=state)
         tokenizer.save_pretrained(out / "adapter")
         (out / "train_metrics.json").write_text(json.dumps({
             "method": "sft", "command": command_line(), "steps": step, "train_examples": seen, "unique_train_examples": len(pairs),
@@ -137,3 +185,22 @@ def train_sft(cfg: RunConfig) -> Path:
         }, indent=2) + "\n")
     accelerator.end_training()
     return out
+
+
+def _wrap_lora_separately(accelerator, model) -> None:
+    """FSDP (version 1) flattens each wrapped unit's parameters into one tensor, which must be all trainable or all
+    frozen unless use_orig_params (which gives up LoRA's memory savings). PEFT's policy wraps every trainable LoRA
+    leaf in its own unit and the decoder layers around them, as PEFT's FSDP guide does; FSDP2 shards per parameter
+    and needs nothing."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+
+
+def _full_state_dict(accelerator, model) -> dict:
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is not None:
+        plugin.set_state_dict_type("FULL_STATE_DICT")  # whole tensors on the main process, not per-rank shards
+    return accelerator.get_state_dict(model)

@@ -1,0 +1,98 @@
+"""Data parallelism for MetaTuner's own training loop: sharding a step's batch, averaging gradients, sharing D2.
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m metatuner train --config CONFIG     # N GPUs
+    torchrun --standalone --nproc_per_node 2 -m metatuner train --config CONFIG model.device=cpu    # CPU (gloo)
+
+The same code runs in one process (every helper is then a no-op) and in N. A step's global batch (a pure function
+of the step, so a resumed run sees the same rows) is split across ranks; each rank weights its loss by its share of
+the step's target tokens, so that the averaged gradient is the gradient of the global batch's token-mean loss, the
+same as one process computing the whole batch.
+
+Why the trainable gradients are all-reduced here instead of wrapping the model in DistributedDataParallel: G and M
+share one PEFT model with several adapters, and each step calls it in three roles (writer, learner, actor) through
+methods other than `forward`, with a different subset of parameters trainable in each. DDP's reducer expects one
+`forward` per backward over a fixed set of parameters; calling submodules directly skips its bookkeeping and the
+gradients are then not synchronised. The trainable parameters (LoRA adapters and the hypernetwork) are a few million
+values, so one flattened all-reduce per step after `backward` is both correct and cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from accelerate.utils import DistributedType, gather_object
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def world(accelerator) -> tuple[int, int]:
+    """(rank, number of processes)."""
+    return accelerator.process_index, accelerator.num_processes
+
+
+def shard(items: Sequence[T], accelerator) -> list[T]:
+    """This rank's slice of a global batch (every rank knows the global batch, so no data moves)."""
+    rank, n = world(accelerator)
+    return list(items[rank::n])
+
+
+def sum_across(values: Sequence[float], accelerator) -> list[float]:
+    """Element-wise sum of a few scalars over all ranks (one all-reduce)."""
+    if accelerator.num_processes == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=accelerator.device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def average_gradients(params: Sequence[torch.nn.Parameter], accelerator) -> None:
+    """Replace every parameter's gradient by its mean over ranks (missing gradients count as zeros)."""
+    if accelerator.num_processes == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= accelerator.num_processes
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+@torch.no_grad()
+def broadcast_parameters(params: Sequence[torch.Tensor], accelerator) -> None:
+    """Make every rank start from rank 0's values (what DDP does when it wraps a model)."""
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        dist.broadcast(p.data, src=0)
+
+
+def merge_dicts(local: dict, accelerator) -> dict:
+    """The union of every rank's dict (the keys are disjoint: each rank updates only the rows of its shard)."""
+    if accelerator.num_processes == 1:
+        return dict(local)
+    merged: dict = {}
+    for part in gather_object([local]):
+        merged.update(part)
+    return merged
+
+
+def gather_list(local: list, accelerator) -> list:
+    """Every rank's list, concatenated in rank order."""
+    return list(local) if accelerator.num_processes == 1 else gather_object(list(local))
+
+
+def warn_if_sharded(accelerator, what: str) -> None:
+    """MetaTuner's loop replicates G and M on every rank (data parallel). Under an FSDP or DeepSpeed launch config
+    it still trains correctly, but nothing is sharded: say so rather than let the user believe otherwise."""
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        log.warning("%s runs data parallel under %s: every rank holds a full copy of the models and only the "
+                    "gradients of the trainable parts are averaged. FSDP/ZeRO sharding applies to the SFT path "
+                    "(method=sft and the warm-up adapter via metatuner.warmup_actor_adapter); see docs/scaling.md.",
+                    what, accelerator.distributed_type)

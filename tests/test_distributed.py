@@ -1,0 +1,132 @@
+"""Data parallelism on CPU (gloo): two processes train exactly what one process trains on the same global batch.
+
+Each test launches `torchrun --nproc_per_node 2 -m metatuner train ...` on a tiny model saved to disk (the same
+command a GPU user runs with `accelerate launch`; accelerate reads torchrun's environment) and compares the saved
+trainable weights with a single-process run of the same config.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from metatuner.config import load_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write(tmp_path, name, cfg) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _launch(config: str, nproc: int, *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "metatuner", "train", "--config", config, *extra]
+    proc = subprocess.run(cmd, env=env, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _metatuner_config(tiny_dir, out) -> dict:
+    return {
+        "method": "metatuner", "output_dir": str(out),
+        "model": {"name": str(tiny_dir), "device": "cpu"},
+        "data": {"task": "rg:chain_sum", "task_options": {"size": 8, "test_size": 2}},
+        "train": {"batch_size": 4, "max_steps": 4, "save_every": 2, "mixed_precision": "fp32", "warmup_ratio": 0.0},
+        "metatuner": {"share_depth": 2, "rank": 4, "hyper_hidden": 32, "g_lora_r": 4, "max_prompt_tokens": 4,
+                      "n_rollouts": 2, "sync_every": 2, "lr_hyper": 1e-2, "lr_generator": 1e-2,
+                      "warmup_actor_steps": 2, "warmup_generator": True, "warmup_generator_steps": 1,
+                      # Near-zero temperature: sampled candidates equal the greedy ones whatever the random
+                      # stream, so D2 does not depend on how the rows are split between processes.
+                      "rollout_temperature": 1e-4},
+    }
+
+
+def test_ddp_two_processes_train_the_same_metatuner_weights_and_d2_as_one(tiny_dir, tmp_path):
+    from metatuner.train import train_metatuner
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_metatuner(load_config(_write(tmp_path, "one", _metatuner_config(tiny_dir, one))))
+    _launch(_write(tmp_path, "two", _metatuner_config(tiny_dir, two)), 2)
+
+    a = load_file(str(one / "model" / "metatuner.safetensors"))
+    b = load_file(str(two / "model" / "metatuner.safetensors"))
+    trained = [k for k in a if "lora_B" in k and ".prompt." in k]
+    assert trained and all(a[k].abs().max() > 0 for k in trained)  # the weights moved: the test has teeth
+    assert _max_diff(a, b) < 1e-4
+    d2_one = json.loads((one / "model" / "expert_prompts.json").read_text())
+    d2_two = json.loads((two / "model" / "expert_prompts.json").read_text())
+    assert len(d2_one) == 8  # the warm-up rolled out every training query, half on each rank in the DDP run
+    assert {k: v["prompt"] for k, v in d2_one.items()} == {k: v["prompt"] for k, v in d2_two.items()}
+    # Only the main process writes, and the metrics are over the global batch.
+    m_one = json.loads((one / "train_metrics.json").read_text())
+    m_two = json.loads((two / "train_metrics.json").read_text())
+    assert m_two["processes"] == 2 and m_two["train_examples"] == m_one["train_examples"] == 16
+    for key in ("train/task_loss", "train/sr_loss"):
+        assert m_one["history"][key] == pytest.approx(m_two["history"][key], abs=1e-4)
+    # Checkpoints carry each rank's RNG states, so a resumed DDP run continues each rank's own random stream.
+    state = json.loads((two / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert len(state["trainer"]["rank_rng"]) == 2
+
+
+def test_ddp_two_processes_train_the_same_sft_adapter_as_one(tiny_dir, tmp_path):
+    from metatuner.baselines.sft import train_sft
+
+    def cfg(out):
+        return {"method": "sft", "output_dir": str(out), "model": {"name": str(tiny_dir), "device": "cpu"},
+                "data": {"task": "rg:chain_sum", "task_options": {"size": 8, "test_size": 2}},
+                "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                "train": {"batch_size": 4, "max_steps": 3, "lr": 1e-2, "mixed_precision": "fp32",
+                          "warmup_ratio": 0.0}}
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_sft(load_config(_write(tmp_path, "one", cfg(one))))
+    _launch(_write(tmp_path, "two", cfg(two)), 2)
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert a and all(t.numel() > 0 for t in b.values())  # no empty (size-0) tensors in the saved adapter
+    assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)
+    assert _max_diff(a, b) < 1e-4
+    losses = [json.loads((d / "train_metrics.json").read_text())["loss_curve"] for d in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+
+
+def test_ddp_batch_smaller_than_the_process_count_is_refused(tiny_dir, tmp_path, monkeypatch):
+    from accelerate.utils import DistributedType
+
+    from metatuner import distributed, train
+
+    class RankOneOfTwo:  # the part of an Accelerator the trainer reads before any collective call
+        process_index, num_processes, is_main_process = 1, 2, False
+        distributed_type, device = DistributedType.MULTI_CPU, torch.device("cpu")
+
+        def __init__(self, **kwargs):
+            pass
+
+        def init_trackers(self, name):
+            pass
+
+    assert distributed.shard(list(range(5)), RankOneOfTwo()) == [1, 3]
+    monkeypatch.setattr(train, "Accelerator", RankOneOfTwo)
+    cfg = _metatuner_config(tiny_dir, tmp_path / "small")
+    cfg["train"]["batch_size"] = 1
+    with pytest.raises(ValueError, match="train.batch_size=1 .* 2 processes"):
+        train.train_metatuner(load_config(_write(tmp_path, "small", cfg)))
