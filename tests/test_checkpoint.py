@@ -57,6 +57,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_dir, tmp_path):
     assert not (tmp_path / "killed" / "model").exists()  # it really died before the end
     _train(interrupted, "--resume", "auto")
 
+    # A checkpoint is written at the end too (save_every=2 with 8 steps keeps steps 6 and 8).
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").glob("step-*")) == [
+        "step-00000006", "step-00000008"]
     a = load_file(str(tmp_path / "straight" / "model" / "metatuner.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model" / "metatuner.safetensors"))
     assert a.keys() == b.keys()
@@ -89,16 +92,22 @@ def test_resume_checkpoint_write_killed_midway_leaves_previous_whole(tmp_path, m
 
 
 def test_resume_restores_optimizer_and_rng_and_keeps_the_newest(tmp_path):
+    import random
+
+    import numpy as np
+
     param, optimizer = _tiny_optimizer()
-    torch.manual_seed(7)
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, tensors={"p": param}, optimizer=optimizer, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
-    expected = torch.rand(4)
+    expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
     _, fresh = _tiny_optimizer()
-    torch.manual_seed(0)
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
     load_checkpoint(find_checkpoint(tmp_path, "auto")).restore(fresh)
-    assert torch.equal(torch.rand(4), expected)
+    assert torch.equal(torch.rand(4), expected[0])  # torch, NumPy and Python streams all continue exactly
+    assert np.array_equal(np.random.rand(4), expected[1])
+    assert [random.random() for _ in range(4)] == expected[2]
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
 

@@ -60,7 +60,7 @@ def _metatuner_config(tiny_dir, out) -> dict:
     }
 
 
-def test_ddp_two_processes_train_the_same_metatuner_weights_and_d2_as_one(tiny_dir, tmp_path):
+def test_ddp_two_processes_train_the_same_metatuner_weights_and_d2_as_one_and_resume_exactly(tiny_dir, tmp_path):
     from metatuner.train import train_metatuner
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -85,6 +85,14 @@ def test_ddp_two_processes_train_the_same_metatuner_weights_and_d2_as_one(tiny_d
     # Checkpoints carry each rank's RNG states, so a resumed DDP run continues each rank's own random stream.
     state = json.loads((two / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert len(state["trainer"]["rank_rng"]) == 2
+
+    # Resuming the two-process run from its step-2 checkpoint ends where the uninterrupted run ended.
+    resumed = tmp_path / "resumed"
+    _launch(_write(tmp_path, "resumed", _metatuner_config(tiny_dir, resumed)), 2,
+            "--resume", str(two / "checkpoints" / "step-00000002"))
+    c = load_file(str(resumed / "model" / "metatuner.safetensors"))
+    assert _max_diff(b, c) <= 1e-6
+    assert (resumed / "model" / "expert_prompts.json").read_text() == (two / "model" / "expert_prompts.json").read_text()
 
 
 def test_ddp_two_processes_train_the_same_sft_adapter_as_one(tiny_dir, tmp_path):
