@@ -535,6 +535,9 @@ class MetaTuner(nn.Module):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"{source} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own if state[k].shape != own[k].shape]
+        if reshaped:  # e.g. saved with another rank: fail before copying anything in
+            raise ValueError(f"{source} does not match this model's shapes (saved vs this model): {reshaped[:3]}")
         params = self._g_tensors()
         if not self.shares_weights:
             params.update({f"m.{n}": p for n, p in self.m.named_parameters() if "lora_" in n})
