@@ -486,3 +486,33 @@ def test_fault_sigint_and_sigterm_are_recorded_not_fatal():
         finally:
             interrupt.uninstall()
         assert signal.getsignal(sig) == before
+
+
+def test_bad_input_compare_checks_every_method_against_the_model(tiny_dir, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from metatuner.cli import app
+
+    base = {"model": {"name": str(tiny_dir), "device": "cpu"}, "data": {"task": "rg:chain_sum"},
+            "metatuner": {"share_depth": 2}}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({"runs_dir": str(tmp_path / "runs"), "results_dir": str(tmp_path / "results"),
+                                    "base": base, "methods": {"metatuner_j": {}, "deep": {"metatuner.share_depth": 9}}}))
+    result = CliRunner().invoke(app, ["compare", "--config", str(path)])
+    assert result.exit_code == 2 and "method `deep`" in result.output and "metatuner.share_depth" in result.output
+    assert not (tmp_path / "runs" / "metatuner_j").exists()  # nothing ran
+
+
+def test_fault_checkpoint_of_another_model_is_refused_by_name(tokenizer):
+    from metatuner.config import MetaTunerSettings
+    from metatuner.metatuner import MetaTuner
+    from metatuner.testing import tiny_model
+
+    def build(rank):
+        settings = MetaTunerSettings(share_depth=2, rank=rank, hyper_hidden=16, g_lora_r=2)
+        return MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer, settings)
+
+    saved = build(rank=4)
+    with pytest.raises(ValueError, match="runs/x/checkpoints/step-00000002"):
+        build(rank=2).load_state(saved.trainable_state(), saved.meta(), source="runs/x/checkpoints/step-00000002")
