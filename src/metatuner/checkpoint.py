@@ -188,7 +188,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             return json.load(f)
 
     state = read("state.json", read_json)
-    missing = [key for key in ("step", "scheduler", "rng", "trainer") if not isinstance(state, dict) or key not in state]
+    keys = state if isinstance(state, dict) else {}
+    missing = [key for key in ("step", "scheduler", "rng", "trainer") if key not in keys]
     if missing:
         raise CheckpointError(f"checkpoint file {path / 'state.json'} is damaged: it lacks {', '.join(missing)}")
     for name, expected in (state.get("sha256") or {}).items():  # checkpoints from before checksums have none
