@@ -139,7 +139,7 @@ def test_gsm8k_score(output, expected):
     assert GSM8KTask().reward(output, example) == expected["strict"]
 
 
-def test_gsm8k_hub_rows_are_checked_like_files(monkeypatch):
+def test_bad_input_hub_rows_are_checked_like_files(monkeypatch):
     rows = [{"question": "q1", "answer": "1+1=<<1+1=2>>2\n#### 2"}, {"question": "q2", "answer": "no final line"}]
     seen = []
 
@@ -425,7 +425,7 @@ def test_custom_metrics(metric, output, correct):
     assert custom(metric=metric).score(output, example) == {"accuracy": correct}
 
 
-def test_custom_numeric_checks_answers_and_extracts_numbers(tmp_path):
+def test_bad_input_custom_numeric_answers_must_be_numbers(tmp_path):
     task = custom(metric="numeric")
     with pytest.raises(DataError, match="line 1, field 'output': metric 'numeric' needs a number"):
         task.load("train")
