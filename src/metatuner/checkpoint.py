@@ -104,6 +104,30 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """safetensors' `save_file`, except that the file appears whole or not at all: a crash or a full disk midway
+    leaves the previous file at `path` as it was."""
+    _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp)))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`Path.write_text` that leaves the previous file whole if the write fails."""
+    _atomic(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def _atomic(path: Path, write) -> None:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(run_dir: str | Path, step: int, *, tensors: dict[str, torch.Tensor], optimizer, scheduler=None,
                     state: dict | None = None, keep: int = 2) -> Path:
     """Write checkpoint `step` atomically and delete all but the newest `keep`; returns its folder."""
