@@ -26,10 +26,11 @@ from typing import Iterator, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_save_file, atomic_write_text
 from .config import MetaTunerSettings
 from .generation import (chat_prompt, decode_loop, generate, last_logits_only, left_padded_batch, lm_batch, lm_loss,
                          output_cache, score_targets)
@@ -505,8 +506,9 @@ class MetaTuner(nn.Module):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state(), str(directory / "metatuner.safetensors"))
-        (directory / "metatuner.json").write_text(json.dumps(self.meta(), indent=2) + "\n")
+        # Written aside and renamed: a full disk while saving leaves an earlier model in this folder whole.
+        atomic_save_file(self.trainable_state(), directory / "metatuner.safetensors")
+        atomic_write_text(directory / "metatuner.json", json.dumps(self.meta(), indent=2) + "\n")
 
     def load(self, directory: str | Path) -> None:
         directory = Path(directory)
