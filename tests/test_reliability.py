@@ -516,3 +516,34 @@ def test_fault_checkpoint_of_another_model_is_refused_by_name(tokenizer):
     saved = build(rank=4)
     with pytest.raises(ValueError, match="runs/x/checkpoints/step-00000002"):
         build(rank=2).load_state(saved.trainable_state(), saved.meta(), source="runs/x/checkpoints/step-00000002")
+
+
+def test_fault_full_disk_while_saving_the_model_keeps_the_earlier_one(tmp_path, monkeypatch, tokenizer):
+    import errno
+
+    import torch
+    from safetensors.torch import load_file
+
+    from metatuner import checkpoint as ckpt
+    from metatuner.config import MetaTunerSettings
+    from metatuner.metatuner import MetaTuner
+    from metatuner.testing import tiny_model
+
+    mt = MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer,
+                   MetaTunerSettings(share_depth=2, rank=2, hyper_hidden=8, g_lora_r=2))
+    mt.save(tmp_path / "model")
+    before = load_file(str(tmp_path / "model" / "metatuner.safetensors"))
+    with torch.no_grad():
+        for p in mt.hyper.parameters():
+            p.add_(1.0)
+
+    def disk_fills(tensors, path, *args, **kwargs):
+        Path(path).write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(ckpt, "save_file", disk_fills)
+    with pytest.raises(OSError, match="No space left"):
+        mt.save(tmp_path / "model")
+    after = load_file(str(tmp_path / "model" / "metatuner.safetensors"))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["metatuner.json", "metatuner.safetensors"]
