@@ -138,3 +138,28 @@ def test_ddp_batch_smaller_than_the_process_count_is_refused(tiny_dir, tmp_path,
     cfg["train"]["batch_size"] = 1
     with pytest.raises(ValueError, match="train.batch_size=1 .* 2 processes"):
         train.train_metatuner(load_config(_write(tmp_path, "small", cfg)))
+
+
+def test_ddp_two_processes_run_better_together_like_one(tiny_dir, tmp_path):
+    """Both instruction searches (dev set scored in two shards, proposals written by the main process) and the SFT
+    between them give what one process gives."""
+    from metatuner.baselines.better_together import train_better_together
+
+    def cfg(out):
+        return {"method": "better_together", "output_dir": str(out), "model": {"name": str(tiny_dir), "device": "cpu"},
+                "data": {"task": "rg:chain_sum", "task_options": {"size": 8, "test_size": 4}},
+                "search": {"rounds": 2, "proposals_per_round": 3, "dev_size": 4, "max_instruction_tokens": 10},
+                "lora": {"r": 4, "alpha": 8}, "eval": {"max_new_tokens": 4},
+                "train": {"batch_size": 4, "max_steps": 2, "lr": 5e-3, "mixed_precision": "fp32", "warmup_ratio": 0.0}}
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_better_together(load_config(_write(tmp_path, "one", cfg(one))))
+    _launch(_write(tmp_path, "two", cfg(two)), 2)
+    searches = [json.loads((d / "search.json").read_text()) for d in (one, two)]
+    for phase in ("before_sft", "after_sft"):
+        a, b = searches[0][phase], searches[1][phase]
+        assert [h["instruction"] for h in a["history"]] == [h["instruction"] for h in b["history"]]
+        assert [h["score"] for h in a["history"]] == pytest.approx([h["score"] for h in b["history"]], abs=1e-4)
+        assert a["best"] == b["best"] and a["examples_scored"] == b["examples_scored"]
+    adapters = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (one, two)]
+    assert _max_diff(*adapters) < 1e-4

@@ -18,6 +18,7 @@ values, so one flattened all-reduce per step after `backward` is both correct an
 
 from __future__ import annotations
 
+import atexit
 import logging
 from typing import Sequence, TypeVar
 
@@ -96,3 +97,22 @@ def warn_if_sharded(accelerator, what: str) -> None:
                     "gradients of the trainable parts are averaged. FSDP/ZeRO sharding applies to the SFT path "
                     "(method=sft and the warm-up adapter via metatuner.warmup_actor_adapter); see docs/scaling.md.",
                     what, accelerator.distributed_type)
+
+
+def end_training(accelerator) -> None:
+    """Close the trackers but keep the process group: BetterTogether runs an SFT between two searches and
+    `metatuner compare` trains several methods in one process, and accelerate's `end_training` would destroy the
+    group they all use. It is destroyed when the process exits."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if accelerator.num_processes > 1:
+        _destroy_at_exit()
+
+
+_registered = []
+
+
+def _destroy_at_exit() -> None:
+    if not _registered:
+        _registered.append(True)
+        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)

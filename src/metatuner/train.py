@@ -44,8 +44,8 @@ from transformers import get_linear_schedule_with_warmup
 from .baselines.sft import resolve_mixed_precision
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, command_line, peak_rss_mb, to_yaml
-from .distributed import (average_gradients, broadcast_parameters, merge_dicts, shard, sum_across,
-                          warn_if_sharded)
+from .distributed import (average_gradients, broadcast_parameters, end_training, merge_dicts, shard,
+                          sum_across, warn_if_sharded)
 from .generation import chat_prompt, lm_batch, lm_loss
 from .gumbel import gumbel_task_loss
 from .memory import check_memory
@@ -411,7 +411,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
         })
         (out / "train_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_training(accelerator)
     return out
 
 

@@ -15,7 +15,8 @@ The run folder gets `config.yaml`, `adapter/` (a PEFT adapter), TensorBoard scal
 `best_prompt.txt` (the second search's result), `search.json` (`before_sft` and `after_sft`, each in
 `baselines.opro`'s format) and `train_metrics.json` (the phases' seconds and examples summed, and each phase's
 own numbers under `phases`). `--eval` evaluates the actor with the adapter and the found instruction.
-It runs as one process, on CPU or one GPU (`model.device`).
+Under `accelerate launch` each phase runs data parallel: the searches score their dev sets in N shards (see
+`baselines.opro`) and the SFT trains on N shards of every batch; only the main process writes.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
 from ..models import load_generator_and_actor
 from ..tasks import get_task
-from .opro import search_instructions, search_metrics, search_settings_kwargs
+from .opro import search_device, search_instructions, search_metrics, search_settings_kwargs
 from .sft import train_sft
 
 
@@ -38,15 +40,18 @@ def train_better_together(cfg: RunConfig) -> Path:
     """Search, SFT under the found instruction, search again; returns the run folder."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # PartialState, not Accelerator: it sets up the processes without fixing a mixed precision, which the SFT
+    # phase (or a later method in `metatuner compare`) chooses when it makes its own Accelerator.
+    state = PartialState(cpu=cfg.model.device == "cpu")
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.data.task, **cfg.data.task_options)
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     p0 = cfg.data.prompt or task.default_prompt
     kwargs = search_settings_kwargs(cfg)
 
-    generator, actor, g_tok, m_tok = _load(cfg)
+    generator, actor, g_tok, m_tok = _load(cfg, state)
     first = search_instructions(actor, m_tok, task, examples, [p0], cfg.search, generator=generator,
-                                g_tokenizer=g_tok, desc="search 1/2", **kwargs)
+                                g_tokenizer=g_tok, desc="search 1/2", accelerator=state, **kwargs)
     del generator, actor
     gc.collect()  # the SFT phase loads its own copy of the actor
     if torch.cuda.is_available():
@@ -59,13 +64,17 @@ def train_better_together(cfg: RunConfig) -> Path:
 
     from peft import PeftModel
 
-    generator, actor, g_tok, m_tok = _load(cfg)
+    generator, actor, g_tok, m_tok = _load(cfg, state)
     shared = generator is actor
     actor = PeftModel.from_pretrained(actor, out / "adapter").eval()
     second = search_instructions(
         actor, m_tok, task, examples, [first.best, p0], cfg.search,
         generator=actor if shared else generator, g_tokenizer=g_tok,
-        generator_context=actor.disable_adapter if shared else None, desc="search 2/2", **kwargs)
+        generator_context=actor.disable_adapter if shared else None, desc="search 2/2", accelerator=state,
+        **kwargs)
+    if not state.is_main_process:
+        state.wait_for_everyone()
+        return out
 
     (out / "config.yaml").write_text(to_yaml(cfg))  # the run's own config, not the SFT phase's copy
     (out / "search.json").write_text(json.dumps(
@@ -81,9 +90,10 @@ def train_better_together(cfg: RunConfig) -> Path:
         "best_prompt": second.best, "sft_prompt": first.best, "phases": phases,
     }
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    state.wait_for_everyone()
     return out
 
 
-def _load(cfg: RunConfig):
-    return load_generator_and_actor(cfg.model.name, cfg.model.actor, cfg.model.dtype, cfg.model.device,
+def _load(cfg: RunConfig, state):
+    return load_generator_and_actor(cfg.model.name, cfg.model.actor, cfg.model.dtype, search_device(cfg, state),
                                     cfg.model.trust_remote_code)

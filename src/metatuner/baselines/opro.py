@@ -18,7 +18,10 @@ p0 is scored first and is always in the pool, and a later instruction replaces t
 strictly higher, so the result is never worse than p0 on dev. The run folder gets `config.yaml`, `search.json`
 (every instruction tried, its dev score and round), `best_prompt.txt` and `train_metrics.json`; `--eval`
 evaluates the actor with the found instruction on the eval split (`evaluate(..., prompts=best)`).
-Several GPUs bring nothing here: the search is sequential and one model answers every request.
+
+Under `accelerate launch` (N processes) the main process writes the proposals and sends them to every process, each
+process scores its 1/N of the dev set, and the item-weighted mean is gathered; only the main process writes files.
+The result is the one process's (up to float summation order): the search itself stays sequential.
 """
 
 from __future__ import annotations
@@ -33,9 +36,12 @@ from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, SearchSettings, command_line, peak_rss_mb, to_yaml
+from ..distributed import sum_across
 from ..evaluate import evaluate
 from ..generation import chat_prompt, generate, score_targets
 from ..models import load_generator_and_actor
@@ -124,25 +130,38 @@ def meta_prompt(scored: Sequence[tuple[str, float]], examples: Sequence[Example]
 
 
 class DevScorer:
-    """Scores an instruction on the dev set through the actor; counts the examples it scores."""
+    """Scores an instruction on the dev set through the actor; counts the examples it scores.
+
+    With an `accelerator` (accelerate's Accelerator or PartialState) of N processes each scores its 1/N of the dev set and the item-weighted mean is summed
+    across processes (every process gets the same score)."""
 
     def __init__(self, actor, tokenizer, task: Task, dev: Sequence[Example], scorer: str, *, batch_size: int = 16,
-                 max_length: int = 512, max_new_tokens: int | None = None, mc_mode: str = "likelihood"):
+                 max_length: int = 512, max_new_tokens: int | None = None, mc_mode: str = "likelihood",
+                 accelerator=None):
         if scorer not in ("likelihood", "accuracy"):
             raise ValueError(f"unknown scorer {scorer!r}; use likelihood or accuracy")
         self.actor, self.tokenizer, self.task, self.dev, self.scorer = actor, tokenizer, task, list(dev), scorer
         self.batch_size, self.max_length = batch_size, max_length
         self.max_new_tokens, self.mc_mode = max_new_tokens, mc_mode
+        self.accelerator = accelerator
         self.examples_scored = 0
 
     def __call__(self, instruction: str) -> float:
         self.examples_scored += len(self.dev)
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return self._score(self.dev, instruction)
+        acc = self.accelerator
+        mine = self.dev[acc.process_index :: acc.num_processes]
+        total, n = sum_across([self._score(mine, instruction) * len(mine) if mine else 0.0, len(mine)], acc)
+        return total / n
+
+    def _score(self, dev: list[Example], instruction: str) -> float:
         if self.scorer == "accuracy":
-            result = evaluate(self.actor, self.tokenizer, self.task, self.dev, instruction, batch_size=self.batch_size,
+            result = evaluate(self.actor, self.tokenizer, self.task, dev, instruction, batch_size=self.batch_size,
                               max_new_tokens=self.max_new_tokens, mc_mode=self.mc_mode, progress=False)
             return float(result.metrics[self.task.primary_metric])
-        chats = [chat_prompt(self.tokenizer, self.task.messages(instruction, ex)) for ex in self.dev]
-        scores = score_targets(self.actor, self.tokenizer, chats, [ex.target for ex in self.dev],
+        chats = [chat_prompt(self.tokenizer, self.task.messages(instruction, ex)) for ex in dev]
+        scores = score_targets(self.actor, self.tokenizer, chats, [ex.target for ex in dev],
                                batch_size=self.batch_size, max_length=self.max_length)
         # The same quantity as MetaTuner's likelihood reward: minus the mean NLL of the gold target, per item.
         return sum(s / max(c, 1) for s, c in scores) / len(scores)
@@ -165,6 +184,7 @@ def search_instructions(
     mc_mode: str = "likelihood",
     seed: int = 0,
     desc: str = "opro",
+    accelerator=None,
 ) -> SearchResult:
     """OPRO-style search for one task-level instruction.
 
@@ -185,7 +205,8 @@ def search_instructions(
     demo_pool = rest or dev
     rng = random.Random(seed)
     score = DevScorer(actor, tokenizer, task, dev, settings.scorer, batch_size=batch_size, max_length=max_length,
-                      max_new_tokens=max_new_tokens, mc_mode=mc_mode)
+                      max_new_tokens=max_new_tokens, mc_mode=mc_mode, accelerator=accelerator)
+    main = accelerator is None or accelerator.is_main_process
 
     scores: dict[str, float] = {}  # each distinct instruction is scored once; its first appearance orders ties
     history: list[dict] = []
@@ -195,18 +216,23 @@ def search_instructions(
     p0 = history[0]["instruction"]
 
     generated_tokens = 0
-    bar = tqdm(total=settings.rounds * settings.proposals_per_round, desc=desc, unit="instr")
+    bar = tqdm(total=settings.rounds * settings.proposals_per_round, desc=desc, unit="instr", disable=not main)
     for round_ in range(1, settings.rounds + 1):
         top = _ranked(scores)[-settings.meta_prompt_top:]  # the best so far, worst first (OPRO's order)
         demos = rng.sample(demo_pool, min(settings.examples_in_meta_prompt, len(demo_pool)))
         request = chat_prompt(g_tokenizer, [{"role": "user", "content": meta_prompt(
             [(i, scores[i]) for i in top], demos, settings.scorer)}]) + OPEN_TAG
-        with generator_context() if generator_context else contextlib.nullcontext():
-            out = generate(generator, g_tokenizer, [request] * settings.proposals_per_round,
-                           max_new_tokens=settings.max_instruction_tokens, do_sample=True,
-                           temperature=settings.temperature, stop_strings=[CLOSE_TAG], batch_size=batch_size)
-        generated_tokens += sum(out.new_tokens)
-        for raw in out.texts:
+        texts, new_tokens = [None] * settings.proposals_per_round, [0]
+        if main:  # one process samples, so N processes propose what one would; the others receive the texts
+            with generator_context() if generator_context else contextlib.nullcontext():
+                out = generate(generator, g_tokenizer, [request] * settings.proposals_per_round,
+                               max_new_tokens=settings.max_instruction_tokens, do_sample=True,
+                               temperature=settings.temperature, stop_strings=[CLOSE_TAG], batch_size=batch_size)
+            texts, new_tokens = list(out.texts), [sum(out.new_tokens)]
+        if accelerator is not None and accelerator.num_processes > 1:
+            texts, new_tokens = broadcast_object_list([texts, new_tokens])
+        generated_tokens += new_tokens[0]
+        for raw in texts:
             ins = clean_instruction(raw)
             entry = {"round": round_, "source": "proposal", "instruction": ins, "raw": raw}
             if not ins:
@@ -252,20 +278,31 @@ def search_metrics(result: SearchResult, n_dev: int) -> dict:
             "p0_dev_score": result.p0_score, "best_dev_score": result.best_score}
 
 
+def search_device(cfg: RunConfig, state) -> str:
+    """This process's device: its own GPU under `accelerate launch`, else what the config asks for."""
+    return str(state.device) if state.num_processes > 1 else cfg.model.device
+
+
 def train_opro(cfg: RunConfig) -> Path:
     """Run the OPRO-like search described by `cfg`; returns the run folder (best instruction in best_prompt.txt)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    # PartialState, not Accelerator: it sets up the processes without fixing a mixed precision, which the SFT
+    # phase (or a later method in `metatuner compare`) chooses when it makes its own Accelerator.
+    state = PartialState(cpu=cfg.model.device == "cpu")
     torch.manual_seed(cfg.seed)  # the proposals are sampled
     task = get_task(cfg.data.task, **cfg.data.task_options)
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     generator, actor, g_tok, m_tok = load_generator_and_actor(
-        cfg.model.name, cfg.model.actor, cfg.model.dtype, cfg.model.device, cfg.model.trust_remote_code)
+        cfg.model.name, cfg.model.actor, cfg.model.dtype, search_device(cfg, state), cfg.model.trust_remote_code)
     result = search_instructions(actor, m_tok, task, examples, [cfg.data.prompt or task.default_prompt], cfg.search,
-                                 generator=generator, g_tokenizer=g_tok, **search_settings_kwargs(cfg))
-    result.write(out)
-    metrics = {"method": "opro", "command": command_line(), **search_metrics(result, len(result.dev_ids)),
-               "peak_rss_mb": peak_rss_mb(), "best_prompt": result.best}
-    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+                                 generator=generator, g_tokenizer=g_tok, accelerator=state,
+                                 **search_settings_kwargs(cfg))
+    if state.is_main_process:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        result.write(out)
+        metrics = {"method": "opro", "command": command_line(), **search_metrics(result, len(result.dev_ids)),
+                   "peak_rss_mb": peak_rss_mb(), "best_prompt": result.best}
+        (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    state.wait_for_everyone()
     return out

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
+from ..distributed import end_training
 from ..generation import chat_prompt, lm_batch
 from ..memory import check_memory
 from ..models import load_model
@@ -183,7 +184,8 @@ def train_sft(cfg: RunConfig) -> Path:
             "target_tokens_per_s": round(tokens / seconds, 1), "first_loss": losses[0], "final_loss": losses[-1],
             "loss_curve": losses,
         }, indent=2) + "\n")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # callers (BetterTogether) read adapter/ next, on every process
+    end_training(accelerator)
     return out
 
 
