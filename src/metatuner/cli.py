@@ -257,9 +257,8 @@ def export_cmd(
 ) -> None:
     """Export one query's LoRA as a standard PEFT adapter for the actor model."""
     from .config import load_config
-    from .models import resolve_model_path
-
     from .hyperlora import ADAPTER_FILES
+    from .models import resolve_model_path
 
     # The rule export_peft_adapter applies, checked before minutes of loading: the adapter goes into --out and
     # nowhere else, and --out must be new, empty or an earlier adapter, never a folder that holds other files.
