@@ -42,6 +42,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import sys
+import threading
 from typing import Any
 
 from .answers import answer_span, clean_span, is_number, last_line, last_number, normalize_number
@@ -61,6 +62,8 @@ _MATH_FUNCTIONS = frozenset({"sqrt", "exp", "log", "ln", "sin", "cos", "tan", "a
                              "tanh", "Abs", "pi", "oo", "E", "I"})
 _MATH_OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.BitXor, ast.USub, ast.UAdd)
 _MAX_EXPONENT = 100
+# Scoring threads take turns while a module's `eval` is replaced, so none can restore it under another's feet.
+_EVAL_LOCK = threading.Lock()
 _MAX_MATH_CHARS = 1000
 # Items looked at to decide whether a dataset's answers are numbers.
 _NUMERIC_PROBE = 8
@@ -219,15 +222,16 @@ def _literal_eval_only(dataset: str):
 
     module = sys.modules[reasoning_gym.factory.DATASETS[dataset][0].__module__]
     missing = object()
-    previous = module.__dict__.get("eval", missing)
-    module.eval = ast.literal_eval
-    try:
-        yield
-    finally:
-        if previous is missing:
-            del module.eval
-        else:
-            module.eval = previous
+    with _EVAL_LOCK:
+        previous = module.__dict__.get("eval", missing)
+        module.eval = ast.literal_eval
+        try:
+            yield
+        finally:
+            if previous is missing:
+                del module.eval
+            else:
+                module.eval = previous
 
 
 def is_plain_math(text: str) -> bool:
