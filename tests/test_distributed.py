@@ -163,3 +163,19 @@ def test_ddp_two_processes_run_better_together_like_one(tiny_dir, tmp_path):
         assert a["best"] == b["best"] and a["examples_scored"] == b["examples_scored"]
     adapters = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (one, two)]
     assert _max_diff(*adapters) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_ddp_accelerate_configs_load_and_give_their_launch_command(name):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).parent.parent / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert f"accelerate launch --config_file configs/accelerate/{name}.yaml -m metatuner train" in path.read_text()
+    assert config.mixed_precision == "bf16" and not config.use_cpu
+    if name == "fsdp":  # PEFT's FSDP recipe: no use_orig_params (the trainer wraps LoRA leaves separately)
+        assert config.fsdp_config["fsdp_use_orig_params"] is False and config.fsdp_config["fsdp_version"] == 1
+    if name == "deepspeed_zero3":  # without it, get_state_dict cannot gather the adapter for saving
+        assert config.deepspeed_config["zero3_save_16bit_model"] is True

@@ -144,3 +144,28 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_dir, tmp_path):
     with mt.role("learner"):
         loss.backward()
     assert forward_calls == 1 and len(calls) == 2
+
+
+def test_memory_estimate_counts_the_model_exactly_and_names_the_knobs(tiny_dir, tmp_path):
+    from metatuner.memory import MemoryEstimateError, assert_fits, check_memory, estimate_memory
+    from metatuner.testing import tiny_model_and_tokenizer
+
+    cfg = _cfg(tiny_dir, tmp_path / "run")
+    est = estimate_memory(cfg)
+    model, _ = tiny_model_and_tokenizer(num_layers=4)
+    assert est.parts["weights"] == 4 * sum(p.numel() for p in model.parameters())  # float32, G = M: counted once
+    # Trainable: G's adapters, the hypernetwork (the sizes MetaTuner really builds) with AdamW state.
+    mt = MetaTuner(model, _, cfg.metatuner)
+    lora = sum(p.numel() for n, p in mt.g.named_parameters() if "lora_" in n)
+    frozen = sum(p.numel() for n, p in mt.g.named_parameters() if ".prompt_frozen." in n)
+    hyper = sum(p.numel() for p in mt.hyper.parameters())
+    assert est.parts["trainable (LoRA+Adam)"] == 16 * (lora - frozen) + 4 * frozen + 16 * hyper
+    bigger = estimate_memory(load_config(None, [f"model.name={tiny_dir}", "train.batch_size=16"]))
+    smaller = estimate_memory(load_config(None, [f"model.name={tiny_dir}", "train.batch_size=16",
+                                                 "train.gradient_checkpointing=true"]))
+    assert smaller.parts["activations"] < bigger.parts["activations"]
+    assert estimate_memory(cfg, num_processes=2).parts["activations"] < est.parts["activations"]
+    assert check_memory(cfg, "cpu") is None  # CPU runs are not checked
+    with pytest.raises(MemoryEstimateError, match="train.gradient_checkpointing=true") as err:
+        assert_fits(est, free_bytes=est.total // 2, device="cuda:0")
+    assert "train.batch_size" in str(err.value) and "fsdp.yaml" in str(err.value)

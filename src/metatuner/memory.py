@@ -72,6 +72,7 @@ def _shape(name: str, trust_remote_code: bool, hyper_settings=None) -> _ModelSha
     config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # on the meta device the tied LM head is otherwise counted twice
     layers = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
