@@ -195,10 +195,10 @@ def load_config_only(name: str, trust_remote_code: bool = False):
         raise ModelLoadError(f"{name!r} is not a model transformers can read: {err}") from err
 
 
-def linear_module_names(config) -> list[str]:
+def linear_module_names(config, trust_remote_code: bool = False) -> list[str]:
     """Names of every linear layer of the model `config` describes, from a weightless (meta-device) skeleton."""
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
@@ -218,8 +218,8 @@ def check_model_settings(cfg) -> None:
                 raise ConfigError(f"`{key}`: {err}") from None
     g_config = configs["model.name"]
     m_config = configs.get("model.actor", g_config)
-    g_linears = linear_module_names(g_config)
-    m_linears = g_linears if m_config is g_config else linear_module_names(m_config)
+    g_linears = linear_module_names(g_config, trust)
+    m_linears = g_linears if m_config is g_config else linear_module_names(m_config, trust)
     s = cfg.metatuner
     checks: list[tuple[str, list[str], list[str], str]] = []  # (key, modules, linear names, which model)
     if cfg.method in ("sft", "better_together") or (cfg.method == "metatuner" and s.warmup_actor_steps > 0):
