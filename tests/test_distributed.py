@@ -85,6 +85,7 @@ def test_ddp_two_processes_train_the_same_metatuner_weights_and_d2_as_one_and_re
     # Checkpoints carry each rank's RNG states, so a resumed DDP run continues each rank's own random stream.
     state = json.loads((two / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert len(state["trainer"]["rank_rng"]) == 2
+    assert state["trainer"]["config"]["train"]["batch_size"] == 4  # the run's config travels with its checkpoint
 
     # Resuming the two-process run from its step-2 checkpoint ends where the uninterrupted run ended.
     resumed = tmp_path / "resumed"

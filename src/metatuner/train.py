@@ -31,7 +31,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -341,7 +341,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
                                        "meta": mt.meta(), "expert_prompts": store.entries, "summary": summary,
                                        "history": dict(history), "seen": seen, "tokens": tokens,
                                        "seconds": dict(timer.seconds), "elapsed": time.perf_counter() - start,
-                                       "processes": accelerator.num_processes,
+                                       "processes": accelerator.num_processes, "config": asdict(cfg),
                                        **({"rank_rng": ranks} if accelerator.num_processes > 1 else {})})
         accelerator.wait_for_everyone()
         return path or find_checkpoint(out, "auto")
