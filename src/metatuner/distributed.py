@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import atexit
 import logging
+import random
 from typing import Sequence, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType, gather_object
@@ -116,3 +118,41 @@ def _destroy_at_exit() -> None:
     if not _registered:
         _registered.append(True)
         atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
+
+
+def _rng_snapshot() -> dict:
+    py, npst = random.getstate(), np.random.get_state()
+    snap = {"python": [py[0], list(py[1]), py[2]], "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
+            "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        snap["cuda"] = torch.cuda.get_rng_state().tolist()
+    return snap
+
+
+def _rng_restore(snap: dict) -> None:
+    version, internal, gauss = snap["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = snap["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(torch.tensor(snap["torch"], dtype=torch.uint8))
+    if "cuda" in snap and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(snap["cuda"], dtype=torch.uint8))
+
+
+def rank_rng_states(accelerator) -> list[dict] | None:
+    """Every process's Python, NumPy and torch RNG states, for the main process to put in a checkpoint (collective).
+    None in one process: the checkpoint's own RNG states are that process's."""
+    if accelerator.num_processes == 1:
+        return None
+    return gather_object([_rng_snapshot()])
+
+
+def restore_rank_rng(states: list[dict] | None, accelerator, source: str = "checkpoint") -> None:
+    """Give each process back its own RNG states; warn when the process count changed since they were saved."""
+    if accelerator.num_processes == 1 and not states:
+        return
+    if states and len(states) == accelerator.num_processes:
+        _rng_restore(states[accelerator.process_index])
+    else:
+        log.warning("%s was written by %d process(es), this run has %d: random sampling will differ from an "
+                    "uninterrupted run", source, len(states or [0]), accelerator.num_processes)

@@ -44,8 +44,8 @@ from transformers import get_linear_schedule_with_warmup
 from .baselines.sft import resolve_mixed_precision
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, command_line, peak_rss_mb, to_yaml
-from .distributed import (average_gradients, broadcast_parameters, end_training, merge_dicts, shard,
-                          sum_across, warn_if_sharded)
+from .distributed import (average_gradients, broadcast_parameters, end_training, merge_dicts, rank_rng_states,
+                          restore_rank_rng, shard, sum_across, warn_if_sharded)
 from .generation import chat_prompt, lm_batch, lm_loss
 from .gumbel import gumbel_task_loss
 from .memory import check_memory
@@ -135,25 +135,6 @@ def _backward(terms: list[_Term], scales: list[float]) -> None:
     for term, scale in zip(terms, scales):
         with term.context():
             (term.loss * (term.weight * scale)).backward()
-
-
-def _rng_snapshot() -> dict:
-    py, npst = random.getstate(), np.random.get_state()
-    snap = {"python": [py[0], list(py[1]), py[2]], "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
-            "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        snap["cuda"] = torch.cuda.get_rng_state().tolist()
-    return snap
-
-
-def _rng_restore(snap: dict) -> None:
-    version, internal, gauss = snap["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = snap["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(torch.tensor(snap["torch"], dtype=torch.uint8))
-    if "cuda" in snap and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(snap["cuda"], dtype=torch.uint8))
 
 
 class TrainingStopped(RuntimeError):
@@ -315,12 +296,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
     history, seen, tokens, first = defaultdict(list), 0, 0, 1
     if ckpt is not None:
         ckpt.restore(optimizer, scheduler)
-        ranks = ckpt.state.get("rank_rng")
-        if ranks and len(ranks) == accelerator.num_processes:
-            _rng_restore(ranks[accelerator.process_index])
-        elif accelerator.num_processes > 1:
-            log.warning("%s was written by %d process(es), this run has %d: rollout sampling will differ from an "
-                        "uninterrupted run", ckpt.path, len(ranks or [0]), accelerator.num_processes)
+        restore_rank_rng(ckpt.state.get("rank_rng"), accelerator, str(ckpt.path))
         history.update(ckpt.state["history"])
         seen, tokens, first = ckpt.state["seen"], ckpt.state["tokens"], ckpt.step + 1
         start -= ckpt.state["elapsed"]
@@ -328,12 +304,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
                initial=first - 1, total=total_steps, disable=not main)
 
     def checkpoint(step: int) -> Path | None:
-        # Every rank sends its RNG state (collective); the main process alone writes.
-        ranks = [_rng_snapshot()]
-        if accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            ranks = gather_object(ranks)
+        ranks = rank_rng_states(accelerator)  # collective: every rank sends its RNG states, the main one writes
         path = None
         if main:
             path = save_checkpoint(out, step, tensors=mt.trainable_state(), optimizer=optimizer, scheduler=scheduler,
@@ -342,7 +313,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
                                        "history": dict(history), "seen": seen, "tokens": tokens,
                                        "seconds": dict(timer.seconds), "elapsed": time.perf_counter() - start,
                                        "processes": accelerator.num_processes, "config": asdict(cfg),
-                                       **({"rank_rng": ranks} if accelerator.num_processes > 1 else {})})
+                                       **({"rank_rng": ranks} if ranks else {})})
         accelerator.wait_for_everyone()
         return path or find_checkpoint(out, "auto")
 

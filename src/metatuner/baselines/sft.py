@@ -7,7 +7,9 @@ One GPU or CPU: the command above. Several GPUs: `accelerate launch --config_fil
 frozen weights too; docs/scaling.md). Each process takes 1/N of every batch of `train.batch_size` examples and its
 loss is weighted by its share of the batch's target tokens, so N processes train the same adapter as one.
 The run folder gets `config.yaml`, `train_metrics.json`, TensorBoard scalars under `tb/`, and `adapter/`, a
-standard PEFT adapter (`metatuner eval --adapter RUN/adapter` or `PeftModel.from_pretrained`).
+standard PEFT adapter (`metatuner eval --adapter RUN/adapter` or `PeftModel.from_pretrained`). With
+`train.save_every` it also gets resumable checkpoints (`checkpoint.py`; every N steps and at the end) and
+`--resume auto|PATH` continues a stopped run exactly.
 
 The loop is plain accelerate rather than TRL's SFTTrainer: both train the same LoRA on the same tokens; the loop
 shares its batching (`generation.lm_batch`) with evaluation and the MetaTuner task loss, so the three see identical
@@ -22,17 +24,20 @@ import inspect
 import json
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from peft import LoraConfig, get_peft_model
+from accelerate.utils import DistributedType
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from ..checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
-from ..distributed import end_training
+from ..distributed import end_training, rank_rng_states, restore_rank_rng
 from ..generation import chat_prompt, lm_batch
 from ..memory import check_memory
 from ..models import load_model
@@ -124,50 +129,75 @@ def train_sft(cfg: RunConfig) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.init_trackers("tb")
 
-    rng = random.Random(cfg.seed)
-    step, seen, tokens, losses = 0, 0, 0, []
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="sft", disable=not accelerator.is_main_process, unit="step")
+    if min(cfg.train.batch_size, len(pairs)) < accelerator.num_processes:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} with {len(pairs)} training examples leaves some of "
+                         f"the {accelerator.num_processes} processes without a row: raise train.batch_size or launch "
+                         "fewer processes")
+    batches = _global_batches(len(pairs), cfg.train.batch_size, accelerator.num_processes, cfg.seed)
+    step, seen, tokens, losses, start = 0, 0, 0, [], time.perf_counter()
+    resume_from = find_checkpoint(out, cfg.train.resume) if cfg.train.resume else None
+    if (cfg.train.save_every or resume_from) and accelerator.distributed_type in (DistributedType.FSDP,
+                                                                               DistributedType.DEEPSPEED):
+        raise ValueError(f"train.save_every and --resume for the SFT baseline work under one process or DDP; "
+                         f"{accelerator.distributed_type} shards the optimizer state across processes. Set "
+                         "train.save_every=0 or launch with configs/accelerate/ddp.yaml.")
+    if resume_from:
+        ckpt = load_checkpoint(resume_from)
+        result = set_peft_model_state_dict(accelerator.unwrap_model(model), ckpt.tensors)
+        if getattr(result, "unexpected_keys", None):
+            raise CheckpointError(f"{ckpt.path}: weights do not fit this adapter: {result.unexpected_keys[:3]}")
+        ckpt.restore(optimizer, scheduler)
+        restore_rank_rng(ckpt.state.get("rank_rng"), accelerator, str(ckpt.path))
+        step, seen, tokens, losses = ckpt.step, ckpt.state["seen"], ckpt.state["tokens"], ckpt.state["losses"]
+        start -= ckpt.state["elapsed"]
+        for _ in range(step * cfg.train.grad_accum):  # the data position: the batches already trained on
+            next(batches)
+
+    def checkpoint(step: int) -> None:
+        ranks = rank_rng_states(accelerator)  # collective: every rank sends its RNG states
+        if accelerator.is_main_process:
+            save_checkpoint(out, step, tensors=get_peft_model_state_dict(accelerator.unwrap_model(model)),
+                            optimizer=optimizer, scheduler=scheduler, keep=cfg.train.keep_checkpoints, state={
+                                "seen": seen, "tokens": tokens, "losses": losses, "config": asdict(cfg),
+                                "elapsed": time.perf_counter() - start, **({"rank_rng": ranks} if ranks else {})})
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not accelerator.is_main_process, unit="step")
     while step < total_steps:
-        order = list(range(len(pairs)))
-        rng.shuffle(order)
-        for first in range(0, len(order), cfg.train.batch_size):
-            batch_rows = order[first : first + cfg.train.batch_size]
-            if len(batch_rows) < accelerator.num_processes:
-                continue  # the epoch's last, short batch would leave a process without rows (all ranks skip it)
-            rows = batch_rows[accelerator.process_index :: accelerator.num_processes]
-            batch = lm_batch(
-                tokenizer, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
-                cfg.train.max_length, device=accelerator.device,
-            )
-            with accelerator.accumulate(model):
-                loss = forward_lm_loss(model, batch)
-                # The loss is a mean over this rank's target tokens and DDP/FSDP/ZeRO average gradients over
-                # ranks; weighting by this rank's share of the batch's tokens makes that average the gradient of
-                # the batch's token mean, the same as one process computing the whole batch.
-                local = (batch["labels"] != -100).sum().float()
-                total, loss_sum = accelerator.reduce(torch.stack([local, loss.detach() * local]), "sum").tolist()
-                accelerator.backward(loss * (local / total * accelerator.num_processes))
-                if accelerator.sync_gradients and cfg.train.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            seen += len(batch_rows)
-            tokens += int(total)
-            losses.append(loss_sum / total)
+        batch_rows = next(batches)
+        rows = batch_rows[accelerator.process_index :: accelerator.num_processes]
+        batch = lm_batch(
+            tokenizer, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
+            cfg.train.max_length, device=accelerator.device,
+        )
+        with accelerator.accumulate(model):
+            loss = forward_lm_loss(model, batch)
+            # The loss is a mean over this rank's target tokens and DDP/FSDP/ZeRO average gradients over
+            # ranks; weighting by this rank's share of the batch's tokens makes that average the gradient of
+            # the batch's token mean, the same as one process computing the whole batch.
+            local = (batch["labels"] != -100).sum().float()
+            total, loss_sum = accelerator.reduce(torch.stack([local, loss.detach() * local]), "sum").tolist()
+            accelerator.backward(loss * (local / total * accelerator.num_processes))
+            if accelerator.sync_gradients and cfg.train.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
             if accelerator.sync_gradients:
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                if step % cfg.train.log_every == 0 or step == total_steps:
-                    recent = losses[-cfg.train.log_every * cfg.train.grad_accum :]
-                    accelerator.log({"train/loss": sum(recent) / len(recent),
-                                     "train/lr": scheduler.get_last_lr()[0],
-                                     "train/examples_seen": seen}, step=step)
-                if step >= total_steps:
-                    break
+                scheduler.step()
+            optimizer.zero_grad()
+        seen += len(batch_rows)
+        tokens += int(total)
+        losses.append(loss_sum / total)
+        if accelerator.sync_gradients:
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                recent = losses[-cfg.train.log_every * cfg.train.grad_accum :]
+                accelerator.log({"train/loss": sum(recent) / len(recent),
+                                 "train/lr": scheduler.get_last_lr()[0],
+                                 "train/examples_seen": seen}, step=step)
+            if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total_steps):
+                checkpoint(step)
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -187,6 +217,20 @@ def train_sft(cfg: RunConfig) -> Path:
     accelerator.wait_for_everyone()  # callers (BetterTogether) read adapter/ next, on every process
     end_training(accelerator)
     return out
+
+
+def _global_batches(n: int, batch_size: int, processes: int, seed: int):
+    """Row indices of every micro-batch, forever: a seeded shuffle per epoch, cut into batches of `batch_size`. An
+    epoch's last batch is dropped only when it is shorter than the process count (a process would get no row). The
+    sequence depends on the seed alone, so a resumed run skips the batches it already trained on."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for first in range(0, n, batch_size):
+            rows = order[first : first + batch_size]
+            if len(rows) >= processes:
+                yield rows
 
 
 def _wrap_lora_separately(accelerator, model) -> None:
