@@ -252,7 +252,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
                          f"{accelerator.num_processes} processes without a row: raise train.batch_size to at least "
                          f"{accelerator.num_processes} or launch fewer processes")
     if cfg.train.check_memory:
-        check_memory(cfg, accelerator.device, num_processes=accelerator.num_processes)
+        check_memory(cfg, accelerator.device, num_processes=accelerator.num_processes, verbose=main)
     mt = build_metatuner(cfg, str(accelerator.device))
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(mt)
