@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.metatuner-installed
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -30,8 +30,16 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
+# Side-by-side performance (docs/performance.md): SmolLM2-135M, about 30 min. One torch thread and CPU-time clocks
+# keep the ratios steady on a shared machine (benchmarks/common.py, CLOCK). bench-quick uses the
+# tiny test model and writes under /tmp so the committed figures stay those of the full run.
 bench: setup
+	$(BIN)/pip install --quiet -e ".[bench]"
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/perf.py --threads 1
 	$(BIN)/python benchmarks/sft_loop_vs_trl.py
+
+bench-quick: setup
+	$(BIN)/python benchmarks/perf.py --quick --out-json /tmp/metatuner-bench/performance.json --out-md /tmp/metatuner-bench/performance.md
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -9,7 +9,6 @@ import contextlib
 import copy
 import functools
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +50,7 @@ class Bench:
     gen_batch_size: int = 16
     gen_baseline_prompts: int = 4
     max_new_tokens: int = 64
-    mc_examples: int = 48
+    mc_examples: int = 24
     llama_cpp: bool = True
 
     @classmethod
@@ -122,11 +121,13 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
-        start = time.perf_counter()
+        from common import now
+
+        start = now()
         try:
             yield
         finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + now() - start
 
 
 def j_step_loss(mt, task, rows, p0: str, store, timer: PhaseTimer, max_length: int = 512):

@@ -60,8 +60,14 @@ def sync(device: torch.device | str | None = None) -> None:
         torch.mps.synchronize()
 
 
+CLOCK = "wall"
+"""What `now()` reads: "wall" (time.perf_counter) or "cpu" (time.process_time: CPU seconds of this process, all
+its threads). On a CPU shared with other jobs, wall time of one and the same call swings several-fold with their
+load, while this process's CPU time barely moves; with one torch thread it equals wall time on an idle machine."""
+
+
 def now() -> float:
-    return time.perf_counter()
+    return time.process_time() if CLOCK == "cpu" else time.perf_counter()
 
 
 def _cpu_model() -> str:

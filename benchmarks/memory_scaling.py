@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import common
 from bench_setup import Bench
 from common import Summary
 
@@ -21,10 +22,10 @@ WORKER = Path(__file__).resolve().parent / "train_worker.py"
 
 def run_worker(b: Bench, mode: str, **options) -> dict:
     cmd = [sys.executable, str(WORKER), "--mode", mode, "--model", b.model, "--precision", b.precision,
-           "--threads", str(b.threads)]
+           "--threads", str(b.threads), "--clock", common.CLOCK]
     if b.quick:
         options.setdefault("max_prompt_tokens", 8)
-        options.setdefault("steps", 1)
+    options.setdefault("steps", 1)  # one warm-up and one timed step: peak memory is reached in the first
     options.setdefault("batch_size", b.batch_size)
     for key, value in options.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import common  # noqa: E402
 from bench_setup import REPO, Bench  # noqa: E402
 from common import command_line, library_versions, load_summary, machine, utc_now, write_json  # noqa: E402
 
@@ -56,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="repetitions per figure (default 5; 2 with --quick)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast of the training benchmarks")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                   help="cpu: this process's CPU seconds (steady on a shared machine; use with --threads 1); "
+                        "wall: elapsed seconds (an idle machine)")
     p.add_argument("--out-json", default=str(REPO / "docs" / "performance.json"))
     p.add_argument("--out-md", default=str(REPO / "docs" / "performance.md"))
     return p.parse_args(argv)
@@ -79,10 +83,31 @@ def met(value, target) -> bool | None:
     return value <= bound if op == "<=" else value >= bound
 
 
+def _write(data, details, commands, bench, load_before, out_json: Path, out_md: Path) -> None:
+    for name, (key, target) in HEADLINE.items():
+        if name in details:
+            data[name] = details[name][key]
+    data.update({
+        "targets": {n: (f"{t[0]} {t[1]}" if t else None) for n, (_, t) in HEADLINE.items()},
+        "met": {n: met(data.get(n), t) for n, (_, t) in HEADLINE.items()},
+        "date": utc_now(),
+        "command": command_line(),
+        "commands": commands,
+        "machine": machine(),
+        "load": {"before": load_before, "after": load_summary()},
+        "versions": library_versions("torch", "transformers", "peft", "trl", "accelerate", "llama_cpp_python"),
+        "settings": {**bench.settings(), "clock": common.CLOCK},
+        "details": details,
+    })
+    write_json(out_json, data)
+    out_md.write_text(render_markdown(data, out_md))
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    common.CLOCK = args.clock
     from datasets import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
@@ -96,35 +121,20 @@ def main(argv=None) -> dict:
     details, commands = data.get("details", {}), data.get("commands", {})
     plot_dir = Path(args.out_md).parent / "performance"
     load_before = load_summary()
-    print(f"model {bench.model}, torch threads {torch.get_num_threads()}, precision {bench.precision}, "
+    print(f"model {bench.model}, torch threads {torch.get_num_threads()}, clock {args.clock}, precision {bench.precision}, "
           f"repeats {bench.repeats}; running {', '.join(names)}", flush=True)
     for name in names:
         start = time.perf_counter()
         result = run(name, bench, plot_dir)
         result["seconds_to_measure"] = round(time.perf_counter() - start, 1)
+        result["load_after"] = load_summary().get("loadavg")
         details[name] = result
         commands[name] = command_line()
         headline = HEADLINE.get(name)
         shown = result.get(headline[0]) if headline else ""
         print(f"  {name}: {shown}  ({result['seconds_to_measure']} s)", flush=True)
-    for name, (key, target) in HEADLINE.items():
-        if name in details:
-            data[name] = details[name][key]
-    data.update({
-        "targets": {n: (f"{t[0]} {t[1]}" if t else None) for n, (_, t) in HEADLINE.items()},
-        "met": {n: met(data.get(n), t) for n, (_, t) in HEADLINE.items()},
-        "date": utc_now(),
-        "command": command_line(),
-        "commands": commands,
-        "machine": machine(),
-        "load": {"before": load_before, "after": load_summary(), **({"earlier_runs": data["load"]} if args.only and "load" in data else {})},
-        "versions": library_versions("torch", "transformers", "peft", "trl", "accelerate", "llama_cpp_python"),
-        "settings": bench.settings(),
-        "details": details,
-    })
-    data["load"].pop("earlier_runs", None)
-    write_json(out_json, data)
-    Path(args.out_md).write_text(render_markdown(data, Path(args.out_md)))
+        # Written after every benchmark, so a long run that stops early keeps what it measured.
+        _write(data, details, commands, bench, load_before, out_json, Path(args.out_md))
     print(f"wrote {out_json} and {args.out_md}")
     return data
 

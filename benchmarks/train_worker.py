@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import common  # noqa: E402
 from bench_setup import TRAIN_TASK  # noqa: E402
 from common import autocast, now, peak_rss_mb, rss_mb  # noqa: E402
 
@@ -37,6 +38,7 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="wall", help="see benchmarks/common.py CLOCK")
     return p.parse_args(argv)
 
 
@@ -44,6 +46,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    common.CLOCK = args.clock
     from metatuner.config import RunConfig
     from metatuner.tasks import get_task
 
