@@ -180,3 +180,31 @@ def test_ddp_accelerate_configs_load_and_give_their_launch_command(name):
         assert config.fsdp_config["fsdp_use_orig_params"] is False and config.fsdp_config["fsdp_version"] == 1
     if name == "deepspeed_zero3":  # without it, get_state_dict cannot gather the adapter for saving
         assert config.deepspeed_config["zero3_save_16bit_model"] is True
+
+
+def test_fsdp_policy_wraps_trainable_lora_leaves_apart_from_frozen_weights(tiny_dir):
+    """FSDP 1 without use_orig_params cannot flatten trainable and frozen weights into one unit: the SFT trainer
+    swaps in PEFT's policy, which gives every trainable LoRA leaf its own unit and wraps the decoder layers."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from metatuner.baselines.sft import _wrap_lora_separately
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    plugin = SimpleNamespace(fsdp_version=1, auto_wrap_policy="TRANSFORMER_BASED_WRAP")
+    _wrap_lora_separately(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), model)
+    policy = plugin.auto_wrap_policy
+    layer = model.base_model.model.model.layers[0]
+    q = layer.self_attn.q_proj
+
+    def wrapped(module):
+        return policy(module=module, recurse=False, nonwrapped_numel=0)
+
+    assert wrapped(q.lora_A["default"]) and wrapped(q.lora_B["default"])  # trainable leaves: own units
+    assert wrapped(layer) and not wrapped(q.base_layer)  # decoder layers wrapped; frozen linears stay inside
+    plugin2 = SimpleNamespace(fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP")
+    _wrap_lora_separately(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin2)), model)
+    assert plugin2.auto_wrap_policy == "TRANSFORMER_BASED_WRAP"  # FSDP 2 shards per parameter: left alone
