@@ -157,6 +157,27 @@ def test_fault_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tiny_d
     assert saved.step == 2 and saved.state["history"] == {}
 
 
+def test_fault_non_finite_gradients_skip_updates_and_leave_the_weights_finite(tiny_dir, tmp_path, monkeypatch):
+    """A finite loss with an inf/NaN gradient (a bf16 overflow in the backward pass) must not reach the weights."""
+    from metatuner.config import load_config
+    from metatuner.metatuner import MetaTuner
+    from metatuner.train import TrainingStopped, train_metatuner
+
+    def finite_loss_bad_gradient(self, *args, **kwargs):
+        weight = next(self.hyper.parameters())
+        return torch.sqrt((weight * 0).sum())  # value 0, gradient sqrt'(0) = inf
+
+    monkeypatch.setattr(MetaTuner, "task_loss", finite_loss_bad_gradient)
+    cfg = load_config(_config(tmp_path, tiny_dir, tmp_path / "grad"), ["train.max_bad_steps=3",
+                                                                       "metatuner.warmup_generator=false",
+                                                                       "metatuner.use_prompt=false"])
+    with pytest.raises(TrainingStopped, match="3 non-finite losses or gradients"):
+        train_metatuner(cfg)
+    saved = load_checkpoint(find_checkpoint(tmp_path / "grad", "auto"))
+    assert saved.step == 2
+    assert all(torch.isfinite(t).all() for t in saved.tensors.values())
+
+
 def test_resume_sft_from_a_mid_run_checkpoint_ends_like_the_uninterrupted_run(tiny_dir, tmp_path):
     """LoRA dropout (torch RNG), gradient accumulation (the data position counts micro-batches) and the scheduler
     all have to come back exactly for the adapters to match."""

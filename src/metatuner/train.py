@@ -317,8 +317,21 @@ def train_metatuner(cfg: RunConfig) -> Path:
         accelerator.wait_for_everyone()
         return path or find_checkpoint(out, "auto")
 
-    interrupt = _Interrupt()  # SIGINT/SIGTERM finish the current step, save a checkpoint and stop
     bad_steps = 0
+
+    def skip(step: int, what: str):
+        # Skip the update: the weights stay those of the last good step.
+        nonlocal bad_steps
+        bad_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        log.warning("step %d: %s, update skipped (%d in a row)", step, what, bad_steps)
+        if bad_steps >= cfg.train.max_bad_steps:
+            path = checkpoint(step - 1)
+            raise TrainingStopped(f"{bad_steps} non-finite losses or gradients in a row at step {step}; the "
+                                  f"last good state is saved in {path}. Lower the learning rates or check "
+                                  "the data.")
+
+    interrupt = _Interrupt()  # SIGINT/SIGTERM finish the current step, save a checkpoint and stop
     try:
         for step in bar:
             rows_global = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
@@ -330,20 +343,18 @@ def train_metatuner(cfg: RunConfig) -> Path:
             means, scales = _combine(terms, accelerator)
             total = sum(t.weight * means[t.name] for t in terms)
             if not np.isfinite(total):  # the same on every rank: the means are global
-                # Skip the update: the weights stay those of the last good step.
-                bad_steps += 1
-                log.warning("step %d: non-finite loss (%s), update skipped (%d in a row)", step, total, bad_steps)
-                if bad_steps >= cfg.train.max_bad_steps:
-                    path = checkpoint(step - 1)
-                    raise TrainingStopped(f"{bad_steps} non-finite losses in a row at step {step}; the last good state "
-                                          f"is saved in {path}. Lower the learning rates or check the data.")
+                skip(step, f"non-finite loss ({total})")
                 continue
-            bad_steps = 0
             with timer("backward"):
                 _backward(terms, scales)
                 average_gradients([p for p in g_params + h_params if p.grad is not None], accelerator)
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(g_params + h_params, cfg.train.grad_clip)
+                # A finite loss can still give an inf/NaN gradient (an overflow in bf16); one such update would
+                # turn every weight into NaN, so it is skipped like a non-finite loss.
+                norm = torch.nn.utils.clip_grad_norm_(g_params + h_params, cfg.train.grad_clip or float("inf"))
+                if not torch.isfinite(norm):
+                    skip(step, f"non-finite gradient norm ({norm.item()})")
+                    continue
+                bad_steps = 0
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
