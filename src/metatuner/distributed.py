@@ -92,13 +92,13 @@ def gather_list(local: list, accelerator) -> list:
 
 
 def warn_if_sharded(accelerator, what: str) -> None:
-    """MetaTuner's loop replicates G and M on every rank (data parallel). Under an FSDP or DeepSpeed launch config
-    it still trains correctly, but nothing is sharded: say so rather than let the user believe otherwise."""
+    """MetaTuner's loop replicates G and M on every rank (data parallel) and never hands them to FSDP or DeepSpeed:
+    under such a launch config nothing is sharded, so say so rather than let the user believe otherwise."""
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        log.warning("%s runs data parallel under %s: every rank holds a full copy of the models and only the "
-                    "gradients of the trainable parts are averaged. FSDP/ZeRO sharding applies to the SFT path "
-                    "(method=sft and the warm-up adapter via metatuner.warmup_actor_adapter); see docs/scaling.md.",
-                    what, accelerator.distributed_type)
+        log.warning("%s does not shard under %s: every rank holds a full copy of the models and only the "
+                    "gradients of the trainable parts are averaged; launch it with configs/accelerate/ddp.yaml. "
+                    "FSDP/ZeRO sharding applies to the SFT path (method=sft, whose adapter can serve as "
+                    "metatuner.warmup_actor_adapter); see docs/scaling.md.", what, accelerator.distributed_type)
 
 
 def end_training(accelerator) -> None:
