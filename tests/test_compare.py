@@ -43,6 +43,11 @@ def test_compare_runs_each_method_once_and_reports_intervals(tiny_dir, tmp_path,
     capsys.readouterr()
     compare(path)
     assert capsys.readouterr().out.count("skipping") == 5
+    (tmp_path / "results" / "toy.json").unlink()
+    assert compare(path, report_only=True) == results  # nothing runs, the same results come back
+    assert "skipping" not in capsys.readouterr().out
+    (tmp_path / "results" / "toy.json").unlink()
+    assert compare(path, report_only=True) == results  # nothing runs, the same results come back
 
 
 def test_compare_seeded_sample_full_split_and_overrides(tiny_dir, tmp_path):

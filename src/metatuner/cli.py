@@ -281,19 +281,20 @@ def compare_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="Comparison YAML (see configs/compare-*.yaml)."),
     only: Optional[str] = typer.Option(None, help="Comma-separated methods to run now (the report covers all)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the shared run config."),
+    report_only: bool = typer.Option(False, "--report-only", help="Run nothing; rewrite the results from the runs."),
 ) -> None:
     """Run every method of a comparison under one budget (skipping finished ones) and write the results table."""
     from .compare import compare, load_compare_config, method_config
 
     try:
         cmp = load_compare_config(config, overrides)
-        for name in cmp.methods:  # architecture checks for every method before the first one trains
+        for name in [] if report_only else cmp.methods:  # architecture checks before the first method trains
             if name != "zero_shot":
                 try:
                     _check_models(method_config(cmp, name))
                 except ConfigError as err:
                     raise ConfigError(f"method `{name}`: {err}") from None
-        compare(config, only.split(",") if only else None, overrides)
+        compare(config, only.split(",") if only else None, overrides, report_only)
     except ConfigError as err:
         _fail(str(err))
 

@@ -170,7 +170,10 @@ def _train_search(run_cfg: RunConfig, name: str, out: Path):
     return (out / "best_prompt.txt").read_text().strip(), adapter
 
 
-def compare(config_path: str | Path, only: list[str] | None = None, overrides: list[str] | None = None) -> dict:
+def compare(config_path: str | Path, only: list[str] | None = None, overrides: list[str] | None = None,
+            report_only: bool = False) -> dict:
+    """Run the methods that have not finished (all, or those in `only`), then write the results of every finished
+    one. `report_only` runs nothing: it rewrites the results from the run folders as they are."""
     cfg = load_compare_config(config_path, overrides)
     names = list(cfg.methods)
     unknown = sorted(set(only or []) - set(names))
@@ -183,7 +186,7 @@ def compare(config_path: str | Path, only: list[str] | None = None, overrides: l
     if cfg.eval_sample is not None:
         evals += [(name, True) for name in order if name in cfg.full_test_methods]
     for name, full in evals:
-        if only and name not in only:
+        if report_only or (only and name not in only):
             continue
         label = f"{name} (whole test split)" if full else name
         if (runs / name / ("eval-full" if full else "eval") / "metrics.json").is_file():
