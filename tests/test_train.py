@@ -169,3 +169,16 @@ def test_memory_estimate_counts_the_model_exactly_and_names_the_knobs(tiny_dir, 
     with pytest.raises(MemoryEstimateError, match="train.gradient_checkpointing=true") as err:
         assert_fits(est, free_bytes=est.total // 2, device="cuda:0")
     assert "train.batch_size" in str(err.value) and "fsdp.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3])
+def test_rollouts_under_schedule_i_count_sr_steps(block):
+    """Rollouts run on every `rollout_every`-th SR step. Counting all steps instead left D2 unchanged for the whole
+    of a schedule-I run with interleave_block=1 and rollout_every=2 (SR trains only on even steps)."""
+    from metatuner.train import sr_steps_before
+
+    sr_steps = [step for step in range(1, 30) if ((step - 1) // block) % 2 == 1]
+    assert [sr_steps_before(step, "I", block) for step in sr_steps] == list(range(len(sr_steps)))
+    assert [sr_steps_before(step, "J", block) for step in range(1, 5)] == [0, 1, 2, 3]
+    with_rollouts = [step for step in sr_steps if sr_steps_before(step, "I", block) % 2 == 0]
+    assert len(with_rollouts) == -(-len(sr_steps) // 2)

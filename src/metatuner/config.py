@@ -156,7 +156,7 @@ class MetaTunerSettings:
     sync_every: int = _help("Copy phi_p into the frozen phi_p' every N steps.", 10)
     n_rollouts: int = _help("Sampled candidate prompts per query (p0 and the stored best are always added).", 4)
     rollout_temperature: float = _help("Sampling temperature T of candidate prompts.", 0.8)
-    rollout_every: int = _help("Run rollouts (and refresh D2) every N steps.", 1)
+    rollout_every: int = _help("Run rollouts (and refresh D2) every N steps that train the SR loss.", 1)
     reward: str = _help("likelihood (minus the gold answer's mean NLL) or exact_match (ties by likelihood).", "likelihood")
     lr_generator: float = _help("Learning rate of G's adapters.", 1e-4)
     lr_hyper: float = _help(

@@ -8,7 +8,7 @@
 Each step, for a batch of training queries x with initial instruction p0:
 1. G encodes the rewrite request (p0, x) once with {phi_s, phi_p'}: h for the hypernetwork, and a greedy prompt p.
 2. Task loss: NLL of y under M with LoRA F(h) given (p, x). Reaches phi_q and phi_s (through h).
-3. Rollouts (every `rollout_every` steps): n sampled prompts + p0 + the stored best, scored through M with the
+3. Rollouts (every `rollout_every` SR steps): n sampled prompts + p0 + the stored best, scored through M with the
    query's LoRA; the best goes to D2 when it beats the stored one.
 4. SR loss: NLL of D2's prompt for x under {phi_s, phi_p}, weighted by alpha. Reaches phi_s and phi_p.
 J adds both losses every step; I alternates blocks of `interleave_block` steps. phi_p' <- phi_p every `sync_every`.
@@ -400,7 +400,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
 def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: ExpertPromptStore, step: int, timer,
                   accelerator) -> tuple[list[_Term], dict[str, float]]:
     """One step's forward on this rank's rows under the configured schedule (J: task + alpha * SR; I: alternating
-    blocks), with rollouts refreshing D2 every `rollout_every` steps; returns the loss terms (none when nothing
+    blocks), with rollouts refreshing D2 every `rollout_every` SR steps; returns the loss terms (none when nothing
     trains in this step) and scalars to log."""
     s = cfg.metatuner
     logs: dict[str, float] = {}
@@ -431,7 +431,7 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
                 task_loss = mt.task_loss(chats, targets, factors, cfg.train.max_length)
         count = _target_tokens(mt.m_tok, chats, targets, cfg.train.max_length) if n > 1 else 1
         terms.append(_Term("task", task_loss, 1.0, count, lambda: _actor_with(mt, factors)))
-    if do_sr and (step - 1) % s.rollout_every == 0:
+    if do_sr and sr_steps_before(step, s.schedule, s.interleave_block) % s.rollout_every == 0:
         with timer("rollouts"):
             result = run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts,
                                   temperature=s.rollout_temperature, reward=s.reward,
@@ -451,6 +451,15 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
         count = _target_tokens(mt.g_tok, requests, best, s.max_request_tokens) if n > 1 else 1
         terms.append(_Term("sr", sr, s.sr_weight, count, lambda: mt.role("learner")))
     return terms, logs
+
+
+def sr_steps_before(step: int, schedule: str, block: int) -> int:
+    """How many steps before `step` (1-based) trained the SR loss. Rollouts count these, not all steps: under
+    schedule I only every other block trains SR, and counting all steps would never land on one when
+    `rollout_every` and the block length share a factor (D2 would then never change)."""
+    if schedule == "J":
+        return step - 1
+    return ((step - 1) // (2 * block)) * block + max(0, (step - 1) % (2 * block) - block)
 
 
 def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator, rng) -> dict:
