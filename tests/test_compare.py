@@ -1,5 +1,6 @@
 """`metatuner compare` on a tiny model: every listed method runs once, results carry paired intervals."""
 
+import gzip
 import json
 
 import pytest
@@ -63,6 +64,8 @@ def test_compare_seeded_sample_full_split_and_overrides(tiny_dir, tmp_path):
     assert list(full["methods"]) == ["zero_shot"] and full["methods"]["zero_shot"]["n_eval"] == 6
     assert results["overrides"] == ["eval.max_new_tokens=2"]
     assert (tmp_path / "results" / "toy-training.png").is_file()  # SFT's loss curve
+    with gzip.open(tmp_path / "results" / "samples" / "toy" / "sft.jsonl.gz", "rt") as f:
+        assert [json.loads(line)["id"] for line in f] == ids
     # Another seed draws other items (the sample is seeded, not the first N).
     (tmp_path / "other").mkdir()
     other = _config(tmp_path / "other", tiny_dir, {"zero_shot": {}}, eval_sample=4, eval_sample_seed=4)

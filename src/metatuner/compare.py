@@ -12,16 +12,19 @@ comparison can span several sittings. `key=value` overrides after the config app
 
 Every method is evaluated on the same items: the whole test split, or a seeded sample of `eval_sample` items whose
 ids are listed in the results. Methods named in `full_test_methods` are also evaluated on the whole split
-(`<results_dir>/<name>-full.json`). Results go to `<results_dir>/<name>.json` and `.md`, with per-sample JSONL in
-each run folder, a plot of the scores with their 95% paired-bootstrap intervals and a plot of the training curves.
+(`<results_dir>/<name>-full.json`). Results go to `<results_dir>/<name>.json` and `.md`, with a plot of the scores
+with their 95% paired-bootstrap intervals, a plot of the training curves, and every method's per-item outputs
+(gzipped JSONL) under `<results_dir>/samples/<name>/`.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -217,6 +220,12 @@ def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, n
     _add_warmup_budget(results, cfg)
     with open(next(iter(finished.values()))[0] / "samples.jsonl") as f:
         results["eval_ids"] = [json.loads(line)["id"] for line in f]
+    samples = out / "samples" / stem  # per-item outputs beside the table, so its intervals can be recomputed
+    samples.mkdir(parents=True, exist_ok=True)
+    for name, (eval_dir, _) in finished.items():
+        with open(eval_dir / "samples.jsonl", "rb") as src, open(samples / f"{name}.jsonl.gz", "wb") as raw:
+            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as dst:  # mtime=0: same bytes for the same samples
+                shutil.copyfileobj(src, dst)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text(f"# {stem}\n\n" + markdown(results))
     plot_scores(results, out / f"{stem}.png")
