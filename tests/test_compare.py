@@ -36,7 +36,7 @@ def test_compare_runs_each_method_once_and_reports_intervals(tiny_dir, tmp_path,
     results = compare(path)
     assert set(results["methods"]) == {"zero_shot", "sft", "metatuner_j", "params_only", "opro"}
     for name, entry in results["methods"].items():
-        assert entry["n_eval"] == 6 and "command" in entry
+        assert entry["n_eval"] == 6 and entry["eval_command"] and entry["command"].endswith(entry["eval_command"])
         assert ("ci_vs_metatuner_j" in entry) == (name != "metatuner_j")
     assert results["methods"]["metatuner_j"]["warmup_train_examples"] == results["methods"]["sft"]["train_examples"]
     assert json.loads((tmp_path / "results" / "toy.json").read_text()) == results

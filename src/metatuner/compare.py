@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, command_line, load_config
 from .report import NOT_SCORES, collect, markdown
 
 SEARCH_METHODS = ("opro", "better_together")
@@ -156,7 +156,7 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
             train_metatuner(run_cfg)
         mt = MetaTuner.from_pretrained(out, device=run_cfg.model.device)
         result = mt.evaluate(test, **kwargs)
-    result.metrics["method"] = name
+    result.metrics.update(method=name, command=command_line())
     result.write(out / ("eval-full" if full else "eval"))
     return out
 

@@ -49,7 +49,8 @@ def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict
                 entry["peak_rss_mb"] = train["peak_rss_mb"]
         else:
             entry.update({"train_examples": 0, "train_seconds": 0})
-        entry["command"] = " && ".join(c for c in (entry.get("train_command"), entry["eval_command"]) if c)
+        # One command when training and evaluation ran as one (`metatuner compare`).
+        entry["command"] = " && ".join(dict.fromkeys(c for c in (entry.get("train_command"), entry["eval_command"]) if c))
         results["methods"][name] = entry
         items[name] = _per_item(eval_dir, metric_names[0])
     if "metatuner_j" in items:
