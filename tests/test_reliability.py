@@ -167,6 +167,22 @@ def test_bad_input_on_bad_row_flag_of_eval_and_train(tiny_dir, tmp_path):
     assert not (tmp_path / "run").exists()  # all of this before any model loads or any run folder is made
 
 
+def test_bad_input_skip_leaves_over_long_examples_out_of_training(tiny_dir, tmp_path):
+    from metatuner.baselines.sft import train_sft
+    from metatuner.config import load_config
+    from metatuner.tasks import DataWarning
+
+    path = _jsonl(tmp_path / "d.jsonl", [{"question": "1 + 1", "answer": "2"}, {"question": "word " * 200, "answer": "3"},
+                                         {"question": "2 + 2", "answer": "4"}])
+    cfg = load_config(None, ["method=sft", f"model.name={tiny_dir}", "model.device=cpu", f"output_dir={tmp_path / 'run'}",
+                             "data.task=custom", f"data.task_options={{path: {path}}}", "data.on_bad_row=skip",
+                             "train.max_length=128", "train.batch_size=2", "train.mixed_precision=fp32",
+                             "lora.target_modules=[q_proj]"])
+    with pytest.warns(DataWarning, match="line 2"):
+        out = train_sft(cfg)
+    assert json.loads((out / "train_metrics.json").read_text())["unique_train_examples"] == 2
+
+
 # ----- bad configs: checked against the models' config.json before weights load ---------------------------------
 
 

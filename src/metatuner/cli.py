@@ -124,39 +124,35 @@ def _check_models(cfg) -> None:
     check_model_settings(cfg)
 
 
-def _token_counter(tokenizer):
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _check_train_lengths(cfg) -> None:
     """Training examples whose question and target alone exceed train.max_length would be cut short: stop on
-    them (naming file and line) before any weights load, or with on_bad_row=skip say which ones are cut."""
+    them (naming file and line) before any weights load, or with on_bad_row=skip say which ones are left out."""
     import warnings
 
     from .models import load_tokenizer
-    from .tasks import check_lengths, get_task
+    from .tasks import check_lengths, get_task, token_counter
 
     task = get_task(cfg.data.task, **cfg.data.task_options)
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     tokenizer = load_tokenizer(cfg.model.actor or cfg.model.name, cfg.model.trust_remote_code)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        check_lengths(examples, _token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
+        check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
     for warning in caught:
-        typer.secho(f"warning: longer than train.max_length={cfg.train.max_length}, so truncated in training: "
+        typer.secho(f"warning: longer than train.max_length={cfg.train.max_length}, so left out of training: "
                     f"{warning.message}", fg=typer.colors.YELLOW, err=True)
 
 
 def _fit_context(examples, model, tokenizer, max_new_tokens: int, on_bad_row: str | None):
     """Evaluation items whose question leaves no room for the answer in the model's context window fail (naming
     file, line and field), or with on_bad_row=skip are dropped and reported."""
-    from .tasks import check_lengths
+    from .tasks import check_lengths, token_counter
 
     context = getattr(model.config, "max_position_embeddings", None)
     if not context:
         return examples
     try:
-        return check_lengths(examples, _token_counter(tokenizer), context - max_new_tokens, on_bad_row or "error",
+        return check_lengths(examples, token_counter(tokenizer), context - max_new_tokens, on_bad_row or "error",
                              fields=("question",))
     except ValueError as err:
         _fail(str(err))

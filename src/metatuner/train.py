@@ -52,7 +52,7 @@ from .memory import check_memory
 from .metatuner import MetaTuner
 from .models import load_generator_and_actor
 from .rollouts import ExpertPromptStore, run_rollouts
-from .tasks import get_task
+from .tasks import check_lengths, get_task, token_counter
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,9 @@ def train_metatuner(cfg: RunConfig) -> Path:
     if cfg.train.check_memory:
         check_memory(cfg, accelerator.device, num_processes=accelerator.num_processes, verbose=main)
     mt = build_metatuner(cfg, str(accelerator.device))
+    # Over-long examples stop the run (naming file and line) or, with on_bad_row=skip, are left out: cut to
+    # max_length they would train on a question without its answer.
+    examples = check_lengths(examples, token_counter(mt.m_tok), cfg.train.max_length, cfg.data.on_bad_row)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(mt)
     store = ExpertPromptStore.load(s.expert_prompts) if s.expert_prompts else ExpertPromptStore()

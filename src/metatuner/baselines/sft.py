@@ -41,7 +41,7 @@ from ..distributed import end_training, rank_rng_states, restore_rank_rng
 from ..generation import chat_prompt, lm_batch
 from ..memory import check_memory
 from ..models import load_model
-from ..tasks import get_task
+from ..tasks import check_lengths, get_task, token_counter
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -114,6 +114,8 @@ def train_sft(cfg: RunConfig) -> Path:
     model.train()
     _wrap_lora_separately(accelerator, model)
 
+    # Over-long examples stop the run or, with on_bad_row=skip, are left out (cut, they would lose their answer).
+    examples = check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
     pairs = sft_pairs(task, examples, prompt, tokenizer)
     steps_per_epoch = -(-len(pairs) // (cfg.train.batch_size * cfg.train.grad_accum))
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs

@@ -18,7 +18,7 @@ from pathlib import Path
 from .base import Example, Task
 from .cosmosqa import CosmosQATask
 from .custom import CustomTask
-from .data_io import DataError, DataWarning, check_lengths, read_csv, read_jsonl
+from .data_io import DataError, DataWarning, check_lengths, read_csv, read_jsonl, token_counter
 from .gsm8k import GSM8KTask
 from .hotpotqa import HotpotQATask
 from .math import MATHTask
@@ -42,6 +42,7 @@ __all__ = [
     "read_csv",
     "read_jsonl",
     "register_task",
+    "token_counter",
 ]
 
 TaskFactory = Callable[..., Task]

@@ -182,6 +182,11 @@ def _warn_skipped(skipped: list[DataError], source: str, unit: str) -> None:
     )
 
 
+def token_counter(tokenizer) -> Callable[[str], int]:
+    """A `count_tokens` for `check_lengths`: the tokenizer's length of a text, without special tokens."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def check_lengths(
     examples: Sequence[Any],
     count_tokens: Callable[[str], int],
