@@ -182,3 +182,15 @@ def test_rollouts_under_schedule_i_count_sr_steps(block):
     assert [sr_steps_before(step, "J", block) for step in range(1, 5)] == [0, 1, 2, 3]
     with_rollouts = [step for step in sr_steps if sr_steps_before(step, "I", block) % 2 == 0]
     assert len(with_rollouts) == -(-len(sr_steps) // 2)
+
+
+def test_bad_input_p0_longer_than_the_prompt_limit_is_reported(tiny_dir, tmp_path, caplog):
+    """G's prompts are cut at max_prompt_tokens: a p0 longer than that could never be written back whole."""
+    with caplog.at_level("WARNING", logger="metatuner.train"):
+        train_metatuner(_cfg(tiny_dir, tmp_path / "short", "train.max_steps=1", "metatuner.warmup_generator=false"))
+    assert "longer than metatuner.max_prompt_tokens=4" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="metatuner.train"):
+        train_metatuner(_cfg(tiny_dir, tmp_path / "long", "train.max_steps=1", "metatuner.warmup_generator=false",
+                             "metatuner.max_prompt_tokens=200"))
+    assert "max_prompt_tokens" not in caplog.text

@@ -257,6 +257,11 @@ def train_metatuner(cfg: RunConfig) -> Path:
     # Over-long examples stop the run (naming file and line) or, with on_bad_row=skip, are left out: cut to
     # max_length they would train on a question without its answer.
     examples = check_lengths(examples, token_counter(mt.m_tok), cfg.train.max_length, cfg.data.on_bad_row)
+    p0_tokens = token_counter(mt.g_tok)(p0)
+    if s.use_prompt and p0_tokens > s.max_prompt_tokens:
+        # G's prompts are cut at max_prompt_tokens, so it could not even write p0 back.
+        log.warning("p0 is %d tokens, longer than metatuner.max_prompt_tokens=%d: every prompt G writes is cut "
+                    "short; raise metatuner.max_prompt_tokens", p0_tokens, s.max_prompt_tokens)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(mt)
     store = ExpertPromptStore.load(s.expert_prompts) if s.expert_prompts else ExpertPromptStore()
