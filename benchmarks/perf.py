@@ -218,7 +218,9 @@ def _details_md(d: dict) -> list[str]:
                    f"generate at batch 1 {x['hf_batch1_tokens_per_s']['median']:.4g} tokens/s, llama.cpp at batch 1 "
                    + (f"{llama['median']:.4g} tokens/s ({x['llama_cpp_gguf']}, ours/llama.cpp = "
                       f"{x['ours_over_llama_cpp']})" if llama else "not measured")
-                   + f". {x['what']}. With MetaTuner's per-query LoRA: {x['with_per_query_lora_tokens_per_s']['median']:.4g} "
+                   + f". {x['what']}. Both in fp32: {x.get('ratio_both_fp32')}x. All settings (tokens/s): "
+                   + ", ".join(f"{k} {v['median']:.4g}" for k, v in x.get("tokens_per_s_by_setting", {}).items())
+                   + f". With MetaTuner's per-query LoRA (fp32): {x['with_per_query_lora_tokens_per_s']['median']:.4g} "
                    f"tokens/s.")
     if "memory_vs_sft" in d:
         x = d["memory_vs_sft"]
