@@ -130,10 +130,15 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + now() - start
 
 
-def j_step_loss(mt, task, rows, p0: str, store, timer: PhaseTimer, max_length: int = 512):
+def j_step_loss(mt, task, rows, p0: str, store, timer: PhaseTimer, max_length: int = 512,
+                backward_each: bool = False):
     """The loss of one schedule-J step with rollouts, from MetaTuner's public API (the order of
     `metatuner.train`): write prompts with {phi_s, phi_p'} (h keeps its gradient), task loss through M with the
-    per-query LoRA, rollouts refreshing D2, SR loss on D2's prompts. Call under autocast, backward outside."""
+    per-query LoRA, rollouts refreshing D2, SR loss on D2's prompts. Call under autocast, backward outside.
+
+    backward_each: run the task loss's backward as soon as it is computed (the same gradients, since the two
+    losses' graphs only meet in the parameters), so its activations are freed before rollouts and the SR loss
+    build theirs; the returned loss is then the SR term alone."""
     from metatuner.rollouts import run_rollouts
 
     s = mt.settings
@@ -144,6 +149,10 @@ def j_step_loss(mt, task, rows, p0: str, store, timer: PhaseTimer, max_length: i
     with timer("task_loss"):
         chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(written.prompts, rows)]
         loss = mt.task_loss(chats, [ex.target for ex in rows], factors, max_length)
+        if backward_each:
+            with mt.role("actor"), mt.lora.apply(factors):
+                loss.backward()
+            loss, factors = 0.0, factors.detach()
     with timer("rollouts"):
         run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts, temperature=s.rollout_temperature,
                      reward=s.reward, batch_size=16)

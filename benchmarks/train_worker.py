@@ -38,6 +38,8 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--backward-each-loss", action="store_true",
+                   help="metatuner: backward the task loss before rollouts and the SR loss (see j_step_loss)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="wall", help="see benchmarks/common.py CLOCK")
     return p.parse_args(argv)
 
@@ -61,7 +63,8 @@ def main(argv=None) -> dict:
     examples = task.load("train", limit=(args.steps + 1) * args.batch_size)
     p0 = task.default_prompt
     torch.manual_seed(0)
-    step_fn, loaded = (_metatuner_step if args.mode == "metatuner" else _sft_step)(cfg, task, p0)
+    step_fn, loaded = (_metatuner_step if args.mode == "metatuner" else _sft_step)(cfg, task, p0,
+                                                                                   args.backward_each_loss)
     after_load = rss_mb()
     seconds, phases = [], {}
     for step in range(1, args.steps + 2):
@@ -76,7 +79,7 @@ def main(argv=None) -> dict:
     return result
 
 
-def _metatuner_step(cfg, task, p0):
+def _metatuner_step(cfg, task, p0, backward_each=False):
     from bench_setup import PhaseTimer, j_step_loss
     from metatuner.metatuner import MetaTuner
     from metatuner.models import load_model
@@ -91,7 +94,7 @@ def _metatuner_step(cfg, task, p0):
     def step(rows, index, precision):
         timer = PhaseTimer()
         with autocast(precision):  # as metatuner.train: forward under autocast, backward outside
-            loss = j_step_loss(mt, task, rows, p0, store, timer, cfg.train.max_length)
+            loss = j_step_loss(mt, task, rows, p0, store, timer, cfg.train.max_length, backward_each)
         with timer("backward"):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -102,7 +105,7 @@ def _metatuner_step(cfg, task, p0):
     return step, {"trainable_parameters": sum(p.numel() for p in params)}
 
 
-def _sft_step(cfg, task, p0):
+def _sft_step(cfg, task, p0, backward_each=False):
     from peft import LoraConfig, get_peft_model
 
     from metatuner.baselines.sft import sft_pairs
