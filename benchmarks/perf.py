@@ -159,7 +159,8 @@ def render_markdown(data: dict, md_path: Path) -> str:
         "repetitions. Written by `benchmarks/perf.py`; regenerate with `make bench` (or `make bench-quick` for the "
         "tiny model).",
         "",
-        f"- Date: {data.get('date')}; model: `{data.get('settings', {}).get('model')}`; command: `{data.get('command')}`",
+        f"- Date: {data.get('date')}; model: `{data.get('settings', {}).get('model')}`; command: `{data.get('command')}` "
+        "(figures measured again with --only carry their own command below)",
         f"- Machine: {m.get('cpu_model')}, {m.get('usable_cpus')} usable CPUs, torch {m.get('torch')}, "
         f"torch threads {m.get('torch_threads')} (interop {m.get('torch_interop_threads')}), "
         f"thread variables {m.get('env_threads') or 'unset'}",
@@ -229,7 +230,11 @@ def _details_md(d: dict) -> list[str]:
                    f"{x['rss_after_model_load_mb']['metatuner']['median']:.0f} / {x['rss_after_model_load_mb']['sft']['median']:.0f} MiB, "
                    f"so training adds {x['training_increment_mb']['metatuner']['median']:.0f} / "
                    f"{x['training_increment_mb']['sft']['median']:.0f} MiB. {x['metatuner_step']}. Commands: "
-                   + "; ".join(f"`{c}`" for c in x["commands"].values()) + ".")
+                   + "; ".join(f"`{c}`" for c in x["commands"].values()) + "."
+                   + (f" With the task loss's backward run before rollouts and the SR loss (same gradients; not what "
+                      f"metatuner.train does today): {x['backward_each_loss']['peak_rss_mb']:.0f} MiB, ratio "
+                      f"{x['backward_each_loss']['ratio']} (`{x['backward_each_loss']['command']}`)."
+                      if "backward_each_loss" in x else ""))
     if "eval_examples_per_s" in d:
         x = d["eval_examples_per_s"]
         out.append(f"- **eval_examples_per_s**: {x['examples_per_s']} examples/s ({x['what']}; data {x['data']}); "
