@@ -339,22 +339,33 @@ def train_metatuner(cfg: RunConfig) -> Path:
                                   f"last good state is saved in {path}. Lower the learning rates or check "
                                   "the data.")
 
+    means: dict[str, float] = {}  # the step's global loss means, filled as each loss is released
+
+    def release(term: _Term) -> None:
+        # Backward as soon as a loss exists, so that its graph is freed before the step's next phase (rollouts,
+        # the SR loss) runs and a step holds one graph at a time. The terms' graphs are disjoint, so the
+        # gradients equal one backward of their sum.
+        term_means, (scale,) = _combine([term], accelerator)
+        means.update(term_means)
+        if np.isfinite(term_means[term.name]):  # a non-finite loss skips the whole update below
+            with timer("backward"), torch.autocast(accelerator.device.type, enabled=False):
+                _backward([term], [scale])
+
     interrupt = _Interrupt()  # SIGINT/SIGTERM finish the current step, save a checkpoint and stop
     try:
         for step in bar:
             rows_global = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
             rows = shard(rows_global, accelerator)
+            means.clear()
             with accelerator.autocast():
-                terms, logs = _step_forward(mt, cfg, task, rows, p0, store, step, timer, accelerator)
+                terms, logs = _step_forward(mt, cfg, task, rows, p0, store, step, timer, accelerator, release)
             if not terms:
                 continue
-            means, scales = _combine(terms, accelerator)
             total = sum(t.weight * means[t.name] for t in terms)
             if not np.isfinite(total):  # the same on every rank: the means are global
                 skip(step, f"non-finite loss ({total})")
                 continue
             with timer("backward"):
-                _backward(terms, scales)
                 average_gradients([p for p in g_params + h_params if p.grad is not None], accelerator)
                 # A finite loss can still give an inf/NaN gradient (an overflow in bf16); one such update would
                 # turn every weight into NaN, so it is skipped like a non-finite loss.
@@ -406,10 +417,10 @@ def train_metatuner(cfg: RunConfig) -> Path:
 
 
 def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: ExpertPromptStore, step: int, timer,
-                  accelerator) -> tuple[list[_Term], dict[str, float]]:
+                  accelerator, release: Callable[[_Term], None]) -> tuple[list[_Term], dict[str, float]]:
     """One step's forward on this rank's rows under the configured schedule (J: task + alpha * SR; I: alternating
-    blocks), with rollouts refreshing D2 every `rollout_every` SR steps; returns the loss terms (none when nothing
-    trains in this step) and scalars to log."""
+    blocks), with rollouts refreshing D2 every `rollout_every` SR steps. Each loss goes to `release` (its backward)
+    as soon as it is computed; returns the loss terms (none when nothing trains in this step) and scalars to log."""
     s = cfg.metatuner
     logs: dict[str, float] = {}
     n = accelerator.num_processes
@@ -419,7 +430,9 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
         # its examples (not tokens) weight the mean.
         with timer("task_loss"):
             loss, _ = gumbel_task_loss(mt, task, rows, p0, s.max_prompt_tokens, s.gumbel_tau, cfg.train.max_length)
-        return [_Term("task", loss, 1.0, len(rows), contextlib.nullcontext)], logs
+        terms = [_Term("task", loss, 1.0, len(rows), contextlib.nullcontext)]
+        release(terms[0])
+        return terms, logs
     block = (step - 1) // s.interleave_block
     do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
     do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
@@ -439,6 +452,7 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
                 task_loss = mt.task_loss(chats, targets, factors, cfg.train.max_length)
         count = _target_tokens(mt.m_tok, chats, targets, cfg.train.max_length) if n > 1 else 1
         terms.append(_Term("task", task_loss, 1.0, count, lambda: _actor_with(mt, factors)))
+        release(terms[-1])
     if do_sr and sr_steps_before(step, s.schedule, s.interleave_block) % s.rollout_every == 0:
         with timer("rollouts"):
             result = run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts,
@@ -458,6 +472,7 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
                 sr = mt.sr_loss(requests, best)
         count = _target_tokens(mt.g_tok, requests, best, s.max_request_tokens) if n > 1 else 1
         terms.append(_Term("sr", sr, s.sr_weight, count, lambda: mt.role("learner")))
+        release(terms[-1])
     return terms, logs
 
 
