@@ -130,15 +130,12 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + now() - start
 
 
-def j_step_loss(mt, task, rows, p0: str, store, timer: PhaseTimer, max_length: int = 512,
-                backward_each: bool = False):
-    """The loss of one schedule-J step with rollouts, from MetaTuner's public API (the order of
-    `metatuner.train`): write prompts with {phi_s, phi_p'} (h keeps its gradient), task loss through M with the
-    per-query LoRA, rollouts refreshing D2, SR loss on D2's prompts. Call under autocast, backward outside.
-
-    backward_each: run the task loss's backward as soon as it is computed (the same gradients, since the two
-    losses' graphs only meet in the parameters), so its activations are freed before rollouts and the SR loss
-    build theirs; the returned loss is then the SR term alone."""
+def j_step_backward(mt, task, rows, p0: str, store, timer: PhaseTimer, max_length: int = 512) -> None:
+    """The forward and backward of one schedule-J step with rollouts, from MetaTuner's public API, in the order of
+    `metatuner.train`: write prompts with {phi_s, phi_p'} (h keeps its gradient), task loss through M with the
+    per-query LoRA and its backward, rollouts refreshing D2, SR loss on D2's prompts and its backward. As in
+    `metatuner.train`, each loss's backward runs as soon as the loss exists (outside autocast), so the step holds
+    one graph at a time. Call under autocast; the optimiser step is the caller's."""
     from metatuner.rollouts import run_rollouts
 
     s = mt.settings
@@ -149,13 +146,12 @@ def j_step_loss(mt, task, rows, p0: str, store, timer: PhaseTimer, max_length: i
     with timer("task_loss"):
         chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(written.prompts, rows)]
         loss = mt.task_loss(chats, [ex.target for ex in rows], factors, max_length)
-        if backward_each:
-            with mt.role("actor"), mt.lora.apply(factors):
-                loss.backward()
-            loss, factors = 0.0, factors.detach()
+    with timer("backward"), torch.autocast("cpu", enabled=False), mt.role("actor"), mt.lora.apply(factors):
+        loss.backward()
     with timer("rollouts"):
-        run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts, temperature=s.rollout_temperature,
-                     reward=s.reward, batch_size=16)
+        run_rollouts(mt, task, rows, p0, factors.detach(), store, n=s.n_rollouts,
+                     temperature=s.rollout_temperature, reward=s.reward, batch_size=16)
     with timer("sr_loss"):
-        loss = loss + s.sr_weight * mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
-    return loss
+        sr = mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
+    with timer("backward"), torch.autocast("cpu", enabled=False), mt.role("learner"):
+        (s.sr_weight * sr).backward()

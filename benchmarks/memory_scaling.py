@@ -43,8 +43,6 @@ def memory_vs_sft(b: Bench) -> dict:
     for _ in range(repeats):
         for mode in runs:
             runs[mode].append(run_worker(b, mode))
-    # What freeing the task loss's activations before rollouts and the SR loss would give (see j_step_loss).
-    early = run_worker(b, "metatuner", backward_each_loss="")
     peak = {m: [r["peak_rss_mb"] for r in rs] for m, rs in runs.items()}
     loaded = {m: [r["rss_after_load_mb"] for r in rs] for m, rs in runs.items()}
     extra = {m: [p - l for p, l in zip(peak[m], loaded[m])] for m in runs}
@@ -58,15 +56,10 @@ def memory_vs_sft(b: Bench) -> dict:
         "rss_after_model_load_mb": {m: Summary(v).as_dict(1) for m, v in loaded.items()},
         "training_increment_mb": {m: Summary(v).as_dict(1) for m, v in extra.items()},
         "step_seconds": {m: [r["step_seconds"] for r in rs] for m, rs in runs.items()},
-        "backward_each_loss": {"peak_rss_mb": early["peak_rss_mb"],
-                               "ratio": round(early["peak_rss_mb"] / Summary(peak["sft"]).median, 4),
-                               "command": early["command"],
-                               "what": "MetaTuner with the task loss's backward run before rollouts and the SR loss "
-                                       "(same gradients); not what metatuner.train does today"},
         "trainable_parameters": {m: rs[0]["trainable_parameters"] for m, rs in runs.items()},
         "commands": {m: rs[0]["command"] for m, rs in runs.items()},
-        "metatuner_step": "bench_setup.j_step_loss (write prompts, task loss, rollouts n=4 every step, SR loss) "
-                          "+ backward + AdamW; SFT: PEFT LoRA r=16 on all 7 linear types (the SFT baseline's "
+        "metatuner_step": "bench_setup.j_step_backward (write prompts, task loss and its backward, rollouts "
+                          "n=4 every step, SR loss and its backward) + AdamW; SFT: PEFT LoRA r=16 on all 7 linear types (the SFT baseline's "
                           "defaults) + backward + AdamW",
     }
 

@@ -230,11 +230,7 @@ def _details_md(d: dict) -> list[str]:
                    f"{x['rss_after_model_load_mb']['metatuner']['median']:.0f} / {x['rss_after_model_load_mb']['sft']['median']:.0f} MiB, "
                    f"so training adds {x['training_increment_mb']['metatuner']['median']:.0f} / "
                    f"{x['training_increment_mb']['sft']['median']:.0f} MiB. {x['metatuner_step']}. Commands: "
-                   + "; ".join(f"`{c}`" for c in x["commands"].values()) + "."
-                   + (f" With the task loss's backward run before rollouts and the SR loss (same gradients; not what "
-                      f"metatuner.train does today): {x['backward_each_loss']['peak_rss_mb']:.0f} MiB, ratio "
-                      f"{x['backward_each_loss']['ratio']} (`{x['backward_each_loss']['command']}`)."
-                      if "backward_each_loss" in x else ""))
+                   + "; ".join(f"`{c}`" for c in x["commands"].values()) + ".")
     if "eval_examples_per_s" in d:
         x = d["eval_examples_per_s"]
         out.append(f"- **eval_examples_per_s**: {x['examples_per_s']} examples/s ({x['what']}; data {x['data']}); "

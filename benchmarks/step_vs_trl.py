@@ -25,7 +25,7 @@ from datasets import Dataset, disable_progress_bars
 from transformers import get_linear_schedule_with_warmup
 
 import sft_loop_vs_trl as sft_bench
-from bench_setup import Bench, PhaseTimer, j_step_loss
+from bench_setup import Bench, PhaseTimer, j_step_backward
 from common import Summary, autocast, now
 from metatuner.config import MetaTunerSettings
 from metatuner.metatuner import MetaTuner
@@ -82,9 +82,8 @@ def run_full_j(base, tok, task, examples, b: Bench) -> tuple[float, dict]:
         timer = PhaseTimer()
         start = now()
         with autocast(b.precision):
-            loss = j_step_loss(mt, task, rows, task.default_prompt, store, timer, b.max_length)
+            j_step_backward(mt, task, rows, task.default_prompt, store, timer, b.max_length)
         with timer("backward"):
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             optimizer.step()
             scheduler.step()

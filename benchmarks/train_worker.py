@@ -4,8 +4,8 @@
     python benchmarks/train_worker.py --mode sft --model embedded:smollm2-135m-instruct --batch-size 8
 
 Prints one JSON line: seconds of every step (the first is a warm-up), RSS after loading the model, and the peak
-RSS of the process. metatuner: a schedule-J step (`bench_setup.j_step_loss`: prompt writing, task loss, rollouts
-every step, SR loss; then backward, AdamW); sft: the LoRA SFT step of `metatuner.baselines.sft` (PEFT LoRA with the project's
+RSS of the process. metatuner: a schedule-J step (`bench_setup.j_step_backward`: prompt writing, task loss and its
+backward, rollouts every step, SR loss and its backward; then AdamW); sft: the LoRA SFT step of `metatuner.baselines.sft` (PEFT LoRA with the project's
 default SFT settings, backward, AdamW), on the same batches. Both under bf16 autocast unless --precision fp32.
 """
 
@@ -38,8 +38,6 @@ def parse(argv=None):
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--backward-each-loss", action="store_true",
-                   help="metatuner: backward the task loss before rollouts and the SR loss (see j_step_loss)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="wall", help="see benchmarks/common.py CLOCK")
     return p.parse_args(argv)
 
@@ -63,8 +61,7 @@ def main(argv=None) -> dict:
     examples = task.load("train", limit=(args.steps + 1) * args.batch_size)
     p0 = task.default_prompt
     torch.manual_seed(0)
-    step_fn, loaded = (_metatuner_step if args.mode == "metatuner" else _sft_step)(cfg, task, p0,
-                                                                                   args.backward_each_loss)
+    step_fn, loaded = (_metatuner_step if args.mode == "metatuner" else _sft_step)(cfg, task, p0)
     after_load = rss_mb()
     seconds, phases = [], {}
     for step in range(1, args.steps + 2):
@@ -79,8 +76,8 @@ def main(argv=None) -> dict:
     return result
 
 
-def _metatuner_step(cfg, task, p0, backward_each=False):
-    from bench_setup import PhaseTimer, j_step_loss
+def _metatuner_step(cfg, task, p0):
+    from bench_setup import PhaseTimer, j_step_backward
     from metatuner.metatuner import MetaTuner
     from metatuner.models import load_model
     from metatuner.rollouts import ExpertPromptStore
@@ -94,9 +91,8 @@ def _metatuner_step(cfg, task, p0, backward_each=False):
     def step(rows, index, precision):
         timer = PhaseTimer()
         with autocast(precision):  # as metatuner.train: forward under autocast, backward outside
-            loss = j_step_loss(mt, task, rows, p0, store, timer, cfg.train.max_length, backward_each)
+            j_step_backward(mt, task, rows, p0, store, timer, cfg.train.max_length)
         with timer("backward"):
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -105,7 +101,7 @@ def _metatuner_step(cfg, task, p0, backward_each=False):
     return step, {"trainable_parameters": sum(p.numel() for p in params)}
 
 
-def _sft_step(cfg, task, p0, backward_each=False):
+def _sft_step(cfg, task, p0):
     from peft import LoraConfig, get_peft_model
 
     from metatuner.baselines.sft import sft_pairs
