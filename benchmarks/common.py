@@ -174,29 +174,3 @@ def load_summary() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         pass
     return info
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB: VmHWM on Linux. Not getrusage's ru_maxrss, which Linux keeps
-    across fork and exec, so a worker started by a big parent would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    import resource
-
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024, 1)
-
-
-def rss_mb() -> float:
-    """Current resident memory in MiB (Linux; 0 elsewhere)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return 0.0

@@ -22,7 +22,9 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 from bench_setup import TRAIN_TASK  # noqa: E402
-from common import autocast, now, peak_rss_mb, rss_mb  # noqa: E402
+from common import autocast, now  # noqa: E402
+
+from metatuner.config import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def parse(argv=None):

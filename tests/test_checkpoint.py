@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from metatuner import checkpoint as ckpt_module
 from metatuner.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from metatuner.testing import optimizer_with_state
 
 
 
@@ -69,16 +70,8 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_dir, tmp_path):
     assert d2[0] == d2[1]
 
 
-def _tiny_optimizer():
-    param = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.AdamW([param], lr=0.1)
-    param.grad = torch.ones(3)
-    optimizer.step()
-    return param, optimizer
-
-
 def test_resume_checkpoint_write_killed_midway_leaves_previous_whole(tmp_path, monkeypatch):
-    param, optimizer = _tiny_optimizer()
+    param, optimizer = optimizer_with_state()
     save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer, state={"x": 1})
 
     def full_disk(*args, **kwargs):
@@ -97,13 +90,13 @@ def test_resume_restores_optimizer_and_rng_and_keeps_the_newest(tmp_path):
 
     import numpy as np
 
-    param, optimizer = _tiny_optimizer()
+    param, optimizer = optimizer_with_state()
     torch.manual_seed(7), np.random.seed(7), random.seed(7)
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, tensors={"p": param}, optimizer=optimizer, keep=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     expected = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
-    _, fresh = _tiny_optimizer()
+    _, fresh = optimizer_with_state()
     torch.manual_seed(0), np.random.seed(0), random.seed(0)
     load_checkpoint(find_checkpoint(tmp_path, "auto")).restore(fresh)
     assert torch.equal(torch.rand(4), expected[0])  # torch, NumPy and Python streams all continue exactly
@@ -113,7 +106,7 @@ def test_resume_restores_optimizer_and_rng_and_keeps_the_newest(tmp_path):
 
 
 def test_fault_truncated_checkpoint_file_is_named(tmp_path):
-    param, optimizer = _tiny_optimizer()
+    param, optimizer = optimizer_with_state()
     path = save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer)
     weights = path / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:20])

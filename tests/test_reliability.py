@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from metatuner.tasks import get_task
+from metatuner.testing import optimizer_with_state
 from metatuner.tasks.reasoning_gym_task import EVAL_SCORERS, SYMPY_SCORERS, is_plain_math
 
 # ----- model output is never executed ------------------------------------------------------------------------
@@ -389,16 +390,6 @@ def test_trust_expert_prompts_file_is_validated(tmp_path):
 # ----- faults: nothing saved is lost, damage is named ---------------------------------------------------------
 
 
-def _optimizer_with_state():
-    import torch
-
-    param = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.AdamW([param], lr=0.1)
-    param.grad = torch.ones(3)
-    optimizer.step()
-    return param, optimizer
-
-
 @pytest.mark.parametrize("fail_at", ["optimizer.safetensors", "rng.safetensors", "state.json"])
 def test_fault_full_disk_mid_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, fail_at):
     import errno
@@ -408,7 +399,7 @@ def test_fault_full_disk_mid_save_leaves_the_previous_checkpoint_whole(tmp_path,
     from metatuner import checkpoint as ckpt
     from metatuner.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 
-    param, optimizer = _optimizer_with_state()
+    param, optimizer = optimizer_with_state()
     save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer, state={"x": 1})
     real_save_file, real_write_json = ckpt.save_file, ckpt._write_json
 
@@ -454,7 +445,7 @@ def _flip_a_byte(path, offset=-5):
 def test_fault_corrupted_checkpoint_names_the_file(tmp_path, name, damage):
     from metatuner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-    param, optimizer = _optimizer_with_state()
+    param, optimizer = optimizer_with_state()
     path = save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer)
     target = path / name
     if damage == "flip":

@@ -318,12 +318,33 @@ def command_line() -> str:
     return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
+def _proc_status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status (Linux), in MiB; None where there is no such file."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (what a run reports next to its timings)."""
+    """This process's peak resident memory so far, in MiB (what a run reports next to its timings). VmHWM on
+    Linux rather than getrusage's ru_maxrss, which survives fork and exec: a run started by a big parent process
+    (a test, a launcher, a benchmark) would report the parent's peak."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024, 1)  # macOS reports bytes
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux; 0 elsewhere)."""
+    return _proc_status_mb("VmRSS") or 0.0
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -80,3 +80,12 @@ def tiny_model(tokenizer: PreTrainedTokenizerFast, num_layers: int = 4, hidden_s
 def tiny_model_and_tokenizer(num_layers: int = 4, hidden_size: int = 64, seed: int = 0):
     tokenizer = tiny_tokenizer()
     return tiny_model(tokenizer, num_layers=num_layers, hidden_size=hidden_size, seed=seed), tokenizer
+
+
+def optimizer_with_state() -> tuple[torch.nn.Parameter, torch.optim.AdamW]:
+    """A parameter and an AdamW that has taken one step, so its state has tensors: for checkpoint tests."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    return param, optimizer
