@@ -184,6 +184,25 @@ def test_bad_input_skip_leaves_over_long_examples_out_of_training(tiny_dir, tmp_
     assert json.loads((out / "train_metrics.json").read_text())["unique_train_examples"] == 2
 
 
+def test_bad_input_cli_skip_reports_each_over_long_example_once(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from metatuner.cli import app
+    from metatuner.tasks import DataWarning
+
+    path = _jsonl(tmp_path / "d.jsonl", [{"question": "1 + 1", "answer": "2"}, {"question": "word " * 200, "answer": "3"},
+                                         {"question": "2 + 2", "answer": "4"}])
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: sft\nmodel: {{name: {tiny_dir}, device: cpu}}\noutput_dir: {tmp_path / 'run'}\n"
+                      f"data: {{task: custom, task_options: {{path: {path}}}}}\n"
+                      "train: {max_length: 128, batch_size: 2, mixed_precision: fp32}\nlora: {target_modules: [q_proj]}\n")
+    with pytest.warns(DataWarning) as record:
+        result = CliRunner().invoke(app, ["train", "--config", str(config), "--on-bad-row", "skip"])
+    assert result.exit_code == 0, result.output
+    reports = sum("line 2" in str(w.message) for w in record) + result.output.count("line 2")
+    assert reports == 1  # not once by the CLI and again by the trainer
+
+
 # ----- bad configs: checked against the models' config.json before weights load ---------------------------------
 
 

@@ -125,22 +125,18 @@ def _check_models(cfg) -> None:
 
 
 def _check_train_lengths(cfg) -> None:
-    """Training examples whose question and target alone exceed train.max_length would be cut short: stop on
-    them (naming file and line) before any weights load, or with on_bad_row=skip say which ones are left out."""
-    import warnings
-
+    """Training examples whose question and target alone exceed train.max_length would be cut short: stop on the
+    first one (naming file and line) before any weights load. With on_bad_row=skip the trainer leaves them out and
+    reports them itself, so there is nothing to do here."""
+    if cfg.data.on_bad_row == "skip":
+        return
     from .models import load_tokenizer
     from .tasks import check_lengths, get_task, token_counter
 
     task = get_task(cfg.data.task, **cfg.data.task_options)
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     tokenizer = load_tokenizer(cfg.model.actor or cfg.model.name, cfg.model.trust_remote_code)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
-    for warning in caught:
-        typer.secho(f"warning: longer than train.max_length={cfg.train.max_length}, so left out of training: "
-                    f"{warning.message}", fg=typer.colors.YELLOW, err=True)
+    check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, "error")
 
 
 def _fit_context(examples, model, tokenizer, max_new_tokens: int, on_bad_row: str | None):
