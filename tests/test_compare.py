@@ -32,18 +32,21 @@ def test_compare_runs_each_method_once_and_reports_intervals(tiny_dir, tmp_path,
     path = _config(tmp_path, tiny_dir, {"zero_shot": {}, "sft": {}, "metatuner_j": {},
                                         "params_only": {"metatuner.use_prompt": False},
                                         "opro": {"search.rounds": 1, "search.proposals_per_round": 1,
-                                                 "search.dev_size": 2}})
+                                                 "search.dev_size": 2},
+                                        "dpo": {"dpo.samples_per_question": 2, "dpo.gold_fallback": True}})
     results = compare(path)
-    assert set(results["methods"]) == {"zero_shot", "sft", "metatuner_j", "params_only", "opro"}
+    assert set(results["methods"]) == {"zero_shot", "sft", "metatuner_j", "params_only", "opro", "dpo"}
     for name, entry in results["methods"].items():
         assert entry["n_eval"] == 6 and entry["eval_command"] and entry["command"].endswith(entry["eval_command"])
         assert ("ci_vs_metatuner_j" in entry) == (name != "metatuner_j")
-    assert results["methods"]["metatuner_j"]["warmup_train_examples"] == results["methods"]["sft"]["train_examples"]
+    for name in ("metatuner_j", "dpo"):  # both start from the SFT run's adapter, counted in their budget
+        assert results["methods"][name]["warmup_train_examples"] == results["methods"]["sft"]["train_examples"]
+    assert str(tmp_path / "runs" / "sft" / "adapter") in (tmp_path / "runs" / "dpo" / "config.yaml").read_text()
     assert json.loads((tmp_path / "results" / "toy.json").read_text()) == results
     assert (tmp_path / "results" / "toy.png").is_file() and (tmp_path / "results" / "toy.md").is_file()
     capsys.readouterr()
     compare(path)
-    assert capsys.readouterr().out.count("skipping") == 5
+    assert capsys.readouterr().out.count("skipping") == 6
     (tmp_path / "results" / "toy.json").unlink()
     assert compare(path, report_only=True) == results  # nothing runs, the same results come back
     assert "skipping" not in capsys.readouterr().out

@@ -5,6 +5,7 @@
     metatuner eval --adapter runs/sft-gsm8k/adapter --task gsm8k --limit 50
     metatuner train --config configs/opro-arithmetic.yaml --eval                # OPRO-like instruction search
     metatuner train --config configs/better_together-arithmetic.yaml --eval     # search, SFT, search again
+    metatuner train --method dpo --config configs/sft-gsm8k.yaml dpo.init_adapter=runs/sft-gsm8k/adapter --eval
     metatuner train --config configs/smollm2-gsm8k.yaml                         # MetaTuner
     metatuner eval --run runs/metatuner-gsm8k --limit 50
     metatuner infer --run runs/metatuner-gsm8k "A robe takes 2 bolts of blue fiber and half that much white fiber..."
@@ -103,9 +104,12 @@ def train_cmd(
                 task_options=dict(cfg.data.task_options),
             )
         return
-    from .baselines.sft import train_sft
+    if cfg.method == "dpo":
+        from .baselines.dpo import train_dpo as train_adapter
+    else:
+        from .baselines.sft import train_sft as train_adapter
 
-    out = train_sft(cfg)
+    out = train_adapter(cfg)
     typer.echo(f"trained: {out}")
     if eval_after:
         _run_eval(

@@ -6,7 +6,7 @@
 
 The config has a `base` run config shared by all methods and a `methods` map from a method name to its overrides
 (`key: value` in the run config's dotted form). A method's kind comes from its name: `zero_shot`, `sft`, `opro`,
-`better_together`, and everything else is MetaTuner with the given overrides (`metatuner_j`, `metatuner_i`,
+`better_together`, `dpo`, and everything else is MetaTuner with the given overrides (`metatuner_j`, `metatuner_i`,
 `prompt_only`, `params_only`, `no_share`). A method whose `eval/metrics.json` exists is skipped, so a long
 comparison can span several sittings. `key=value` overrides after the config apply to `base`, so to every method.
 
@@ -90,11 +90,14 @@ def _dotlist(overrides: dict[str, Any] | None) -> list[str]:
 
 def method_config(cfg: CompareConfig, name: str) -> RunConfig:
     base = OmegaConf.create(cfg.base)
-    kind = name if name in ("zero_shot", "sft", *SEARCH_METHODS) else "metatuner"
+    kind = name if name in ("zero_shot", "sft", "dpo", *SEARCH_METHODS) else "metatuner"
     overrides = [f"method={'sft' if kind == 'zero_shot' else kind}", f"output_dir={Path(cfg.runs_dir) / name}"]
+    sft_adapter = Path(cfg.runs_dir) / "sft" / "adapter"
     if kind == "metatuner" and "sft" in cfg.methods:
         # MetaTuner's warm-up of M is the SFT baseline's adapter: the same run, not a second one.
-        overrides.append(f"metatuner.warmup_actor_adapter={Path(cfg.runs_dir) / 'sft' / 'adapter'}")
+        overrides.append(f"metatuner.warmup_actor_adapter={sft_adapter}")
+    if kind == "dpo" and "sft" in cfg.methods:
+        overrides.append(f"dpo.init_adapter={sft_adapter}")  # DPO starts from (and is anchored to) the SFT policy
     # A private file per call: comparisons of one config may run as several processes (`--only`) at once.
     fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".yaml")
     os.close(fd)
@@ -131,13 +134,14 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     test = eval_items(cfg, run_cfg, task, full)
     kwargs = dict(batch_size=run_cfg.eval.batch_size, max_new_tokens=run_cfg.eval.max_new_tokens,
                   mc_mode=run_cfg.eval.mc_mode)
-    if name == "zero_shot" or name == "sft" or name in SEARCH_METHODS:
+    if name in ("zero_shot", "sft", "dpo", *SEARCH_METHODS):
         prompt, adapter = run_cfg.data.prompt, None
-        if name == "sft":
+        if name in ("sft", "dpo"):
+            from .baselines.dpo import train_dpo
             from .baselines.sft import train_sft
 
             if not (out / "adapter" / "adapter_config.json").is_file():
-                train_sft(run_cfg)
+                (train_sft if name == "sft" else train_dpo)(run_cfg)
             adapter = out / "adapter"
         elif name in SEARCH_METHODS:
             prompt, adapter = _train_search(run_cfg, name, out)
@@ -236,7 +240,7 @@ def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, n
 
 
 def _add_warmup_budget(results: dict, cfg: CompareConfig) -> None:
-    """MetaTuner variants start from the SFT adapter: count its examples and seconds in their budget."""
+    """MetaTuner variants and DPO start from the SFT adapter: count its examples and seconds in their budget."""
     sft = results["methods"].get("sft")
     if not sft:
         return

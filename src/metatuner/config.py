@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
-METHODS = ("sft", "metatuner", "opro", "better_together")
+METHODS = ("sft", "metatuner", "opro", "better_together", "dpo")
 
 
 class ConfigError(ValueError):
@@ -192,8 +192,25 @@ class SearchSettings:
 
 
 @dataclass
+class DPOSettings:
+    """The DPO baseline: LoRA preference tuning (TRL's DPOTrainer) on pairs the policy samples itself."""
+
+    init_adapter: Optional[str] = _help(
+        "A PEFT adapter (usually the SFT baseline's) to start from; it is also DPO's reference policy. None: a "
+        "fresh LoRA on the base model, which is then the reference.", None)
+    samples_per_question: int = _help(
+        "Answers sampled per training question; the best- and worst-rewarded form its pair (free-text tasks).", 4)
+    temperature: float = _help("Sampling temperature of those answers.", 1.0)
+    gold_fallback: bool = _help(
+        "When no sampled answer of a question beats another, pair the gold answer with the worst sample instead "
+        "of dropping the question.", False)
+    beta: float = _help("DPO's beta: how far the policy may move from the reference.", 0.1)
+    lr: float = _help("Learning rate (AdamW) of the LoRA weights.", 5.0e-5)
+
+
+@dataclass
 class RunConfig:
-    method: str = _help("Training method: metatuner, sft, opro or better_together.", "metatuner")
+    method: str = _help("Training method: metatuner, sft, opro, better_together or dpo.", "metatuner")
     seed: int = _help("Seed for data order, sampling and initialisation.", 0)
     output_dir: str = _help("Run folder: config, logs, checkpoints, adapter and evaluation.", "runs/${method}-${data.task}")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -203,6 +220,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     metatuner: MetaTunerSettings = field(default_factory=MetaTunerSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -298,6 +316,10 @@ def validate(cfg: RunConfig) -> None:
         (cfg.search.max_instruction_tokens >= 1, "search.max_instruction_tokens", "must be at least 1"),
         (cfg.search.meta_prompt_top >= 1, "search.meta_prompt_top", "must be at least 1"),
         (cfg.search.examples_in_meta_prompt >= 0, "search.examples_in_meta_prompt", "must be 0 or more"),
+        (cfg.dpo.samples_per_question >= 2, "dpo.samples_per_question", "must be at least 2 (a pair needs two)"),
+        (cfg.dpo.temperature > 0, "dpo.temperature", "must be positive"),
+        (cfg.dpo.beta > 0, "dpo.beta", "must be positive"),
+        (cfg.dpo.lr > 0, "dpo.lr", "must be positive"),
         (cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
         (cfg.model.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", "must be float32, bfloat16, float16 or auto"),
     ]

@@ -110,7 +110,9 @@ def estimate_memory(cfg, num_processes: int = 1) -> MemoryEstimate:
     rows = -(-t.batch_size // num_processes)
     checkpointed = t.gradient_checkpointing
     est = MemoryEstimate()
-    if cfg.method in ("sft", "better_together"):
+    if cfg.method in ("sft", "better_together", "dpo"):
+        if cfg.method == "dpo":
+            rows *= 2  # DPO runs each pair's chosen and rejected answers as one batch
         m = _shape(cfg.model.actor or cfg.model.name, cfg.model.trust_remote_code)
         est.parts["weights"] = m.params * weight_bytes
         # fp32 value, gradient and two AdamW moments per LoRA parameter

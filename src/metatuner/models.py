@@ -222,7 +222,7 @@ def check_model_settings(cfg) -> None:
     m_linears = g_linears if m_config is g_config else linear_module_names(m_config, trust)
     s = cfg.metatuner
     checks: list[tuple[str, list[str], list[str], str]] = []  # (key, modules, linear names, which model)
-    if cfg.method in ("sft", "better_together") or (cfg.method == "metatuner" and s.warmup_actor_steps > 0):
+    if cfg.method in ("sft", "better_together", "dpo") or (cfg.method == "metatuner" and s.warmup_actor_steps > 0):
         checks.append(("lora.target_modules", cfg.lora.target_modules, m_linears, "the actor M"))
     if cfg.method == "metatuner":
         from .metatuner import resolve_share_depth

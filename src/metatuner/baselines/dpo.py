@@ -1,0 +1,145 @@
+"""DPO baseline: LoRA preference tuning (Rafailov et al. 2023) on pairs the policy samples itself, through TRL.
+
+    metatuner train --method dpo --config configs/sft-gsm8k.yaml dpo.init_adapter=runs/sft-gsm8k/adapter --eval
+
+1. **Pairs.** For a free-text task the policy samples `dpo.samples_per_question` answers to every training question
+   (instruction p0, `dpo.temperature`) and the task's reward scores them; the best and the worst form the
+   question's pair when their rewards differ. Questions where every sample ties are dropped, or with
+   `dpo.gold_fallback` pair the gold target with the worst sample. For a multiple-choice task the policy ranks
+   the options by likelihood, as evaluation does: the gold option is chosen and the best-ranked wrong one rejected.
+2. **Training.** TRL's `DPOTrainer` tunes LoRA weights on the pairs for `train.epochs` at `dpo.lr` with
+   `dpo.beta`. With `dpo.init_adapter` (the comparison passes its SFT run's adapter) that adapter is both the start
+   and DPO's reference policy; without it a fresh LoRA starts on the base model, which is then the reference.
+
+The run folder gets `config.yaml`, `pairs.jsonl` (every pair and its rewards), `train_metrics.json` and `adapter/`,
+a standard PEFT adapter over the base model (`metatuner eval --adapter RUN/adapter`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from trl import DPOConfig, DPOTrainer
+
+from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
+from ..generation import chat_prompt, generate, score_choices
+from ..models import load_model
+from ..tasks import check_lengths, get_task, token_counter
+from ..tasks.base import Example, Task
+from .sft import resolve_mixed_precision
+
+
+def pair_from_samples(task: Task, example: Example, samples: list[str], gold_fallback: bool) -> dict | None:
+    """The (chosen, rejected) answers of one question from the policy's samples, or None when they all tie."""
+    scored = sorted(((task.reward(text, example), text) for text in samples), key=lambda rs: rs[0])
+    (worst_reward, worst), (best_reward, best) = scored[0], scored[-1]
+    if best_reward > worst_reward:
+        return {"chosen": best, "rejected": worst, "chosen_reward": best_reward, "rejected_reward": worst_reward}
+    gold_reward = task.reward(example.target, example)
+    if gold_fallback and gold_reward > worst_reward:
+        return {"chosen": example.target, "rejected": worst, "chosen_reward": gold_reward,
+                "rejected_reward": worst_reward}
+    return None
+
+
+def pair_from_choices(task: Task, example: Example, options: list[str], option_scores: list[tuple[float, int]]):
+    """Gold option chosen, the policy's best-ranked wrong option rejected (mean token log-likelihood, as in eval)."""
+    rewards = [task.reward(option, example) for option in options]
+    means = [logprob / max(count, 1) for logprob, count in option_scores]
+    gold = max(range(len(options)), key=rewards.__getitem__)
+    wrong = [j for j in range(len(options)) if rewards[j] < rewards[gold]]
+    if not wrong:
+        return None
+    rejected = max(wrong, key=means.__getitem__)
+    return {"chosen": options[gold], "rejected": options[rejected], "chosen_reward": rewards[gold],
+            "rejected_reward": rewards[rejected]}
+
+
+@torch.no_grad()
+def preference_pairs(model, tokenizer, task: Task, examples: list[Example], prompt: str, cfg: RunConfig) -> list[dict]:
+    """One preference pair per training question where the policy's own answers (or options) tell one apart."""
+    chats = [chat_prompt(tokenizer, task.messages(prompt, ex)) for ex in examples]
+    model.eval()
+    pairs = []
+    if task.choice_targets(examples[0]) is not None:
+        options = [task.choice_targets(ex) for ex in examples]
+        scores = score_choices(model, tokenizer, chats, options, batch_size=cfg.eval.batch_size, progress=True)
+        found = [pair_from_choices(task, ex, opts, sc) for ex, opts, sc in zip(examples, options, scores)]
+    else:
+        n = cfg.dpo.samples_per_question
+        out = generate(model, tokenizer, [c for c in chats for _ in range(n)], do_sample=True,
+                       temperature=cfg.dpo.temperature, max_new_tokens=cfg.eval.max_new_tokens or task.max_new_tokens,
+                       stop_strings=task.stop_strings, batch_size=cfg.eval.batch_size, progress=True,
+                       desc="dpo samples")
+        found = [pair_from_samples(task, ex, out.texts[i * n:(i + 1) * n], cfg.dpo.gold_fallback)
+                 for i, ex in enumerate(examples)]
+    for ex, chat, pair in zip(examples, chats, found):
+        if pair is not None:
+            pairs.append({"id": ex.id, "prompt": chat, **pair})
+    return pairs
+
+
+def train_dpo(cfg: RunConfig) -> Path:
+    """Sample preference pairs with the policy, then DPO-tune its LoRA weights; returns the run folder."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    torch.manual_seed(cfg.seed)
+    task = get_task(cfg.data.task, **cfg.data.task_options)
+    examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
+    prompt = cfg.data.prompt or task.default_prompt
+    start = time.perf_counter()
+
+    model, tokenizer = load_model(cfg.model.actor or cfg.model.name, cfg.model.dtype, cfg.model.device,
+                                  cfg.model.trust_remote_code)
+    examples = check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
+    lora = None
+    if cfg.dpo.init_adapter:
+        if not (Path(cfg.dpo.init_adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"dpo.init_adapter: no PEFT adapter (adapter_config.json) in {cfg.dpo.init_adapter}")
+        model = PeftModel.from_pretrained(model, cfg.dpo.init_adapter, is_trainable=True)
+    else:
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+
+    pairs = preference_pairs(model, tokenizer, task, examples, prompt, cfg)
+    with open(out / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    if not pairs:
+        raise ValueError(f"no preference pairs among {len(examples)} training questions: every question's "
+                         f"{cfg.dpo.samples_per_question} samples got the same reward. Raise dpo.samples_per_question "
+                         "or dpo.temperature, or set dpo.gold_fallback=true")
+    sampling_seconds = time.perf_counter() - start
+
+    precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    args = DPOConfig(
+        output_dir=str(out / "trainer"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr,
+        num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or -1,
+        per_device_train_batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.grad_accum,
+        max_length=cfg.train.max_length, warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.grad_clip, seed=cfg.seed, bf16=precision == "bf16", fp16=precision == "fp16",
+        use_cpu=cfg.model.device == "cpu", gradient_checkpointing=cfg.train.gradient_checkpointing,
+        logging_steps=cfg.train.log_every, save_strategy="no", report_to="none",
+    )
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(
+        [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]), processing_class=tokenizer,
+        peft_config=lora)
+    trainer.train()
+    # Only the trained adapter: TRL keeps a frozen copy of an initial adapter beside it as the reference.
+    trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
+
+    logged = [row for row in trainer.state.log_history if "loss" in row]
+    metrics = {
+        "method": "dpo", "command": command_line(), "train_examples": len(examples), "pairs": len(pairs),
+        "train_steps": trainer.state.global_step, "sampling_seconds": round(sampling_seconds, 1),
+        "train_seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
+        "loss_curve": [row["loss"] for row in logged],
+        "reward_accuracy_curve": [row.get("rewards/accuracies") for row in logged],
+    }
+    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return out
