@@ -137,11 +137,12 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     if name in ("zero_shot", "sft", "dpo", *SEARCH_METHODS):
         prompt, adapter = run_cfg.data.prompt, None
         if name in ("sft", "dpo"):
-            from .baselines.dpo import train_dpo
-            from .baselines.sft import train_sft
-
             if not (out / "adapter" / "adapter_config.json").is_file():
-                (train_sft if name == "sft" else train_dpo)(run_cfg)
+                if name == "sft":
+                    from .baselines.sft import train_sft as train_adapter
+                else:
+                    from .baselines.dpo import train_dpo as train_adapter
+                train_adapter(run_cfg)
             adapter = out / "adapter"
         elif name in SEARCH_METHODS:
             prompt, adapter = _train_search(run_cfg, name, out)
