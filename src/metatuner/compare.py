@@ -37,6 +37,8 @@ from .config import ConfigError, RunConfig, command_line, load_config
 from .report import NOT_SCORES, collect, markdown
 
 SEARCH_METHODS = ("opro", "better_together")
+# Methods that are not MetaTuner variants: each is its own kind of run, named by its method name.
+BASELINES = ("zero_shot", "sft", "dpo", *SEARCH_METHODS)
 
 
 @dataclass
@@ -90,7 +92,7 @@ def _dotlist(overrides: dict[str, Any] | None) -> list[str]:
 
 def method_config(cfg: CompareConfig, name: str) -> RunConfig:
     base = OmegaConf.create(cfg.base)
-    kind = name if name in ("zero_shot", "sft", "dpo", *SEARCH_METHODS) else "metatuner"
+    kind = name if name in BASELINES else "metatuner"
     overrides = [f"method={'sft' if kind == 'zero_shot' else kind}", f"output_dir={Path(cfg.runs_dir) / name}"]
     sft_adapter = Path(cfg.runs_dir) / "sft" / "adapter"
     if kind == "metatuner" and "sft" in cfg.methods:
@@ -134,7 +136,7 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     test = eval_items(cfg, run_cfg, task, full)
     kwargs = dict(batch_size=run_cfg.eval.batch_size, max_new_tokens=run_cfg.eval.max_new_tokens,
                   mc_mode=run_cfg.eval.mc_mode)
-    if name in ("zero_shot", "sft", "dpo", *SEARCH_METHODS):
+    if name in BASELINES:
         prompt, adapter = run_cfg.data.prompt, None
         if name in ("sft", "dpo"):
             if not (out / "adapter" / "adapter_config.json").is_file():

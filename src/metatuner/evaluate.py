@@ -106,9 +106,14 @@ def _rank_choices(model, tokenizer, task, examples, chats, batch_size, batch_con
                            progress=progress)
     best = []
     for targets, option_scores in zip(options, scores):
-        means = [logprob / max(count, 1) for logprob, count in option_scores]
+        means = option_means(option_scores)
         best.append(targets[max(range(len(targets)), key=means.__getitem__)])  # first of equals, as before
     return best
+
+
+def option_means(option_scores: list[tuple[float, int]]) -> list[float]:
+    """Mean token log-likelihood of each option from `score_choices`' (sum, count): the rule options are ranked by."""
+    return [logprob / max(count, 1) for logprob, count in option_scores]
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_resamples: int = 10_000, seed: int = 0) -> list[float]:

@@ -27,6 +27,7 @@ from peft import LoraConfig, PeftModel
 from trl import DPOConfig, DPOTrainer
 
 from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
+from ..evaluate import option_means
 from ..generation import chat_prompt, generate, score_choices
 from ..models import load_model
 from ..tasks import check_lengths, get_task, token_counter
@@ -50,7 +51,7 @@ def pair_from_samples(task: Task, example: Example, samples: list[str], gold_fal
 def pair_from_choices(task: Task, example: Example, options: list[str], option_scores: list[tuple[float, int]]):
     """Gold option chosen, the policy's best-ranked wrong option rejected (mean token log-likelihood, as in eval)."""
     rewards = [task.reward(option, example) for option in options]
-    means = [logprob / max(count, 1) for logprob, count in option_scores]
+    means = option_means(option_scores)
     gold = max(range(len(options)), key=rewards.__getitem__)
     wrong = [j for j in range(len(options)) if rewards[j] < rewards[gold]]
     if not wrong:
