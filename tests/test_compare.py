@@ -91,3 +91,34 @@ def test_trust_method_names_cannot_escape_the_runs_folder(tiny_dir, tmp_path):
     path = _config(tmp_path, tiny_dir, {"../../etc": {}})
     with pytest.raises(ConfigError, match="method name"):
         load_compare_config(path)
+
+
+def test_compare_keeps_published_rows_whose_run_folders_are_gone(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    methods = {"zero_shot": {}, "sft": {}, "metatuner_j": {}}
+    path = _config(tmp_path, tiny_dir, methods)
+    first = compare(path)
+    capsys.readouterr()
+    # Another machine: these run folders are gone (the SFT one, which params_only starts from, was made again),
+    # only the published results remain; a new method is added.
+    for name in ("zero_shot", "metatuner_j"):
+        shutil.rmtree(tmp_path / "runs" / name)
+    path = _config(tmp_path, tiny_dir, {**methods, "params_only": {"metatuner.use_prompt": False}})
+    results = compare(path, only=["params_only"])
+    assert "kept the published rows of metatuner_j, zero_shot" in capsys.readouterr().out
+    assert list(results["methods"]) == ["metatuner_j", "params_only", "sft", "zero_shot"]  # the config's order
+    for name in methods:
+        assert results["methods"][name] == first["methods"][name]  # kept as published, intervals recomputed alike
+    new = results["methods"]["params_only"]
+    assert new["ci_vs_metatuner_j"] and new["warmup_train_examples"] == first["methods"]["sft"]["train_examples"]
+    assert results["eval_ids"] == first["eval_ids"]
+    curves = tmp_path / "results" / "samples" / "toy"
+    assert {p.name for p in curves.glob("*.curves.json")} == {"sft.curves.json", "metatuner_j.curves.json",
+                                                            "params_only.curves.json"}
+    # Results scored on other items are not mixed with these: their rows are dropped, and the command says so.
+    shutil.rmtree(tmp_path / "runs")
+    path = _config(tmp_path, tiny_dir, methods, eval_sample=3)
+    results = compare(path, only=["zero_shot"])
+    assert "scored on other items" in capsys.readouterr().out
+    assert list(results["methods"]) == ["zero_shot"]

@@ -14,7 +14,9 @@ Every method is evaluated on the same items: the whole test split, or a seeded s
 ids are listed in the results. Methods named in `full_test_methods` are also evaluated on the whole split
 (`<results_dir>/<name>-full.json`). Results go to `<results_dir>/<name>.json` and `.md`, with a plot of the scores
 with their 95% paired-bootstrap intervals, a plot of the training curves, and every method's per-item outputs
-(gzipped JSONL) under `<results_dir>/samples/<name>/`.
+(gzipped JSONL) and training curves under `<results_dir>/samples/<name>/`. A method listed in the config whose run
+folder is not on this machine keeps its row from the published `<name>.json` (with its intervals recomputed from
+the per-item outputs), so a comparison can span machines; rows scored on other items are dropped, with a message.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from .config import ConfigError, RunConfig, command_line, load_config
-from .report import NOT_SCORES, collect, markdown
+from .report import add_intervals, collect, markdown, primary_metric
 
 SEARCH_METHODS = ("opro", "better_together")
 # Methods that are not MetaTuner variants: each is its own kind of run, named by its method name.
 BASELINES = ("zero_shot", "sft", "dpo", *SEARCH_METHODS)
+LOSS_PANEL = "task / SFT loss"
 
 
 @dataclass
@@ -217,38 +220,78 @@ def compare(config_path: str | Path, only: list[str] | None = None, overrides: l
 
 
 def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, notes: dict, out: Path) -> dict:
-    """Collect the finished methods' evaluations in `eval_folder` into <stem>.json, .md and .png."""
+    """Collect the finished methods' evaluations in `eval_folder` into <stem>.json, .md and .png. A method with no
+    run folder here keeps its row from <stem>.json as published, so a comparison can span machines whose run
+    folders are gone (delete a row, or the file, to drop it)."""
     runs = Path(cfg.runs_dir)
     finished = {n: (runs / n / eval_folder, runs / n if (runs / n / "train_metrics.json").is_file() else None)
                 for n in names if (runs / n / eval_folder / "metrics.json").is_file()}
-    if not finished:
-        return {"task": cfg.name, "methods": {}, **notes}
     results = collect(cfg.name, finished, notes)
-    _add_warmup_budget(results, cfg)
-    with open(next(iter(finished.values()))[0] / "samples.jsonl") as f:
-        results["eval_ids"] = [json.loads(line)["id"] for line in f]
+    if finished:
+        with open(next(iter(finished.values()))[0] / "samples.jsonl") as f:
+            results["eval_ids"] = [json.loads(line)["id"] for line in f]
     samples = out / "samples" / stem  # per-item outputs beside the table, so its intervals can be recomputed
     samples.mkdir(parents=True, exist_ok=True)
-    for name, (eval_dir, _) in finished.items():
+    for name, (eval_dir, train_dir) in finished.items():
         with open(eval_dir / "samples.jsonl", "rb") as src, open(samples / f"{name}.jsonl.gz", "wb") as raw:
             with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as dst:  # mtime=0: same bytes for the same samples
                 shutil.copyfileobj(src, dst)
+        if train_dir is not None and eval_folder == "eval":  # kept too, so the plot outlives the run folder
+            curves = training_curves(json.loads((train_dir / "train_metrics.json").read_text()))
+            (samples / f"{name}.curves.json").write_text(json.dumps(curves) + "\n")
+    kept = _published_rows(out / f"{stem}.json", samples, [n for n in names if n not in finished], results)
+    if kept:
+        print(f"[compare] {stem}: kept the published rows of {', '.join(kept)} (no run folder under {runs})")
+        rows = {**results["methods"], **kept}
+        results["methods"] = {n: rows[n] for n in names if n in rows}  # the config's order
+        add_intervals(results, {n: _per_item_scores(samples / f"{n}.jsonl.gz", primary_metric(row))
+                                for n, row in rows.items()})
+    _add_warmup_budget(results)
+    if not results["methods"]:
+        return results
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text(f"# {stem}\n\n" + markdown(results))
     plot_scores(results, out / f"{stem}.png")
     if eval_folder == "eval":
-        plot_training_curves(runs, list(finished), out / f"{stem}-training.png")
+        plot_training_curves({n: json.loads((samples / f"{n}.curves.json").read_text()) for n in results["methods"]
+                              if (samples / f"{n}.curves.json").is_file()}, out / f"{stem}-training.png")
     print(markdown(results))
     return results
 
 
-def _add_warmup_budget(results: dict, cfg: CompareConfig) -> None:
-    """MetaTuner variants and DPO start from the SFT adapter: count its examples and seconds in their budget."""
+def _published_rows(path: Path, samples: Path, names: list[str], results: dict) -> dict[str, dict]:
+    """The rows of `names` in the published results at `path` whose per-item outputs are in `samples`; none when
+    those results were scored on other items than the finished runs (`results["eval_ids"]`)."""
+    if not path.is_file() or not names:
+        return {}
+    try:
+        published = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); fix or delete it to rewrite the results") from None
+    ids = published.get("eval_ids")
+    if "eval_ids" in results and ids != results["eval_ids"]:
+        print(f"[compare] {path} was scored on other items than these runs: its rows are not kept")
+        return {}
+    kept = {n: {k: v for k, v in published["methods"][n].items() if k != "ci_vs_metatuner_j"}
+            for n in names if n in published.get("methods", {}) and (samples / f"{n}.jsonl.gz").is_file()}
+    if kept and ids is not None:
+        results.setdefault("eval_ids", ids)
+    return kept
+
+
+def _per_item_scores(path: Path, metric: str) -> dict[str, float]:
+    with gzip.open(path, "rt") as f:
+        return {s["id"]: float(s["scores"][metric]) for s in map(json.loads, f)}
+
+
+def _add_warmup_budget(results: dict) -> None:
+    """MetaTuner variants and DPO start from the SFT adapter: count its examples and seconds in their budget
+    (once: a published row kept as it is has them already)."""
     sft = results["methods"].get("sft")
     if not sft:
         return
     for name, entry in results["methods"].items():
-        if name not in ("zero_shot", "sft", *SEARCH_METHODS) and "train_examples" in entry:
+        if name not in ("zero_shot", "sft", *SEARCH_METHODS) and "warmup_train_examples" not in entry:
             entry["warmup_train_examples"] = sft["train_examples"]
             entry["train_examples"] += sft["train_examples"]
             entry["train_seconds"] = round(entry["train_seconds"] + sft["train_seconds"], 1)
@@ -262,7 +305,7 @@ def plot_scores(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     methods = results["methods"]
-    metric = next(k for k, v in next(iter(methods.values())).items() if isinstance(v, float) and k not in NOT_SCORES)
+    metric = primary_metric(next(iter(methods.values())))
     names = list(methods)
     scores = [methods[n][metric] for n in names]
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(names)), 3.5))
@@ -279,33 +322,35 @@ def plot_scores(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_training_curves(runs: Path, names: list[str], path: Path) -> None:
-    """Training curves of every method that logged them: M's loss (SFT's loss, MetaTuner's task loss) and the SR
-    loss, against the optimiser step."""
+def training_curves(train_metrics: dict) -> dict[str, list[float]]:
+    """A run's curves by panel: M's loss (SFT's loss, MetaTuner's task loss) and the SR loss, one value per step."""
+    curves = {}
+    history = train_metrics.get("history", {})
+    if isinstance(train_metrics.get("loss_curve"), list):
+        curves[LOSS_PANEL] = train_metrics["loss_curve"]
+    if isinstance(history, dict):
+        if history.get("train/task_loss"):
+            curves[LOSS_PANEL] = history["train/task_loss"]
+        if history.get("train/sr_loss"):
+            curves["SR loss"] = history["train/sr_loss"]
+    return curves
+
+
+def plot_training_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Training curves (method -> panel -> values, from `training_curves`) against the optimiser step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, dict[str, list[float]]] = {"task / SFT loss": {}, "SR loss": {}}
-    for name in names:
-        metrics_file = runs / name / "train_metrics.json"
-        if not metrics_file.is_file():
-            continue
-        metrics = json.loads(metrics_file.read_text())
-        history = metrics.get("history", {})
-        if isinstance(metrics.get("loss_curve"), list):
-            curves["task / SFT loss"][name] = metrics["loss_curve"]
-        if isinstance(history, dict):
-            if history.get("train/task_loss"):
-                curves["task / SFT loss"][name] = history["train/task_loss"]
-            if history.get("train/sr_loss"):
-                curves["SR loss"][name] = history["train/sr_loss"]
-    panels = [(title, lines) for title, lines in curves.items() if lines]
+    panels: dict[str, dict[str, list[float]]] = {}
+    for name, by_panel in curves.items():
+        for title, values in by_panel.items():
+            panels.setdefault(title, {})[name] = values
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.5), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels):
+    for ax, (title, lines) in zip(axes[0], sorted(panels.items(), key=lambda kv: kv[0] != LOSS_PANEL)):
         for name, values in lines.items():
             ax.plot(range(1, len(values) + 1), values, label=name, linewidth=1)
         ax.set_title(title)

@@ -53,15 +53,27 @@ def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict
         entry["command"] = " && ".join(dict.fromkeys(c for c in (entry.get("train_command"), entry["eval_command"]) if c))
         results["methods"][name] = entry
         items[name] = _per_item(eval_dir, metric_names[0])
-    if "metatuner_j" in items:
-        ref = items["metatuner_j"]
-        for name, scores in items.items():
-            if name == "metatuner_j":
-                continue
-            shared = sorted(set(ref) & set(scores))
-            low, high = paired_bootstrap([ref[i] for i in shared], [scores[i] for i in shared])
-            results["methods"][name]["ci_vs_metatuner_j"] = [round(low, 4), round(high, 4)]
+    add_intervals(results, items)
     return results
+
+
+def add_intervals(results: dict, items: dict[str, dict[str, float]]) -> None:
+    """Give every method but MetaTuner-J `ci_vs_metatuner_j` from its per-item scores (`items`: method -> id ->
+    primary score), over the items both evaluated."""
+    if "metatuner_j" not in items:
+        return
+    ref = items["metatuner_j"]
+    for name, scores in items.items():
+        if name == "metatuner_j":
+            continue
+        shared = sorted(set(ref) & set(scores))
+        low, high = paired_bootstrap([ref[i] for i in shared], [scores[i] for i in shared])
+        results["methods"][name]["ci_vs_metatuner_j"] = [round(low, 4), round(high, 4)]
+
+
+def primary_metric(entry: dict) -> str:
+    """The first score in a results entry: the one the intervals and plots use."""
+    return next(k for k, v in entry.items() if isinstance(v, float) and k not in NOT_SCORES)
 
 
 NOT_SCORES = {"eval_seconds", "train_seconds", "peak_rss_mb"}
