@@ -246,7 +246,7 @@ def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, n
         results["methods"] = {n: rows[n] for n in names if n in rows}  # the config's order
         add_intervals(results, {n: _per_item_scores(samples / f"{n}.jsonl.gz", primary_metric(row))
                                 for n, row in rows.items()})
-    _add_warmup_budget(results)
+    _add_warmup_budget(results, runs)
     if not results["methods"]:
         return results
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -284,10 +284,11 @@ def _per_item_scores(path: Path, metric: str) -> dict[str, float]:
         return {s["id"]: float(s["scores"][metric]) for s in map(json.loads, f)}
 
 
-def _add_warmup_budget(results: dict) -> None:
-    """MetaTuner variants and DPO start from the SFT adapter: count its examples and seconds in their budget
-    (once: a published row kept as it is has them already)."""
-    sft = results["methods"].get("sft")
+def _add_warmup_budget(results: dict, runs: Path) -> None:
+    """MetaTuner variants and DPO start from the SFT run's adapter: count that run's examples and seconds in their
+    budget (once: a published row kept as it is has them already)."""
+    sft_run = runs / "sft" / "train_metrics.json"
+    sft = json.loads(sft_run.read_text()) if sft_run.is_file() else results["methods"].get("sft")
     if not sft:
         return
     for name, entry in results["methods"].items():
