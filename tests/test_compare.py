@@ -100,13 +100,14 @@ def test_compare_keeps_published_rows_whose_run_folders_are_gone(tiny_dir, tmp_p
     path = _config(tmp_path, tiny_dir, methods)
     first = compare(path)
     capsys.readouterr()
-    # Another machine: these run folders are gone (the SFT one, which params_only starts from, was made again),
-    # only the published results remain; a new method is added.
-    for name in ("zero_shot", "metatuner_j"):
-        shutil.rmtree(tmp_path / "runs" / name)
+    # Another machine: the run folders are gone, only the published results remain; a new method is added, and
+    # the SFT adapter it starts from is trained again (not evaluated: the published SFT row stays).
+    shutil.rmtree(tmp_path / "runs")
     path = _config(tmp_path, tiny_dir, {**methods, "params_only": {"metatuner.use_prompt": False}})
     results = compare(path, only=["params_only"])
-    assert "kept the published rows of metatuner_j, zero_shot" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "params_only starts from the SFT adapter" in out and not (tmp_path / "runs" / "sft" / "eval").exists()
+    assert "kept the published rows of metatuner_j, sft, zero_shot" in out
     assert list(results["methods"]) == ["metatuner_j", "params_only", "sft", "zero_shot"]  # the config's order
     for name in methods:
         assert results["methods"][name] == first["methods"][name]  # kept as published, intervals recomputed alike

@@ -8,7 +8,7 @@ The config has a `base` run config shared by all methods and a `methods` map fro
 (`key: value` in the run config's dotted form). A method's kind comes from its name: `zero_shot`, `sft`, `opro`,
 `better_together`, `dpo`, and everything else is MetaTuner with the given overrides (`metatuner_j`, `metatuner_i`,
 `prompt_only`, `params_only`, `no_share`). A method whose `eval/metrics.json` exists is skipped, so a long
-comparison can span several sittings. `key=value` overrides after the config apply to `base`, so to every method.
+comparison can span several sittings; a method that starts from the SFT adapter trains it first when it is missing. `key=value` overrides after the config apply to `base`, so to every method.
 
 Every method is evaluated on the same items: the whole test split, or a seeded sample of `eval_sample` items whose
 ids are listed in the results. Methods named in `full_test_methods` are also evaluated on the whole split
@@ -135,6 +135,8 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     run_cfg = method_config(cfg, name)
     out = Path(run_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if name not in ("zero_shot", "sft", *SEARCH_METHODS):
+        _ensure_sft_adapter(cfg, name)
     task = get_task(run_cfg.data.task, **run_cfg.data.task_options)
     test = eval_items(cfg, run_cfg, task, full)
     kwargs = dict(batch_size=run_cfg.eval.batch_size, max_new_tokens=run_cfg.eval.max_new_tokens,
@@ -169,6 +171,18 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     result.metrics.update(method=name, command=command_line())
     result.write(out / ("eval-full" if full else "eval"))
     return out
+
+
+def _ensure_sft_adapter(cfg: CompareConfig, name: str) -> None:
+    """Train the SFT run that `name` starts from when its adapter is not here (e.g. `--only metatuner_j` on a machine
+    without the run folders); evaluating SFT is left to the `sft` method."""
+    sft_cfg = method_config(cfg, "sft") if "sft" in cfg.methods else None
+    if sft_cfg is None or (Path(sft_cfg.output_dir) / "adapter" / "adapter_config.json").is_file():
+        return
+    from .baselines.sft import train_sft
+
+    print(f"[compare] {name} starts from the SFT adapter, which is not in {sft_cfg.output_dir}: training it first")
+    train_sft(sft_cfg)
 
 
 def _train_search(run_cfg: RunConfig, name: str, out: Path):
