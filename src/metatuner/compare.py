@@ -8,7 +8,8 @@ The config has a `base` run config shared by all methods and a `methods` map fro
 (`key: value` in the run config's dotted form). A method's kind comes from its name: `zero_shot`, `sft`, `opro`,
 `better_together`, `dpo`, and everything else is MetaTuner with the given overrides (`metatuner_j`, `metatuner_i`,
 `prompt_only`, `params_only`, `no_share`). A method whose `eval/metrics.json` exists is skipped, so a long
-comparison can span several sittings; a method that starts from the SFT adapter trains it first when it is missing. `key=value` overrides after the config apply to `base`, so to every method.
+comparison can span several sittings; a method that starts from the SFT adapter trains it first when it is
+missing. `key=value` overrides after the config apply to `base`, so to every method.
 
 Every method is evaluated on the same items: the whole test split, or a seeded sample of `eval_sample` items whose
 ids are listed in the results. Methods named in `full_test_methods` are also evaluated on the whole split
