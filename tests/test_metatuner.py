@@ -221,3 +221,22 @@ def test_gumbel_ablation_sends_the_task_loss_into_the_prompt_decoder(mt):
     assert len(prompts) == 3 and torch.isfinite(loss)
     assert all(_grads(mt._adapter_params("shared"))) and any(_grads(mt._adapter_params("prompt")))
     assert any(_grads(mt.hyper.parameters())) and not any(_grads(mt._adapter_params("prompt_frozen")))
+
+
+def test_gumbel_prompts_keep_no_low_precision_weight_copies_under_autocast(mt):
+    """Under bf16 autocast every forward casts G's frozen weights afresh; over a T-step relaxed prompt, keeping
+    those casts for the backward pass would hold T copies of G."""
+    from metatuner.gumbel import relaxed_prompts
+
+    weight_shapes = {tuple(p.shape) for p in mt.g.parameters() if p.dim() == 2}
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    requests = mt.rewrite_requests(["Solve it."] * 2, QUESTIONS[:2])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        weights, _, h = relaxed_prompts(mt, requests, max_tokens=4, tau=1.0)
+    assert saved and weights.requires_grad and h.requires_grad
+    assert not [shape for shape, dtype in saved if dtype == torch.bfloat16 and shape in weight_shapes]

@@ -29,9 +29,13 @@ def relaxed_prompts(mt, requests: Sequence[str], max_tokens: int, tau: float):
     """Sample prompts from {phi_s, phi_p} with straight-through Gumbel-softmax, keeping the gradient.
 
     Returns (one-hot-like token weights: batch x steps x vocab, lengths before the first end token, h).
+
+    Runs in the parameters' own precision even under mixed precision: autocast casts every frozen weight afresh on
+    each forward and keeps the copy for the backward pass, so a bf16 loop of T steps would hold T copies of G's
+    weights where fp32 keeps only the activations.
     """
     eos = mt.g_tok.eos_token_id
-    with mt.role("learner"):
+    with mt.role("learner"), torch.autocast(mt.g.device.type, enabled=False):
         batch = left_padded_batch(mt.g_tok, requests, mt.g.device)
         out = mt.g(**batch, use_cache=True, output_hidden_states=True)
         h = out.hidden_states[mt.k][:, -1]
@@ -61,6 +65,8 @@ def gumbel_task_loss(mt, task: Task, rows: Sequence[Example], p0: str, max_token
     weights, lengths, h = relaxed_prompts(mt, requests, max_tokens, tau)
     factors = mt.factors(h)
     embed = mt.m.get_input_embeddings()
+    with torch.autocast(weights.device.type, enabled=False):  # one product, and no low-precision copy of the table
+        soft_prompts = weights.to(embed.weight.dtype) @ embed.weight
     seqs, labels = [], []
     prompts = []
     for i, ex in enumerate(rows):
@@ -69,7 +75,7 @@ def gumbel_task_loss(mt, task: Task, rows: Sequence[Example], p0: str, max_token
         ids_before = mt.m_tok(before, add_special_tokens=False)["input_ids"]
         ids_after = mt.m_tok(after, add_special_tokens=False)["input_ids"]
         target = mt.m_tok(ex.target, add_special_tokens=False)["input_ids"] + [mt.m_tok.eos_token_id]
-        soft = weights[i, : lengths[i]].to(embed.weight.dtype) @ embed.weight
+        soft = soft_prompts[i, : lengths[i]]
         hard_after = torch.tensor(ids_after + target, device=soft.device)
         parts = [embed(torch.tensor(ids_before, device=soft.device)), soft, embed(hard_after)]
         seq = torch.cat(parts)[:max_length]
