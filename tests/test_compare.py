@@ -117,6 +117,11 @@ def test_compare_keeps_published_rows_whose_run_folders_are_gone(tiny_dir, tmp_p
     curves = tmp_path / "results" / "samples" / "toy"
     assert {p.name for p in curves.glob("*.curves.json")} == {"sft.curves.json", "metatuner_j.curves.json",
                                                             "params_only.curves.json"}
+    plot = tmp_path / "results" / "toy-training.png"
+    (curves / "metatuner_j.curves.json").unlink()  # as for rows published before curves were saved
+    plot.write_bytes(b"published")
+    compare(path, report_only=True)
+    assert plot.read_bytes() == b"published" and "no saved training curves for metatuner_j" in capsys.readouterr().out
     # Results scored on other items are not mixed with these: their rows are dropped, and the command says so.
     shutil.rmtree(tmp_path / "runs")
     path = _config(tmp_path, tiny_dir, methods, eval_sample=3)

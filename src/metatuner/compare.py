@@ -268,10 +268,20 @@ def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, n
     (out / f"{stem}.md").write_text(f"# {stem}\n\n" + markdown(results))
     plot_scores(results, out / f"{stem}.png")
     if eval_folder == "eval":
-        plot_training_curves({n: json.loads((samples / f"{n}.curves.json").read_text()) for n in results["methods"]
-                              if (samples / f"{n}.curves.json").is_file()}, out / f"{stem}-training.png")
+        _plot_saved_curves(results, samples, out / f"{stem}-training.png")
     print(markdown(results))
     return results
+
+
+def _plot_saved_curves(results: dict, samples: Path, path: Path) -> None:
+    """Plot the curves saved beside the per-item outputs; a published plot is left as it is while some trained row
+    has none saved (rows published before curves were kept), rather than redrawn without it."""
+    curves = {n: samples / f"{n}.curves.json" for n, row in results["methods"].items() if row.get("train_examples")}
+    missing = [n for n, file in curves.items() if not file.is_file()]
+    if missing and path.is_file():
+        print(f"[compare] {path} left as it is: no saved training curves for {', '.join(missing)}")
+        return
+    plot_training_curves({n: json.loads(file.read_text()) for n, file in curves.items() if file.is_file()}, path)
 
 
 def _published_rows(path: Path, samples: Path, names: list[str], results: dict) -> dict[str, dict]:
