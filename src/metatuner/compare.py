@@ -286,7 +286,8 @@ def _plot_saved_curves(results: dict, samples: Path, path: Path) -> None:
 
 def _published_rows(path: Path, samples: Path, names: list[str], results: dict) -> dict[str, dict]:
     """The rows of `names` in the published results at `path` whose per-item outputs are in `samples`; none when
-    those results were scored on other items than the finished runs (`results["eval_ids"]`)."""
+    those results were scored on other items than the finished runs (`results["eval_ids"]`, set here when none
+    finished)."""
     if not path.is_file() or not names:
         return {}
     try:
@@ -299,8 +300,8 @@ def _published_rows(path: Path, samples: Path, names: list[str], results: dict) 
         return {}
     kept = {n: {k: v for k, v in published["methods"][n].items() if k != "ci_vs_metatuner_j"}
             for n in names if n in published.get("methods", {}) and (samples / f"{n}.jsonl.gz").is_file()}
-    if kept and ids is not None:
-        results.setdefault("eval_ids", ids)
+    if kept and ids is not None and "eval_ids" not in results:  # nothing ran here: the published items
+        results["eval_ids"] = ids
     return kept
 
 

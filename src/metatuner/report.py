@@ -18,6 +18,8 @@ from pathlib import Path
 
 from .evaluate import paired_bootstrap
 
+NOT_SCORES = {"eval_seconds", "train_seconds", "peak_rss_mb"}  # the non-score floats of a results entry
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -74,9 +76,6 @@ def add_intervals(results: dict, items: dict[str, dict[str, float]]) -> None:
 def primary_metric(entry: dict) -> str:
     """The first score in a results entry: the one the intervals and plots use."""
     return next(k for k, v in entry.items() if isinstance(v, float) and k not in NOT_SCORES)
-
-
-NOT_SCORES = {"eval_seconds", "train_seconds", "peak_rss_mb"}
 
 
 def markdown(results: dict) -> str:
