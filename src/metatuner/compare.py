@@ -37,12 +37,17 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from .config import ConfigError, RunConfig, command_line, load_config
-from .report import add_intervals, collect, markdown, primary_metric
+from .report import add_intervals, collect, markdown, per_item_scores, primary_metric
 
 SEARCH_METHODS = ("opro", "better_together")
 # Methods that are not MetaTuner variants: each is its own kind of run, named by its method name.
 BASELINES = ("zero_shot", "sft", "dpo", *SEARCH_METHODS)
 LOSS_PANEL = "task / SFT loss"
+
+
+def starts_from_sft(name: str) -> bool:
+    """MetaTuner variants and DPO start from the SFT baseline's adapter (zero-shot and the searches do not)."""
+    return name not in ("zero_shot", "sft", *SEARCH_METHODS)
 
 
 @dataclass
@@ -136,7 +141,7 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     run_cfg = method_config(cfg, name)
     out = Path(run_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if name not in ("zero_shot", "sft", *SEARCH_METHODS):
+    if starts_from_sft(name):
         _ensure_sft_adapter(cfg, name)
     task = get_task(run_cfg.data.task, **run_cfg.data.task_options)
     test = eval_items(cfg, run_cfg, task, full)
@@ -259,7 +264,7 @@ def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, n
         print(f"[compare] {stem}: kept the published rows of {', '.join(kept)} (no run folder under {runs})")
         rows = {**results["methods"], **kept}
         results["methods"] = {n: rows[n] for n in names if n in rows}  # the config's order
-        add_intervals(results, {n: _per_item_scores(samples / f"{n}.jsonl.gz", primary_metric(row))
+        add_intervals(results, {n: per_item_scores(samples / f"{n}.jsonl.gz", primary_metric(row))
                                 for n, row in rows.items()})
     _add_warmup_budget(results, runs)
     if not results["methods"]:
@@ -305,11 +310,6 @@ def _published_rows(path: Path, samples: Path, names: list[str], results: dict) 
     return kept
 
 
-def _per_item_scores(path: Path, metric: str) -> dict[str, float]:
-    with gzip.open(path, "rt") as f:
-        return {s["id"]: float(s["scores"][metric]) for s in map(json.loads, f)}
-
-
 def _add_warmup_budget(results: dict, runs: Path) -> None:
     """MetaTuner variants and DPO start from the SFT run's adapter: count that run's examples and seconds in their
     budget (once: a published row kept as it is has them already)."""
@@ -318,7 +318,7 @@ def _add_warmup_budget(results: dict, runs: Path) -> None:
     if not sft:
         return
     for name, entry in results["methods"].items():
-        if name not in ("zero_shot", "sft", *SEARCH_METHODS) and "warmup_train_examples" not in entry:
+        if starts_from_sft(name) and "warmup_train_examples" not in entry:
             entry["warmup_train_examples"] = sft["train_examples"]
             entry["train_examples"] += sft["train_examples"]
             entry["train_seconds"] = round(entry["train_seconds"] + sft["train_seconds"], 1)

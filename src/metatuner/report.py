@@ -13,6 +13,7 @@ paired-bootstrap interval of MetaTuner-J's primary score minus its own, over the
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 from pathlib import Path
 
@@ -28,8 +29,9 @@ def _read_json(path: Path) -> dict:
         raise SystemExit(f"cannot read {path}: {err}")
 
 
-def _per_item(eval_dir: Path, metric: str) -> dict[str, float]:
-    with open(eval_dir / "samples.jsonl") as f:
+def per_item_scores(samples: Path, metric: str) -> dict[str, float]:
+    """id -> `metric` from per-item outputs (samples.jsonl, or its published .jsonl.gz copy)."""
+    with (gzip.open(samples, "rt") if samples.suffix == ".gz" else open(samples)) as f:
         return {s["id"]: float(s["scores"][metric]) for s in map(json.loads, f)}
 
 
@@ -54,7 +56,7 @@ def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict
         # One command when training and evaluation ran as one (`metatuner compare`).
         entry["command"] = " && ".join(dict.fromkeys(c for c in (entry.get("train_command"), entry["eval_command"]) if c))
         results["methods"][name] = entry
-        items[name] = _per_item(eval_dir, metric_names[0])
+        items[name] = per_item_scores(eval_dir / "samples.jsonl", metric_names[0])
     add_intervals(results, items)
     return results
 
