@@ -128,3 +128,28 @@ def test_compare_keeps_published_rows_whose_run_folders_are_gone(tiny_dir, tmp_p
     results = compare(path, only=["zero_shot"])
     assert "scored on other items" in capsys.readouterr().out
     assert list(results["methods"]) == ["zero_shot"]
+
+
+def test_fault_compare_stopped_mid_method_says_how_to_continue_and_keeps_finished_methods(tiny_dir, tmp_path,
+                                                                                          monkeypatch):
+    """A method whose training stops (here: losses that stay non-finite) ends the command with its exit code and the
+    override that continues it; the methods finished before it are skipped on the rerun, not run again."""
+    import torch
+    from typer.testing import CliRunner
+
+    from metatuner.cli import app
+    from metatuner.metatuner import MetaTuner
+
+    path = _config(tmp_path, tiny_dir, {"sft": {}, "metatuner_j": {}})
+    nan = lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True)  # noqa: E731
+    with monkeypatch.context() as patch:
+        patch.setattr(MetaTuner, "task_loss", nan)
+        stopped = CliRunner().invoke(app, ["compare", "-c", str(path), "train.max_bad_steps=1",
+                                           "train.save_every=1"])
+    assert stopped.exit_code == 1, stopped.output
+    assert "non-finite" in stopped.output and "train.resume=auto" in stopped.output
+    assert (tmp_path / "runs" / "sft" / "eval" / "metrics.json").is_file()
+    resumed = CliRunner().invoke(app, ["compare", "-c", str(path), "train.resume=auto"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "sft: finished earlier, skipping" in resumed.output
+    assert set(json.loads((tmp_path / "results" / "toy.json").read_text())["methods"]) == {"sft", "metatuner_j"}

@@ -33,6 +33,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _stopped(err: Exception, hint: str) -> None:
+    """A training run that stopped on purpose (a signal, or losses that kept going non-finite): say how to go on."""
+    typer.secho(f"{err} {hint}", fg=typer.colors.YELLOW, err=True)
+    raise typer.Exit(err.exit_code)
+
+
 @app.command("tasks")
 def tasks_cmd() -> None:
     """List the registered tasks and their default instruction."""
@@ -78,8 +84,7 @@ def train_cmd(
         try:
             out = train_metatuner(cfg)
         except TrainingStopped as err:
-            typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
-            raise typer.Exit(err.exit_code)
+            _stopped(err, "Continue with --resume auto.")
         typer.echo(f"trained: {out}")
         if eval_after:
             _eval_run(out, cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_limit, out / "eval",
@@ -281,6 +286,7 @@ def compare_cmd(
 ) -> None:
     """Run every method of a comparison under one budget (skipping finished ones) and write the results table."""
     from .compare import compare, load_compare_config, method_config
+    from .train import TrainingStopped
 
     try:
         cmp = load_compare_config(config, overrides)
@@ -293,6 +299,8 @@ def compare_cmd(
         compare(config, only.split(",") if only else None, overrides, report_only)
     except ConfigError as err:
         _fail(str(err))
+    except TrainingStopped as err:  # the finished methods' results are already written
+        _stopped(err, "Rerun the same command with train.resume=auto to continue from the checkpoint.")
 
 
 def _parse_scalar(value: str):

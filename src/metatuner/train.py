@@ -396,8 +396,8 @@ def train_metatuner(cfg: RunConfig) -> Path:
             if stop:
                 path = checkpoint(step)
                 signum = interrupt.signal or signal.SIGTERM  # a rank that got none stops as if terminated
-                raise TrainingStopped(f"stopped by signal {signum} after step {step}; saved {path}. "
-                                      "Continue with --resume auto.", exit_code=128 + signum)
+                raise TrainingStopped(f"stopped by signal {signum} after step {step}; saved {path}.",
+                                      exit_code=128 + signum)
     finally:
         interrupt.uninstall()
     bar.close()
