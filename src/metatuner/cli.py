@@ -299,7 +299,7 @@ def compare_cmd(
         compare(config, only.split(",") if only else None, overrides, report_only)
     except ConfigError as err:
         _fail(str(err))
-    except TrainingStopped as err:  # the finished methods' results are already written
+    except TrainingStopped as err:  # the methods finished before it keep their run folders; a rerun skips them
         _stopped(err, "Rerun the same command with train.resume=auto to continue from the checkpoint.")
 
 
