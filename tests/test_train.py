@@ -14,10 +14,10 @@ from metatuner.train import train_metatuner
 
 
 
-def _cfg(tiny_dir, out, *extra):
+def _cfg(tiny_dir, out, *extra, task="rg:chain_sum", task_options="{size: 4, test_size: 4}"):
     return load_config(None, [
         f"model.name={tiny_dir}", "model.device=cpu", f"output_dir={out}",
-        "data.task=rg:chain_sum", "data.task_options={size: 4, test_size: 4}",
+        f"data.task={task}", f"data.task_options={task_options}",
         "train.batch_size=4", "train.max_steps=16", "train.warmup_ratio=0", "train.mixed_precision=fp32",
         "metatuner.share_depth=2", "metatuner.rank=4", "metatuner.hyper_hidden=32", "metatuner.g_lora_r=4",
         "metatuner.max_prompt_tokens=4", "metatuner.n_rollouts=2", "metatuner.lr_hyper=1e-2",
@@ -144,6 +144,34 @@ def test_gradient_checkpointing_trains_the_same_weights(tiny_dir, tmp_path):
     with mt.role("learner"):
         loss.backward()
     assert forward_calls == 1 and len(calls) == 2
+
+
+def test_gradient_accumulation_trains_the_weights_of_the_whole_batch(tiny_dir, tmp_path):
+    """Two micro-batches of 4 make the optimiser step of one batch of 8: the same rows, the same mean loss and the
+    same update, while memory holds 4 rows at a time (how a long-context run fits a smaller machine)."""
+    from safetensors.torch import load_file
+
+    from metatuner.testing import tiny_tokenizer
+
+    data = tmp_path / "digits.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{n} + 0 =", "answer": str(n)}) + "\n" for n in range(1, 9)))
+    # Every target has as many tokens, so the token mean of 8 rows is the mean of the two micro-batches' means.
+    tok = tiny_tokenizer()
+    assert len({len(tok(f"The answer is {n}.")["input_ids"]) for n in range(1, 9)}) == 1
+    extra = ["train.max_steps=2", "metatuner.use_prompt=false"]
+    task = {"task": "custom", "task_options": f"{{path: {data}}}"}
+    runs, history = {}, {}
+    for name, batch in (("whole", ["train.batch_size=8"]), ("accumulated", ["train.batch_size=4", "train.grad_accum=2"])):
+        out = train_metatuner(_cfg(tiny_dir, tmp_path / name, *extra, *batch, **task))
+        runs[name] = load_file(str(out / "model" / "metatuner.safetensors"))
+        history[name] = json.loads((out / "train_metrics.json").read_text())["history"]
+    assert history["accumulated"]["train/examples_seen"] == [8, 16]
+    assert history["accumulated"]["train/task_loss"] == pytest.approx(history["whole"]["train/task_loss"], abs=1e-5)
+    a, b = runs["whole"], runs["accumulated"]
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+    with pytest.raises(ValueError, match="train.grad_accum"):  # more rows per step than the data has
+        train_metatuner(_cfg(tiny_dir, tmp_path / "too-many", *extra, "train.batch_size=8", "train.grad_accum=2", **task))
 
 
 def test_memory_estimate_counts_the_model_exactly_and_names_the_knobs(tiny_dir, tmp_path):

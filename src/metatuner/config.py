@@ -85,7 +85,10 @@ class TrainConfig:
     batch_size: int = _help(
         "Examples per micro-batch, over all processes: under `accelerate launch` each of N processes takes 1/N of "
         "them, so the result does not depend on N.", 8)
-    grad_accum: int = _help("Micro-batches per optimiser step.", 1)
+    grad_accum: int = _help(
+        "Micro-batches per optimiser step, each weighing the same: an optimiser step sees batch_size * grad_accum "
+        "examples while memory holds one micro-batch (SFT, DPO and MetaTuner's joint training; the warm-ups step "
+        "once per micro-batch).", 1)
     max_length: int = _help("Truncate prompt + target to this many tokens.", 512)
     warmup_ratio: float = _help("Share of steps with linear learning-rate warm-up.", 0.05)
     grad_clip: float = _help("Clip the gradient norm to this value (0 disables).", 1.0)

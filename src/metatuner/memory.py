@@ -164,7 +164,8 @@ def estimate_memory(cfg, num_processes: int = 1) -> MemoryEstimate:
 
 
 KNOBS = (
-    "train.batch_size (activations and KV cache scale with it; launch more processes to keep the global batch)",
+    "train.batch_size (activations and KV cache scale with it; keep the batch per optimiser step with "
+    "train.grad_accum, or launch more processes)",
     "train.gradient_checkpointing=true (keeps one hidden state per layer instead of every activation)",
     "model.dtype=bfloat16 (half the bytes of float32 weights)",
     "train.max_length and metatuner.max_request_tokens (activations scale with sequence length)",

@@ -246,11 +246,15 @@ def train_metatuner(cfg: RunConfig) -> Path:
     task = get_task(cfg.data.task, **cfg.data.task_options)
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     p0 = cfg.data.prompt or task.default_prompt
-    per_step = cfg.train.batch_size  # the global batch: each of the N processes takes 1/N of it
-    if min(per_step, len(examples)) < accelerator.num_processes:
-        raise ValueError(f"train.batch_size={per_step} with {len(examples)} training examples leaves some of the "
+    micro = cfg.train.batch_size  # the global micro-batch: each of the N processes takes 1/N of it
+    per_step = micro * cfg.train.grad_accum  # examples per optimiser step
+    if min(micro, len(examples)) < accelerator.num_processes:
+        raise ValueError(f"train.batch_size={micro} with {len(examples)} training examples leaves some of the "
                          f"{accelerator.num_processes} processes without a row: raise train.batch_size to at least "
                          f"{accelerator.num_processes} or launch fewer processes")
+    if cfg.train.grad_accum > 1 and len(examples) < per_step:
+        raise ValueError(f"train.batch_size * train.grad_accum = {per_step} is more than the {len(examples)} "
+                         "training examples: lower train.grad_accum")
     if cfg.train.check_memory:
         check_memory(cfg, accelerator.device, num_processes=accelerator.num_processes, verbose=main)
     mt = build_metatuner(cfg, str(accelerator.device))
@@ -340,25 +344,31 @@ def train_metatuner(cfg: RunConfig) -> Path:
                                   "the data.")
 
     means: dict[str, float] = {}  # the step's global loss means, filled as each loss is released
+    n_micro = cfg.train.grad_accum
 
     def release(term: _Term) -> None:
         # Backward as soon as a loss exists, so that its graph is freed before the step's next phase (rollouts,
-        # the SR loss) runs and a step holds one graph at a time. The terms' graphs are disjoint, so the
-        # gradients equal one backward of their sum.
+        # the SR loss, the next micro-batch) runs and a step holds one graph at a time. The terms' graphs are
+        # disjoint, so the gradients equal one backward of their sum. Micro-batches weigh equally, as in SFT.
         term_means, (scale,) = _combine([term], accelerator)
-        means.update(term_means)
+        means[term.name] = means.get(term.name, 0.0) + term_means[term.name] / n_micro
         if np.isfinite(term_means[term.name]):  # a non-finite loss skips the whole update below
             with timer("backward"), torch.autocast(accelerator.device.type, enabled=False):
-                _backward([term], [scale])
+                _backward([term], [scale / n_micro])
 
     interrupt = _Interrupt()  # SIGINT/SIGTERM finish the current step, save a checkpoint and stop
     try:
         for step in bar:
             rows_global = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
-            rows = shard(rows_global, accelerator)
             means.clear()
-            with accelerator.autocast():
-                terms, logs = _step_forward(mt, cfg, task, rows, p0, store, step, timer, accelerator, release)
+            logs: dict[str, float] = {}
+            for start_row in range(0, len(rows_global), micro):
+                rows = shard(rows_global[start_row : start_row + micro], accelerator)
+                with accelerator.autocast():
+                    terms, micro_logs = _step_forward(mt, cfg, task, rows, p0, store, step, timer, accelerator,
+                                                      release)
+                for key, value in micro_logs.items():
+                    logs[key] = logs.get(key, 0.0) + value / n_micro
             if not terms:
                 continue
             total = sum(t.weight * means[t.name] for t in terms)
