@@ -38,7 +38,7 @@ CANDIDATES = [
 class Bench:
     model: str = EMBEDDED  # a load_model name or a local directory
     quick: bool = False
-    precision: str = "bf16"  # autocast for the training-side benchmarks
+    precision: str = "fp32"  # autocast of the training-side benchmarks: bf16 or fp32 (perf.py resolves --precision auto)
     repeats: int = 5
     threads: int = field(default_factory=torch.get_num_threads)
     batch_size: int = 8

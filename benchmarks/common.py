@@ -21,11 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from metatuner.runtime import cpu_bf16
 
 
 @dataclass
@@ -99,6 +101,8 @@ def machine() -> dict[str, Any]:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # what decides the training precision (metatuner.runtime): bf16 only where the CPU runs it natively
+        "cpu_bf16": {**asdict(cpu_bf16()), "native": cpu_bf16().native},
     }
     return info
 
@@ -153,7 +157,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
 
 
 def autocast(precision: str, device: str = "cpu"):
-    """bf16 autocast (what training uses on CPU by default) or nothing for fp32."""
+    """bf16 autocast or nothing for fp32 (training's `auto` picks bf16 only on a CPU with native bf16)."""
     if precision == "bf16":
         return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from metatuner.runtime import resolve_precision  # noqa: E402
 
 import common  # noqa: E402
 from bench_setup import REPO, Bench  # noqa: E402
@@ -55,7 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--only", action="append", choices=ORDER, help="run only these (repeatable)")
     p.add_argument("--skip", action="append", choices=ORDER, default=[], help="leave these out (repeatable)")
     p.add_argument("--repeats", type=int, default=None, help="repetitions per figure (default 5; 2 with --quick)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16", help="autocast of the training benchmarks")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="autocast of the training benchmarks; auto: what training picks here (bf16 only on a CPU with "
+                        "native bf16, metatuner.runtime)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="cpu: this process's CPU seconds (steady on a shared machine; use with --threads 1); "
@@ -114,14 +117,17 @@ def main(argv=None) -> dict:
     disable_progress_bars()
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    bench = Bench.for_mode(args.quick, args.model, repeats=args.repeats, precision=args.precision)
+    precision = resolve_precision(args.precision, "cpu")
+    bench = Bench.for_mode(args.quick, args.model, repeats=args.repeats,
+                           precision="bf16" if precision.mixed_precision == "bf16" else "fp32")
     names = [n for n in ORDER if (not args.only or n in args.only) and n not in args.skip]
     out_json = Path(args.out_json)
     data = json.loads(out_json.read_text()) if args.only and out_json.is_file() else {}
     details, commands = data.get("details", {}), data.get("commands", {})
     plot_dir = Path(args.out_md).parent / "performance"
     load_before = load_summary()
-    print(f"model {bench.model}, torch threads {torch.get_num_threads()}, clock {args.clock}, precision {bench.precision}, "
+    print(f"model {bench.model}, torch threads {torch.get_num_threads()}, clock {args.clock}, precision {bench.precision} "
+          f"({precision.reason}), "
           f"repeats {bench.repeats}; running {', '.join(names)}", flush=True)
     for name in names:
         start = time.perf_counter()

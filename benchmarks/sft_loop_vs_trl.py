@@ -58,6 +58,7 @@ from metatuner.baselines.sft import sft_pairs  # noqa: E402
 from metatuner.config import LoraSettings, TrainConfig  # noqa: E402
 from metatuner.generation import lm_batch, lm_loss  # noqa: E402
 from metatuner.models import load_model  # noqa: E402
+from metatuner.runtime import resolve_precision  # noqa: E402
 from metatuner.tasks import get_task  # noqa: E402
 from metatuner.testing import tiny_model_and_tokenizer  # noqa: E402
 
@@ -82,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=train.max_length)
     p.add_argument("--steps", type=int, default=5, help="timed optimiser steps per repetition (after 1 warm-up)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--mixed-precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="auto: what training picks on this machine (metatuner.runtime)")
     p.add_argument("--lr", type=float, default=train.lr)
     p.add_argument("--grad-clip", type=float, default=train.grad_clip)
     p.add_argument("--lora-r", type=int, default=lora.r)
@@ -308,8 +310,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     disable_progress_bars()
     options = task_options(args)
-    mixed_precision = "bf16" if args.mixed_precision == "bf16" else "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    precision = resolve_precision(args.mixed_precision, "cpu")
+    args.mixed_precision = "bf16" if precision.mixed_precision == "bf16" else "fp32"  # both sides run this one
+    print(f"precision: {args.mixed_precision} ({precision.reason})", flush=True)
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision)
     device = accelerator.device
 
     base, tokenizer = load(args)

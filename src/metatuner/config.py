@@ -92,7 +92,9 @@ class TrainConfig:
     max_length: int = _help("Truncate prompt + target to this many tokens.", 512)
     warmup_ratio: float = _help("Share of steps with linear learning-rate warm-up.", 0.05)
     grad_clip: float = _help("Clip the gradient norm to this value (0 disables).", 1.0)
-    mixed_precision: str = _help("fp32, bf16 or fp16 autocast; auto picks bf16 where the hardware supports it.", "auto")
+    mixed_precision: str = _help(
+        "fp32, bf16 or fp16 autocast. auto: bf16 on CUDA GPUs that support it (else fp16) and on CPUs with native "
+        "bf16 (AVX512-BF16 or AMX); fp32 on other CPUs, where bf16 is emulated and many times slower.", "auto")
     log_every: int = _help("Log scalars every N optimiser steps.", 10)
     save_every: int = _help("Write a resumable checkpoint every N steps (0: only the final model).", 0)
     keep_checkpoints: int = _help("How many of the newest checkpoints to keep.", 2)

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .runtime import cpu_bf16
+
 log = logging.getLogger(__name__)
 
 # name -> (python package holding the file, file name)
@@ -165,6 +167,9 @@ def load_model(
         raise _hub_hint(name, err) from err
     model.requires_grad_(False)
     model.to(resolve_device(device)).eval()
+    if model.dtype == torch.bfloat16 and model.device.type == "cpu" and not cpu_bf16().native:
+        log.warning("%s is loaded in bfloat16 on a CPU without native bf16 (%s): every matmul will run many times "
+                    "slower than in float32; set model.dtype=float32", name, cpu_bf16().describe())
     return model, load_tokenizer(name, trust_remote_code)
 
 

@@ -41,7 +41,6 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from .baselines.sft import resolve_mixed_precision
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, command_line, peak_rss_mb, to_yaml
 from .distributed import (average_gradients, broadcast_parameters, end_training, merge_dicts, rank_rng_states,
@@ -52,6 +51,7 @@ from .memory import check_memory
 from .metatuner import MetaTuner
 from .models import load_generator_and_actor
 from .rollouts import ExpertPromptStore, run_rollouts
+from .runtime import resolve_precision
 from .tasks import check_lengths, get_task, token_counter
 
 log = logging.getLogger(__name__)
@@ -233,11 +233,13 @@ def train_metatuner(cfg: RunConfig) -> Path:
     s = cfg.metatuner
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+    precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)
+    accelerator = Accelerator(mixed_precision=precision.mixed_precision,
                               log_with="tensorboard", project_dir=str(out), cpu=cfg.model.device == "cpu")
     main = accelerator.is_main_process
     if main:
         (out / "config.yaml").write_text(to_yaml(cfg))
+        precision.announce()
     accelerator.init_trackers("tb")
     warn_if_sharded(accelerator, "MetaTuner training")
     torch.manual_seed(cfg.seed)
@@ -270,7 +272,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
         enable_gradient_checkpointing(mt)
     store = ExpertPromptStore.load(s.expert_prompts) if s.expert_prompts else ExpertPromptStore()
     timer, summary = _Timer(), {"method": "metatuner", "schedule": s.schedule, "share_depth_layers": mt.k,
-                                "processes": accelerator.num_processes}
+                                "processes": accelerator.num_processes, "precision": precision.as_dict()}
     start = time.perf_counter()
     resume_from = find_checkpoint(out, cfg.train.resume) if cfg.train.resume else None
     ckpt = load_checkpoint(resume_from) if resume_from else None
@@ -279,7 +281,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
     if ckpt is not None:
         mt.load_state(ckpt.tensors, ckpt.state["meta"], source=str(ckpt.path))
         store = ExpertPromptStore(ckpt.state["expert_prompts"])
-        summary = ckpt.state["summary"]
+        summary = {**ckpt.state["summary"], "precision": precision.as_dict()}  # this sitting's machine
         timer.seconds.update(ckpt.state["seconds"])
     elif s.warmup_actor_adapter:
         mt.load_actor_adapter(s.warmup_actor_adapter)

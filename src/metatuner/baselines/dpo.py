@@ -30,9 +30,9 @@ from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
 from ..evaluate import option_means
 from ..generation import chat_prompt, generate, score_choices
 from ..models import load_model
+from ..runtime import resolve_precision
 from ..tasks import check_lengths, get_task, token_counter
 from ..tasks.base import Example, Task
-from .sft import resolve_mixed_precision
 
 
 def pair_from_samples(task: Task, example: Example, samples: list[str], gold_fallback: bool) -> dict | None:
@@ -117,13 +117,15 @@ def train_dpo(cfg: RunConfig) -> Path:
                          "or dpo.temperature, or set dpo.gold_fallback=true")
     sampling_seconds = time.perf_counter() - start
 
-    precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)
+    precision.announce()
     args = DPOConfig(
         output_dir=str(out / "trainer"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr,
         num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or -1,
         per_device_train_batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.grad_accum,
         max_length=cfg.train.max_length, warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.grad_clip, seed=cfg.seed, bf16=precision == "bf16", fp16=precision == "fp16",
+        max_grad_norm=cfg.train.grad_clip, seed=cfg.seed, bf16=precision.mixed_precision == "bf16",
+        fp16=precision.mixed_precision == "fp16",
         use_cpu=cfg.model.device == "cpu", gradient_checkpointing=cfg.train.gradient_checkpointing,
         logging_steps=cfg.train.log_every, save_strategy="no", report_to="none",
     )
@@ -141,6 +143,7 @@ def train_dpo(cfg: RunConfig) -> Path:
         "train_seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
         "loss_curve": [row["loss"] for row in logged],
         "reward_accuracy_curve": [row.get("rewards/accuracies") for row in logged],
+        "precision": precision.as_dict(),
     }
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return out

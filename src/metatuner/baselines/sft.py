@@ -41,18 +41,8 @@ from ..distributed import end_training, rank_rng_states, restore_rank_rng
 from ..generation import chat_prompt, lm_batch
 from ..memory import check_memory
 from ..models import load_model
+from ..runtime import resolve_precision
 from ..tasks import check_lengths, get_task, token_counter
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """The config's mixed_precision as accelerate spells it."""
-    if setting == "fp32":
-        return "no"
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"  # CPU autocast to bf16 is about 1.4x faster than fp32 for LoRA training here
 
 
 def sft_pairs(task, examples, prompt: str, tokenizer) -> list[tuple[str, str]]:
@@ -86,8 +76,9 @@ def train_sft(cfg: RunConfig) -> Path:
     """Train the LoRA SFT baseline described by `cfg`; returns the run folder."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)
     accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        mixed_precision=precision.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="tensorboard",
         project_dir=str(out),
@@ -95,6 +86,7 @@ def train_sft(cfg: RunConfig) -> Path:
     )
     if accelerator.is_main_process:
         (out / "config.yaml").write_text(to_yaml(cfg))
+        precision.announce()
     torch.manual_seed(cfg.seed)
     task = get_task(cfg.data.task, **cfg.data.task_options)
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
@@ -214,7 +206,7 @@ def train_sft(cfg: RunConfig) -> Path:
             "method": "sft", "command": command_line(), "steps": step, "train_examples": seen, "unique_train_examples": len(pairs),
             "target_tokens": tokens, "train_seconds": round(seconds, 1), "peak_rss_mb": peak_rss_mb(),
             "target_tokens_per_s": round(tokens / seconds, 1), "first_loss": losses[0], "final_loss": losses[-1],
-            "loss_curve": losses,
+            "loss_curve": losses, "precision": precision.as_dict(),
         }, indent=2) + "\n")
     accelerator.wait_for_everyone()  # callers (BetterTogether) read adapter/ next, on every process
     end_training(accelerator)
