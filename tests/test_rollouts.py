@@ -67,3 +67,42 @@ def test_store_round_trip_and_bad_input_names_the_file(tmp_path):
     (tmp_path / "cut.json").write_text('{"a": {"prompt": "p", "sc')
     with pytest.raises(ValueError, match="cut.json"):
         ExpertPromptStore.load(tmp_path / "cut.json")
+
+
+def test_d2_from_samples_never_stores_p0_and_a_sample_must_beat_the_stored_one(setup, monkeypatch):
+    """Fails if p0 is a candidate or the default (G would be taught to copy it), or if a worse sample replaces the
+    stored one."""
+    mt, task, examples = setup
+    examples = examples[:3]
+    written = mt.write_prompts(mt.rewrite_requests([P0] * 3, [e.question for e in examples]), False)
+    factors = mt.hyper(written.h).detach()
+    store = ExpertPromptStore()
+    # G samples only prompts other than p0 here, so p0 can only be stored if it is (wrongly) a candidate.
+    monkeypatch.setattr(mt, "sample_prompts", lambda requests, n, temperature: [
+        [f"Sample {i}-{j}." for j in range(n)] for i in range(len(requests))])
+    result = run_rollouts(mt, task, examples, P0, factors, store, n=2, temperature=1.0, p0_candidate=False)
+    assert set(store.entries) == {e.id for e in examples}
+    assert all(e["prompt"].startswith("Sample") for e in store.entries.values())
+    assert result.improved == 3 and store.from_samples_share(P0) == 1.0
+    # The gap over p0 is measured against p0's own score (p0 was scored as the reference).
+    samples = [store.best(e.id, None) for e in examples]
+    expected = [s - p for s, p in zip(_rescore(mt, task, examples, samples, factors),
+                                      _rescore(mt, task, examples, [P0] * 3, factors))]
+    assert result.gap_over_p0 == pytest.approx(sum(expected) / 3, abs=1e-4)
+    assert result.beats_p0 == sum(g > 0 for g in expected)
+
+    # A second round whose samples all score below the stored prompt leaves D2 as it was.
+    stored = dict(store.entries)
+    monkeypatch.setattr(mt, "sample_prompts", lambda requests, n, temperature: [[""] * n for _ in requests])
+    assert run_rollouts(mt, task, examples, P0, factors, store, n=2, temperature=1.0, p0_candidate=False).improved == 0
+    assert {k: v["prompt"] for k, v in store.entries.items()} == {k: v["prompt"] for k, v in stored.items()}
+
+
+def test_d2_with_p0_keeps_todays_behaviour(setup, monkeypatch):
+    """samples_and_p0: p0 is stored for a query whose samples all score below it."""
+    mt, task, examples = setup
+    written = mt.write_prompts(mt.rewrite_requests([P0] * 2, [e.question for e in examples[:2]]), False)
+    monkeypatch.setattr(mt, "sample_prompts", lambda requests, n, temperature: [[""] * n for _ in requests])
+    store = ExpertPromptStore()
+    run_rollouts(mt, task, examples[:2], P0, mt.hyper(written.h).detach(), store, n=2, temperature=1.0)
+    assert [e["prompt"] for e in store.entries.values()] == [P0, P0] and store.from_samples_share(P0) == 0.0

@@ -223,3 +223,48 @@ def test_bad_input_p0_longer_than_the_prompt_limit_is_reported(tiny_dir, tmp_pat
         train_metatuner(_cfg(tiny_dir, tmp_path / "long", "train.max_steps=1", "metatuner.warmup_generator=false",
                              "metatuner.max_prompt_tokens=200"))
     assert "max_prompt_tokens" not in caplog.text
+
+
+def test_d2_from_samples_skips_the_sr_loss_for_queries_without_a_sample(tiny_dir, tmp_path):
+    """With d2_source=samples, p0 is never an SR target: step 1 runs rollouts on its rows, step 2's rows have no
+    sample yet (rollouts next at step 101) and train no SR loss. Fails if p0 stands in for the missing entries."""
+    common = ("train.max_steps=2", "metatuner.warmup_generator=false", "metatuner.rollout_every=100")
+    opts = "{size: 8, test_size: 4}"
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "samples", *common, "metatuner.d2_source=samples",
+                               task_options=opts))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert len(metrics["history"]["train/task_loss"]) == 2 and len(metrics["history"]["train/sr_loss"]) == 1
+    d = metrics["diagnostics"]
+    assert d["d2_entries"] == 4 and d["d2_from_samples"] == 1.0
+    assert {"prompts", "distinct_prompts", "p0_share", "edit_distance_to_p0"} <= set(d)
+    assert {"mean_pairwise_cosine_distance", "between_query_variance_share", "mean_frobenius_norm",
+            "static_adapter_frobenius_norm"} <= set(d["lora_diversity"])
+    assert "rollouts/gap_over_p0" in metrics["history"] and "d2/from_samples_share" in metrics["history"]
+
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "with_p0", *common, task_options=opts))
+    assert len(json.loads((out / "train_metrics.json").read_text())["history"]["train/sr_loss"]) == 2
+
+
+def test_evaluation_reports_the_diagnostics(tiny_dir, tmp_path):
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "train.max_steps=1", "metatuner.warmup_generator=false"))
+    mt = MetaTuner.from_pretrained(out)
+    result = mt.evaluate(mt.task.load("test", limit=4), max_new_tokens=2, progress=False)
+    d = result.metrics["diagnostics"]
+    assert d["prompts"] == 4 and 0 <= d["p0_share"] <= 1 and d["lora_diversity"]["queries"] == 4
+
+
+@pytest.mark.parametrize("share, sampled_rows", [(0.0, 0), (1.0, 3)])
+def test_m_warm_up_can_train_under_g_sampled_prompts(share, sampled_rows, monkeypatch):
+    from types import SimpleNamespace
+
+    from metatuner.tasks.base import Example
+    from metatuner.train import _warmup_prompts
+
+    mt = SimpleNamespace(rewrite_requests=lambda ps, qs: list(qs),
+                         sample_prompts=lambda requests, n, temperature: [[f"written for {r}"] for r in requests])
+    rows = [Example(id=str(i), question=f"q{i}", answer="1", target="1") for i in range(3)]
+    settings = SimpleNamespace(warmup_actor_sampled_prompts=share, rollout_temperature=0.8)
+    prompts = _warmup_prompts(mt, rows, "p0", settings, __import__("random").Random(0))
+    assert sum(p != "p0" for p in prompts) == sampled_rows
+    if sampled_rows:
+        assert prompts == [f"written for q{i}" for i in range(3)]

@@ -224,6 +224,7 @@ def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_
     result.write(out)
     shown = {k: result.metrics[k] for k in (*mt.task.metrics, "n_eval", "seconds")}
     typer.echo(json.dumps(shown))
+    typer.echo(f"diagnostics: {json.dumps(result.metrics['diagnostics'])}")
     typer.echo(f"wrote {out}/metrics.json and {out}/samples.jsonl")
 
 

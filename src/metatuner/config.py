@@ -159,15 +159,26 @@ class MetaTunerSettings:
     interleave_block: int = _help("Schedule I: steps per block of each loss.", 1)
     sr_weight: float = _help("alpha, the weight of the supervised-regularisation loss.", 1.0)
     sync_every: int = _help("Copy phi_p into the frozen phi_p' every N steps.", 10)
-    n_rollouts: int = _help("Sampled candidate prompts per query (p0 and the stored best are always added).", 4)
+    n_rollouts: int = _help("Sampled candidate prompts per query (the stored best is added, and p0 with "
+                            "d2_source=samples_and_p0).", 4)
     rollout_temperature: float = _help("Sampling temperature T of candidate prompts.", 0.8)
     rollout_every: int = _help("Run rollouts (and refresh D2) every N steps that train the SR loss.", 1)
-    reward: str = _help("likelihood (minus the gold answer's mean NLL) or exact_match (ties by likelihood).", "likelihood")
+    reward: str = _help(
+        "likelihood (minus the gold answer's mean NLL under M) or exact_match (the task's own checker on M's "
+        "generated answer, ties broken by likelihood).", "likelihood")
+    d2_source: str = _help(
+        "What D2 may hold. samples: only prompts G sampled itself (p0 is scored as a reference but is neither a "
+        "candidate nor the default SR target; the SR loss skips queries with no sample yet). samples_and_p0: p0 "
+        "is a candidate in every rollout and the SR target of queries without an entry, which teaches G to copy "
+        "p0.", "samples_and_p0")
     lr_generator: float = _help("Learning rate of G's adapters.", 1e-4)
     lr_hyper: float = _help(
         "Learning rate of the hypernetwork. Adam moves every weight of its output heads by about this much per step, "
         "so the LoRA it writes changes by roughly lr * hidden size: keep it small.", 1e-4)
     warmup_actor_steps: int = _help("Warm-up: LoRA SFT steps of M on (p0, x) -> y, kept as a static adapter (0: none).", 0)
+    warmup_actor_sampled_prompts: float = _help(
+        "Warm-up of M (warmup_actor_steps): the share of rows whose instruction is a prompt G samples for that "
+        "query instead of p0, so that M learns to answer under G's wordings and not p0's alone (0: p0 only).", 0.0)
     warmup_actor_adapter: Optional[str] = _help(
         "Warm-up: use this trained PEFT LoRA (e.g. the SFT baseline's RUN/adapter) as M's static adapter instead of "
         "training one.", None)
@@ -307,6 +318,10 @@ def validate(cfg: RunConfig) -> None:
          "and metatuner.use_prompt cannot both be false (nothing would be trained)"),
         (cfg.metatuner.schedule in ("J", "I"), "metatuner.schedule", "must be J or I"),
         (cfg.metatuner.reward in ("likelihood", "exact_match"), "metatuner.reward", "must be likelihood or exact_match"),
+        (cfg.metatuner.d2_source in ("samples", "samples_and_p0"), "metatuner.d2_source",
+         "must be samples or samples_and_p0"),
+        (0 <= cfg.metatuner.warmup_actor_sampled_prompts <= 1, "metatuner.warmup_actor_sampled_prompts",
+         "must be in [0, 1]"),
         (cfg.metatuner.max_prompt_tokens >= 1, "metatuner.max_prompt_tokens", "must be at least 1"),
         (cfg.metatuner.warmup_generator_queries is None or cfg.metatuner.warmup_generator_queries >= 1,
          "metatuner.warmup_generator_queries", "must be at least 1 or null"),

@@ -34,6 +34,7 @@ from .checkpoint import atomic_save_file, atomic_write_text
 from .config import MetaTunerSettings
 from .generation import (chat_prompt, decode_loop, generate, last_logits_only, left_padded_batch, lm_batch, lm_loss,
                          output_cache, score_targets)
+from .diagnostics import lora_diversity, prompt_diagnostics
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 
 SHARED, PROMPT, FROZEN, ACTOR, PRIVATE = "shared", "prompt", "prompt_frozen", "actor", "private_encoder"
@@ -434,6 +435,8 @@ class MetaTuner(nn.Module):
                               batch_context=self.lora_context(h), progress=progress)
         result.metrics["prompt_seconds"] = round(write_seconds, 2)
         result.metrics["seconds"] = round(result.metrics["seconds"] + write_seconds, 2)
+        result.metrics["diagnostics"] = {**prompt_diagnostics(prompts, self.p0), "lora_diversity": lora_diversity(
+            self, [ex.question for ex in examples], self.p0)}
         return result
 
     def export_adapter(self, question: str, out_dir: str | Path, base_model: str) -> Path:
@@ -479,6 +482,15 @@ class MetaTuner(nn.Module):
                 found[(layer, kind)] = (module.lora_A[ACTOR].weight.detach().float(),
                                         scaling * module.lora_B[ACTOR].weight.detach().float())
         return found
+
+    def static_update_norm(self) -> float | None:
+        """Frobenius norm of M's static warm-up update (scaling * B A over all its targets); None without one."""
+        if self.actor_adapter is None:
+            return None
+        total = 0.0
+        for a, b in self._static_factors().values():  # a: (r, d_in), b: (d_out, r) with the scaling in b
+            total += float(((b.T @ b) * (a @ a.T)).sum())
+        return max(total, 0.0) ** 0.5
 
     def _require_task(self):
         task = getattr(self, "task", None)

@@ -51,8 +51,12 @@ def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict
                           "train_command": train.get("command")})
             if "peak_rss_mb" in train:
                 entry["peak_rss_mb"] = train["peak_rss_mb"]
+            if "diagnostics" in metrics and "diagnostics" in train:  # what D2 held at the end of training
+                metrics["diagnostics"].update({k: v for k, v in train["diagnostics"].items() if k.startswith("d2_")})
         else:
             entry.update({"train_examples": 0, "train_seconds": 0})
+        if "diagnostics" in metrics:  # MetaTuner runs: written prompts and per-query LoRA on the evaluated items
+            entry["diagnostics"] = metrics["diagnostics"]
         # One command when training and evaluation ran as one (`metatuner compare`).
         entry["command"] = " && ".join(dict.fromkeys(c for c in (entry.get("train_command"), entry["eval_command"]) if c))
         results["methods"][name] = entry

@@ -1,11 +1,13 @@
 """Candidate prompts, their rewards, and the expert-prompt store D2.
 
-For each training query: sample n prompts from the current G, add p0 and the best prompt stored so far, score every
-candidate through M with the query's own LoRA, and keep the best. D2 changes only when a candidate beats the stored
-prompt's score under the current model, so D2 is never worse than p0 and never gets worse as training goes on.
+For each training query: sample n prompts from the current G, add the best prompt stored so far (and, with
+`p0_candidate`, p0), score every candidate through M with the query's own LoRA, and keep the best. D2 changes only
+when a candidate beats the stored prompt's score under the current model, so it never gets worse as training goes
+on. p0 is always scored, as the reference of the diagnostics (how far the best sample is above it).
 
-    store = ExpertPromptStore.load_or_new(path)
-    result = run_rollouts(mt, task, examples, p0, factors, store, n=4, temperature=0.8, reward="likelihood")
+    store = ExpertPromptStore.load(path) if path else ExpertPromptStore()
+    result = run_rollouts(mt, task, examples, p0, factors, store, n=4, temperature=0.8, reward="exact_match",
+                          p0_candidate=False)
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ class ExpertPromptStore:
     def __init__(self, entries: dict[str, dict] | None = None):
         self.entries: dict[str, dict] = dict(entries or {})
 
-    def best(self, example_id: str, default: str) -> str:
+    def best(self, example_id: str, default: str | None) -> str | None:
         entry = self.entries.get(example_id)
         return entry["prompt"] if entry else default
 
     def offer(self, example_id: str, prompt: str, score, baseline) -> bool:
-        """Record the winner of one scoring round; True when it beat the stored prompt (scored in the same round).
+        """Record the winner of one scoring round; True when it changed D2 (it beat the stored prompt, scored in
+        the same round, or the query had no entry: `baseline` None).
 
         The caller puts the stored prompt first among the candidates so that ties keep it; the stored score is
         refreshed to the current model's, so later rounds compare like with like.
         """
         self.entries[example_id] = {"prompt": prompt, "score": score}
-        return score > baseline
+        return baseline is None or score > baseline
+
+    def from_samples_share(self, p0: str) -> float:
+        """Share of the entries that are something other than p0 (G's own samples); 0 when D2 is empty."""
+        return sum(e["prompt"] != p0 for e in self.entries.values()) / len(self.entries) if self.entries else 0.0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -81,6 +88,8 @@ class RolloutResult:
     best_reward: float
     improved: int  # queries whose stored prompt changed
     scored: int  # candidates scored
+    beats_p0: int = 0  # queries whose best candidate scored above p0 (in the reward's order)
+    gap_over_p0: float = 0.0  # mean over queries of the best candidate's reward minus p0's (first component)
 
 
 def run_rollouts(
@@ -95,15 +104,25 @@ def run_rollouts(
     temperature: float,
     reward: str = "likelihood",
     batch_size: int = 16,
+    p0_candidate: bool = True,
 ) -> RolloutResult:
-    """Sample, score and keep the best prompt per query; `factors` are the queries' LoRA (None: M without one)."""
+    """Sample, score and keep the best prompt per query; `factors` are the queries' LoRA (None: M without one).
+
+    `p0_candidate=False` keeps D2 to G's own samples: p0 is scored only as a reference (the diagnostics' gap over
+    p0) and can never be stored unless G samples it; a query's first rollout stores its best sample whatever it
+    scores, and later samples must beat it. With True, p0 is a candidate and the default stored prompt.
+    """
     requests = mt.rewrite_requests([p0] * len(examples), [ex.question for ex in examples])
     sampled = mt.sample_prompts(requests, n=n, temperature=temperature)
-    candidates = []
+    candidates, eligible = [], []
     for ex, samples in zip(examples, sampled):
-        stored = store.best(ex.id, p0)
-        # The stored prompt comes first so that ties keep it; p0 is always a candidate.
-        pool = [stored] + [p for p in dict.fromkeys([p0] + samples) if p and p != stored]
+        stored = store.best(ex.id, p0) if p0_candidate else store.best(ex.id, None)
+        # The stored prompt comes first so that ties keep it.
+        pool = ([stored] if stored is not None else []) + [
+            p for p in dict.fromkeys(([p0] if p0_candidate else []) + samples) if p and p != stored]
+        eligible.append(len(pool))
+        if p0 not in pool:
+            pool.append(p0)  # scored as the reference only
         candidates.append(pool)
     owners = [i for i, pool in enumerate(candidates) for _ in pool]
     flat = [p for pool in candidates for p in pool]
@@ -111,15 +130,27 @@ def run_rollouts(
     row_factors = factors.detach().index_select(owners) if factors is not None else None
     scores = candidate_scores(mt, task, [examples[i] for i in owners], chats, row_factors, reward, batch_size)
 
-    improved, best_rewards, all_rewards, k = 0, [], [], 0
+    improved, beats_p0, gaps, best_rewards, all_rewards, k = 0, 0, [], [], [], 0
     for i, pool in enumerate(candidates):
         pool_scores = scores[k : k + len(pool)]
         k += len(pool)
-        j = max(range(len(pool)), key=lambda c: pool_scores[c])
-        improved += store.offer(examples[i].id, pool[j], _jsonable(pool_scores[j]), baseline=_jsonable(pool_scores[0]))
-        best_rewards.append(pool_scores[j][0] if isinstance(pool_scores[j], tuple) else pool_scores[j])
-        all_rewards.extend(s[0] if isinstance(s, tuple) else s for s in pool_scores)
-    return RolloutResult(sum(all_rewards) / len(all_rewards), sum(best_rewards) / len(best_rewards), improved, len(flat))
+        reference = pool_scores[pool.index(p0)]
+        if eligible[i] == 0:  # every sample was empty and nothing is stored yet
+            continue
+        j = max(range(eligible[i]), key=lambda c: pool_scores[c])
+        has_stored = p0_candidate or examples[i].id in store.entries
+        baseline = _jsonable(pool_scores[0]) if has_stored else None
+        improved += store.offer(examples[i].id, pool[j], _jsonable(pool_scores[j]), baseline=baseline)
+        beats_p0 += pool_scores[j] > reference
+        gaps.append(_first(pool_scores[j]) - _first(reference))
+        best_rewards.append(_first(pool_scores[j]))
+        all_rewards.extend(_first(s) for s in pool_scores[: eligible[i]])
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return RolloutResult(mean(all_rewards), mean(best_rewards), improved, len(flat), beats_p0, mean(gaps))
+
+
+def _first(score) -> float:
+    return score[0] if isinstance(score, tuple) else score
 
 
 def _jsonable(score):

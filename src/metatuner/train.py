@@ -43,6 +43,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, command_line, peak_rss_mb, to_yaml
+from .diagnostics import d2_diagnostics, flat_scalars, run_diagnostics
 from .distributed import (average_gradients, broadcast_parameters, end_training, merge_dicts, rank_rng_states,
                           restore_rank_rng, shard, sum_across, warn_if_sharded)
 from .generation import chat_prompt, lm_batch, lm_loss
@@ -209,10 +210,12 @@ def warm_up_actor(mt: MetaTuner, cfg: RunConfig, task, examples, p0, accelerator
     mt.set_actor_trainable(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
     batches = _batches(len(examples), cfg.train.batch_size, rng)
+    choose = random.Random(cfg.seed + 1)  # its own stream: the batches stay those of a p0-only warm-up
     losses = []
     for _ in tqdm(range(steps), desc="warm-up M (SFT)", unit="step", disable=not accelerator.is_main_process):
         rows = shard([examples[i] for i in next(batches)], accelerator)
-        chats = [chat_prompt(mt.m_tok, task.messages(p0, ex)) for ex in rows]
+        prompts = _warmup_prompts(mt, rows, p0, cfg.metatuner, choose)
+        chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]
         batch = lm_batch(mt.m_tok, chats, [ex.target for ex in rows], cfg.train.max_length, device=mt.m.device)
         with mt.role("actor"):
             with accelerator.autocast(), _training(mt, cfg.train.gradient_checkpointing):
@@ -227,6 +230,18 @@ def warm_up_actor(mt: MetaTuner, cfg: RunConfig, task, examples, p0, accelerator
         losses.append(means["loss"])
     mt.set_actor_trainable(False)
     return {"warmup_actor_first_loss": losses[0], "warmup_actor_final_loss": losses[-1]} if losses else {}
+
+
+def _warmup_prompts(mt: MetaTuner, rows, p0: str, s, choose: random.Random) -> list[str]:
+    """p0 for each row, except a `warmup_actor_sampled_prompts` share that gets a prompt G samples for its query
+    (G as it is before training: the base model rewriting p0), so that M does not learn p0's wording alone."""
+    prompts = [p0] * len(rows)
+    picked = [i for i in range(len(rows)) if choose.random() < s.warmup_actor_sampled_prompts]
+    if picked:
+        requests = mt.rewrite_requests([p0] * len(picked), [rows[i].question for i in picked])
+        for i, (sample,) in zip(picked, mt.sample_prompts(requests, n=1, temperature=s.rollout_temperature)):
+            prompts[i] = sample or p0
+    return prompts
 
 
 def train_metatuner(cfg: RunConfig) -> Path:
@@ -260,6 +275,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
     if cfg.train.check_memory:
         check_memory(cfg, accelerator.device, num_processes=accelerator.num_processes, verbose=main)
     mt = build_metatuner(cfg, str(accelerator.device))
+    mt.task, mt.p0 = task, p0
     # Over-long examples stop the run (naming file and line) or, with on_bad_row=skip, are left out: cut to
     # max_length they would train on a question without its answer.
     examples = check_lengths(examples, token_counter(mt.m_tok), cfg.train.max_length, cfg.data.on_bad_row)
@@ -422,6 +438,10 @@ def train_metatuner(cfg: RunConfig) -> Path:
             "peak_rss_mb": peak_rss_mb(), "seconds_per_phase": {k: round(v, 1) for k, v in timer.seconds.items()},
             "history": dict(history),
         })
+        # Is G writing anything but p0, and does the LoRA differ between queries? (64 training queries)
+        summary["diagnostics"] = {**d2_diagnostics(store, p0), **run_diagnostics(
+            mt, [ex.question for ex in examples[:64]], p0, cfg.eval.batch_size)}
+        accelerator.log(flat_scalars(summary["diagnostics"]), step=total_steps)
         (out / "train_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
     accelerator.wait_for_everyone()
     end_training(accelerator)
@@ -467,25 +487,58 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
         release(terms[-1])
     if do_sr and sr_steps_before(step, s.schedule, s.interleave_block) % s.rollout_every == 0:
         with timer("rollouts"):
-            result = run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts,
-                                  temperature=s.rollout_temperature, reward=s.reward,
-                                  batch_size=cfg.eval.batch_size)
-            # Each rank refreshed D2 for its own queries; every rank gets every update.
-            store.entries.update(merge_dicts({ex.id: store.entries[ex.id] for ex in rows}, accelerator))
-        scored, mean_sum, best_sum, improved, queries = sum_across(
+            result = _rollouts(mt, cfg, task, rows, p0, factors, store)
+            _merge_d2(store, rows, accelerator)
+        scored, mean_sum, best_sum, improved, beats, gap_sum, queries = sum_across(
             [result.scored, result.mean_reward * result.scored, result.best_reward * len(rows), result.improved,
-             len(rows)], accelerator)
+             result.beats_p0, result.gap_over_p0 * len(rows), len(rows)], accelerator)
         logs.update({"rollouts/mean_reward": mean_sum / scored, "rollouts/best_reward": best_sum / queries,
-                     "rollouts/d2_improved_share": improved / queries})
+                     "rollouts/d2_improved_share": improved / queries, "rollouts/beats_p0_share": beats / queries,
+                     "rollouts/gap_over_p0": gap_sum / queries,
+                     "d2/from_samples_share": store.from_samples_share(p0)})
     if do_sr:
         with timer("sr_loss"):
-            best = [store.best(ex.id, p0) for ex in rows]
-            with _training(mt, checkpointed):
-                sr = mt.sr_loss(requests, best)
-        count = _target_tokens(mt.g_tok, requests, best, s.max_request_tokens) if n > 1 else 1
-        terms.append(_Term("sr", sr, s.sr_weight, count, lambda: mt.role("learner")))
-        release(terms[-1])
+            sr_term = _sr_term(mt, cfg, requests, rows, p0, store, s.sr_weight, accelerator)
+        if sr_term is not None:
+            terms.append(sr_term)
+            release(sr_term)
+    if written.prompts is not None:
+        logs["prompts/p0_share"] = sum(p == p0 for p in written.prompts) / len(rows)
     return terms, logs
+
+
+def _rollouts(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, factors, store: ExpertPromptStore):
+    s = cfg.metatuner
+    return run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts, temperature=s.rollout_temperature,
+                        reward=s.reward, batch_size=cfg.eval.batch_size, p0_candidate=s.d2_source == "samples_and_p0")
+
+
+def _merge_d2(store: ExpertPromptStore, rows, accelerator) -> None:
+    """Each rank refreshed D2 for its own queries; every rank gets every update."""
+    store.entries.update(merge_dicts({ex.id: store.entries[ex.id] for ex in rows if ex.id in store.entries},
+                                     accelerator))
+
+
+def _sr_term(mt: MetaTuner, cfg: RunConfig, requests, rows, p0: str, store: ExpertPromptStore, weight: float,
+             accelerator) -> _Term | None:
+    """The SR loss on the rows that have a D2 target (all rows with d2_source=samples_and_p0, where p0 stands in
+    for a missing entry); None when no row of any rank has one. A rank without such rows contributes a zero loss
+    of no tokens, so that the ranks' collectives stay in step."""
+    s = cfg.metatuner
+    default = p0 if s.d2_source == "samples_and_p0" else None
+    keep = [i for i, ex in enumerate(rows) if store.best(ex.id, default) is not None]
+    n = accelerator.num_processes
+    if n > 1 and sum_across([len(keep)], accelerator)[0] == 0 or n == 1 and not keep:
+        return None
+    if not keep:
+        zero = torch.zeros((), device=mt.g.device, requires_grad=True)
+        return _Term("sr", zero, weight, 0, lambda: mt.role("learner"))
+    requests = [requests[i] for i in keep]
+    best = [store.best(rows[i].id, default) for i in keep]
+    with _training(mt, cfg.train.gradient_checkpointing):
+        sr = mt.sr_loss(requests, best)
+    count = _target_tokens(mt.g_tok, requests, best, s.max_request_tokens) if n > 1 else 1
+    return _Term("sr", sr, weight, count, lambda: mt.role("learner"))
 
 
 def sr_steps_before(step: int, schedule: str, block: int) -> int:
@@ -509,24 +562,22 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
         if rows:  # the last batch may leave a rank without rows; it still joins the merge below
             with torch.no_grad(), accelerator.autocast():
                 written = mt.write_prompts(mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows]), False)
-                result = run_rollouts(mt, task, rows, p0, mt.factors(written.h), store, n=s.n_rollouts,
-                                      temperature=s.rollout_temperature, reward=s.reward,
-                                      batch_size=cfg.eval.batch_size)
-            improved += result.improved
-        store.entries.update(merge_dicts({ex.id: store.entries[ex.id] for ex in rows}, accelerator))
+                improved += _rollouts(mt, cfg, task, rows, p0, mt.factors(written.h), store).improved
+        _merge_d2(store, rows, accelerator)
     improved = int(sum_across([improved], accelerator)[0])
     optimizer = torch.optim.AdamW(g_params, lr=s.lr_generator)
+    if s.d2_source == "samples":  # SR targets are G's own samples: only queries that have one
+        queries = [ex for ex in queries if ex.id in store.entries] or queries[:0]
     batches = _batches(len(queries), bs, rng)
     losses = []
-    for _ in tqdm(range(s.warmup_generator_steps), desc="warm-up G (SFT on best prompts)", unit="step",
-                  disable=not main):
+    for _ in tqdm(range(s.warmup_generator_steps if queries else 0), desc="warm-up G (SFT on best prompts)",
+                  unit="step", disable=not main):
         rows = shard([queries[i] for i in next(batches)], accelerator)
         requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
-        best = [store.best(ex.id, p0) for ex in rows]
-        with accelerator.autocast(), _training(mt, cfg.train.gradient_checkpointing):
-            loss = mt.sr_loss(requests, best)
-        count = _target_tokens(mt.g_tok, requests, best, s.max_request_tokens) if accelerator.num_processes > 1 else 1
-        term = _Term("sr", loss, 1.0, count, lambda: mt.role("learner"))
+        with accelerator.autocast():
+            term = _sr_term(mt, cfg, requests, rows, p0, store, 1.0, accelerator)
+        if term is None:
+            continue
         means, scales = _combine([term], accelerator)
         _backward([term], scales)
         average_gradients([p for p in g_params if p.grad is not None], accelerator)
