@@ -268,3 +268,20 @@ def test_m_warm_up_can_train_under_g_sampled_prompts(share, sampled_rows, monkey
     assert sum(p != "p0" for p in prompts) == sampled_rows
     if sampled_rows:
         assert prompts == [f"written for q{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("lever, check", [
+    (("metatuner.g_target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
+      "metatuner.g_lora_r=8"),
+     lambda mt: any("mlp.down_proj" in n for n, p in mt.g.named_parameters() if "lora_A.prompt." in n)
+     and mt.settings.g_lora_r == 8),
+    (("metatuner.pool=mean", "metatuner.hyper_query_dim=16"), lambda mt: mt.hyper.query_proj.out_features == 16),
+    (("metatuner.warmup_actor_steps=2", "metatuner.warmup_actor_sampled_prompts=0.5"),
+     lambda mt: mt.actor_adapter is not None),
+    (("metatuner.reward=exact_match", "metatuner.d2_source=samples", "metatuner.rollout_every=1"),
+     lambda mt: True),
+])
+def test_prompt_branch_levers_train_save_and_reload(tiny_dir, tmp_path, lever, check):
+    """Each lever of the prompt-branch A/B (docs/results/README.md) is a config option that trains and reloads."""
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "train.max_steps=2", *lever))
+    assert check(MetaTuner.from_pretrained(out))

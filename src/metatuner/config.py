@@ -144,6 +144,9 @@ class MetaTunerSettings:
     rank: int = _help("Rank r of the per-query LoRA.", 8)
     scale: float = _help("lambda: the per-query update is lambda * B (A x).", 1.0)
     hyper_hidden: int = _help("Hidden width of the hypernetwork's down/up MLP.", 256)
+    hyper_query_dim: int = _help(
+        "Width of the projection of h that conditions the hypernetwork (the query's bottleneck; the layer and "
+        "module embeddings are 32 wide each).", 128)
     # ablations
     use_hyper: bool = _help("False: the prompt-only ablation (MetaTuner without the parameter decoder F).", True)
     use_prompt: bool = _help("False: the parameters-only ablation (M always gets p0; G only encodes).", True)
@@ -304,6 +307,8 @@ def validate(cfg: RunConfig) -> None:
         (cfg.metatuner.g_finetune == "lora" or (cfg.model.actor not in (None, cfg.model.name)),
          "metatuner.g_finetune", "=full needs a separate actor (model.actor): with shared weights it would change M"),
         (cfg.metatuner.rank >= 1, "metatuner.rank", "must be at least 1"),
+        (cfg.metatuner.hyper_hidden >= 1, "metatuner.hyper_hidden", "must be at least 1"),
+        (cfg.metatuner.hyper_query_dim >= 1, "metatuner.hyper_query_dim", "must be at least 1"),
         (cfg.metatuner.g_lora_r >= 1, "metatuner.g_lora_r", "must be at least 1"),
         (cfg.metatuner.n_rollouts >= 1, "metatuner.n_rollouts", "must be at least 1"),
         (cfg.metatuner.rollout_temperature > 0, "metatuner.rollout_temperature", "must be positive"),

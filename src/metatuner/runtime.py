@@ -46,7 +46,7 @@ class CpuBf16:
     def describe(self) -> str:
         units = [name for name, has in (("AVX512-BF16", self.avx512_bf16), ("AMX", self.amx)) if has]
         limit = f", ONEDNN_MAX_CPU_ISA={self.onednn_max_cpu_isa}" if self.onednn_max_cpu_isa else ""
-        return f"CPU capability {self.capability}{limit}; bf16 units: {', '.join(units) or 'none'}"
+        return f"CPU capability {self.capability}{limit}; bf16 hardware: {', '.join(units) or 'none'}"
 
 
 def cpu_bf16() -> CpuBf16:

@@ -209,6 +209,8 @@ def warm_up_actor(mt: MetaTuner, cfg: RunConfig, task, examples, p0, accelerator
     broadcast_parameters(params, accelerator)
     mt.set_actor_trainable(True)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
+    # The SFT baseline's schedule, so that a warm-up of M here and the SFT adapter differ only in what they see.
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
     batches = _batches(len(examples), cfg.train.batch_size, rng)
     choose = random.Random(cfg.seed + 1)  # its own stream: the batches stay those of a p0-only warm-up
     losses = []
@@ -226,6 +228,7 @@ def warm_up_actor(mt: MetaTuner, cfg: RunConfig, task, examples, p0, accelerator
         average_gradients([p for p in params if p.grad is not None], accelerator)
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip or float("inf"))
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad()
         losses.append(means["loss"])
     mt.set_actor_trainable(False)
