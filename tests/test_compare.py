@@ -153,3 +153,29 @@ def test_fault_compare_stopped_mid_method_says_how_to_continue_and_keeps_finishe
     assert resumed.exit_code == 0, resumed.output
     assert "sft: finished earlier, skipping" in resumed.output
     assert set(json.loads((tmp_path / "results" / "toy.json").read_text())["methods"]) == {"sft", "metatuner_j"}
+
+
+def test_compare_with_seeds_pairs_each_seed_with_the_same_seed_of_metatuner_j(tiny_dir, tmp_path):
+    """Each seed's MetaTuner-J starts from that seed's SFT adapter; the interval pools (seed, item) pairs. Fails if
+    seeds share run folders or adapters, or if the bootstrap pairs items across seeds."""
+    from metatuner.evaluate import paired_bootstrap
+    from metatuner.report import per_item_scores
+
+    path = _config(tmp_path, tiny_dir, {"sft": {}, "metatuner_j": {}}, seeds=[0, 1])
+    results = compare(path)
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        config = (runs / f"seed-{seed}" / "metatuner_j" / "config.yaml").read_text()
+        assert f"seed: {seed}\n" in config and str(runs / f"seed-{seed}" / "sft" / "adapter") in config
+    sft, j = results["methods"]["sft"], results["methods"]["metatuner_j"]
+    assert sft["seeds"] == [0, 1] and len(sft["scores"]) == 2 and sft["n_eval"] == 6
+    assert sft["mean"] == pytest.approx(sum(sft["scores"]) / 2, abs=1e-4)
+    assert "diagnostics" in j and "p0_share" in j["diagnostics"] and len(j["diagnostics_per_seed"]) == 2
+    pairs = {name: {f"{s}:{i}": v for s in (0, 1) for i, v in per_item_scores(
+        runs / f"seed-{s}" / name / "eval" / "samples.jsonl", sft["metric"]).items()} for name in ("sft", "metatuner_j")}
+    keys = sorted(pairs["sft"])
+    assert len(keys) == 12
+    expected = paired_bootstrap([pairs["metatuner_j"][k] for k in keys], [pairs["sft"][k] for k in keys])
+    assert sft["ci_vs_metatuner_j"] == [round(expected[0], 4), round(expected[1], 4)]
+    assert (tmp_path / "results" / "samples" / "toy" / "metatuner_j-seed1.jsonl.gz").is_file()
+    assert json.loads((tmp_path / "results" / "toy.json").read_text()) == results

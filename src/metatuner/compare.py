@@ -18,6 +18,10 @@ with their 95% paired-bootstrap intervals, a plot of the training curves, and ev
 (gzipped JSONL) and training curves under `<results_dir>/samples/<name>/`. A method listed in the config whose run
 folder is not on this machine keeps its row from the published `<name>.json` (with its intervals recomputed from
 the per-item outputs), so a comparison can span machines; rows scored on other items are dropped, with a message.
+
+With `seeds: [0, 1, 2]` every method runs once per seed (in `<runs_dir>/seed-<s>/`), and the results give each
+method's per-seed scores, their mean, and MetaTuner-J minus it over the pooled (seed, item) pairs
+(`seed_report.py`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +42,7 @@ from omegaconf import OmegaConf
 
 from .config import ConfigError, RunConfig, command_line, load_config
 from .report import add_intervals, collect, markdown, per_item_scores, primary_metric
+from .seed_report import seed_markdown, seed_results
 
 SEARCH_METHODS = ("opro", "better_together")
 # Methods that are not MetaTuner variants: each is its own kind of run, named by its method name.
@@ -61,6 +66,10 @@ class CompareConfig:
     eval_sample: Optional[int] = field(default=None, metadata={
         "help": "Evaluate every method on a seeded random sample of this many test items (None: the whole split)."})
     eval_sample_seed: int = field(default=0, metadata={"help": "Seed of the `eval_sample` draw."})
+    seeds: list[int] = field(default_factory=list, metadata={
+        "help": "Run every method once per seed, each seed's runs in <runs_dir>/seed-<s>/ (its MetaTuner variants "
+                "starting from that seed's SFT adapter), and report per-seed scores, their mean and MetaTuner-J "
+                "minus each method over the pooled (seed, item) pairs. Empty: one run with base.seed."})
     full_test_methods: list[str] = field(default_factory=list, metadata={
         "help": "Methods also evaluated on the whole test split when `eval_sample` is set (<name>-full.json)."})
 
@@ -84,6 +93,8 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
         raise ConfigError(f"{path}: `methods` is empty")
     if cfg.eval_sample is not None and cfg.eval_sample < 1:
         raise ConfigError(f"{path}: `eval_sample` must be at least 1 or null")
+    if cfg.seeds and (cfg.full_test_methods or len(set(cfg.seeds)) != len(cfg.seeds)):
+        raise ConfigError(f"{path}: `seeds` must be distinct and cannot be combined with `full_test_methods`")
     unknown = sorted(set(cfg.full_test_methods) - set(cfg.methods))
     if unknown:
         raise ConfigError(f"{path}: `full_test_methods` names methods not in `methods`: {', '.join(unknown)}")
@@ -93,6 +104,11 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
             raise ConfigError(f"{path}: method name {name!r} must be letters, digits, '_', '-' or '.'")
         method_config(cfg, name)
     return cfg
+
+
+def for_seed(cfg: CompareConfig, seed: int) -> CompareConfig:
+    """The comparison as run under one of its `seeds`: its own run folders and base seed."""
+    return replace(cfg, runs_dir=str(Path(cfg.runs_dir) / f"seed-{seed}"), base={**cfg.base, "seed": seed}, seeds=[])
 
 
 def _dotlist(overrides: dict[str, Any] | None) -> list[str]:
@@ -214,25 +230,31 @@ def compare(config_path: str | Path, only: list[str] | None = None, overrides: l
         raise ConfigError(f"--only names methods not in the config: {', '.join(unknown)}")
     # SFT first: MetaTuner variants start from its adapter.
     order = sorted(names, key=lambda n: (n != "sft", names.index(n)))
-    runs = Path(cfg.runs_dir)
     evals = [(name, False) for name in order]
     if cfg.eval_sample is not None:
         evals += [(name, True) for name in order if name in cfg.full_test_methods]
-    for name, full in evals:
+    # With seeds, each method runs under every seed before the next method starts.
+    runs_of = [(name, full, for_seed(cfg, seed) if cfg.seeds else cfg, seed)
+               for name, full in evals for seed in (cfg.seeds or [None])]
+    for name, full, run_cfg, seed in runs_of:
         if report_only or (only and name not in only):
             continue
         label = f"{name} (whole test split)" if full else name
+        label += f", seed {seed}" if seed is not None else ""
+        runs = Path(run_cfg.runs_dir)
         if (runs / name / ("eval-full" if full else "eval") / "metrics.json").is_file():
             print(f"[compare] {label}: finished earlier, skipping ({runs / name})")
             continue
         started = time.perf_counter()
         print(f"[compare] {label}: running")
-        run_method(cfg, name, full)
+        run_method(run_cfg, name, full)
         print(f"[compare] {label}: done in {time.perf_counter() - started:.0f} s")
 
     notes = {"config": str(config_path), **({"overrides": list(overrides)} if overrides else {}), **cfg.notes}
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.seeds:
+        return _report_seeds(cfg, names, notes, out)
     results = _report(cfg, names, "eval", cfg.name, notes, out)
     if cfg.eval_sample is not None and cfg.full_test_methods:
         _report(cfg, cfg.full_test_methods, "eval-full", f"{cfg.name}-full", notes, out)
@@ -253,9 +275,7 @@ def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, n
     samples = out / "samples" / stem  # per-item outputs beside the table, so its intervals can be recomputed
     samples.mkdir(parents=True, exist_ok=True)
     for name, (eval_dir, train_dir) in finished.items():
-        with open(eval_dir / "samples.jsonl", "rb") as src, open(samples / f"{name}.jsonl.gz", "wb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as dst:  # mtime=0: same bytes for the same samples
-                shutil.copyfileobj(src, dst)
+        _gzip_copy(eval_dir / "samples.jsonl", samples / f"{name}.jsonl.gz")
         if train_dir is not None and eval_folder == "eval":  # kept too, so the plot outlives the run folder
             curves = training_curves(json.loads((train_dir / "train_metrics.json").read_text()))
             (samples / f"{name}.curves.json").write_text(json.dumps(curves) + "\n")
@@ -276,6 +296,37 @@ def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, n
         _plot_saved_curves(results, samples, out / f"{stem}-training.png")
     print(markdown(results))
     return results
+
+
+def _report_seeds(cfg: CompareConfig, names: list[str], notes: dict, out: Path) -> dict:
+    """<name>.json and .md of a comparison with `seeds`, from the seeds' finished runs, with every run's per-item
+    outputs under <results_dir>/samples/<name>/<method>-seed<s>.jsonl.gz."""
+    runs: dict[str, dict[int, tuple[Path, Path | None]]] = {}
+    for seed in cfg.seeds:
+        seed_runs = Path(for_seed(cfg, seed).runs_dir)
+        for name in names:
+            folder = seed_runs / name
+            if (folder / "eval" / "metrics.json").is_file():
+                train = folder if (folder / "train_metrics.json").is_file() else None
+                runs.setdefault(name, {})[seed] = (folder / "eval", train)
+    if not runs:
+        return {}
+    results = seed_results(cfg.name, runs, {**notes, "seeds": cfg.seeds})
+    samples = out / "samples" / cfg.name
+    samples.mkdir(parents=True, exist_ok=True)
+    for name, by_seed in runs.items():
+        for seed, (eval_dir, _) in by_seed.items():
+            _gzip_copy(eval_dir / "samples.jsonl", samples / f"{name}-seed{seed}.jsonl.gz")
+    (out / f"{cfg.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{cfg.name}.md").write_text(f"# {cfg.name}\n\n" + seed_markdown(results))
+    print(seed_markdown(results))
+    return results
+
+
+def _gzip_copy(source: Path, target: Path) -> None:
+    with open(source, "rb") as src, open(target, "wb") as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as dst:  # mtime=0: same bytes for the same samples
+            shutil.copyfileobj(src, dst)
 
 
 def _plot_saved_curves(results: dict, samples: Path, path: Path) -> None:

@@ -16,10 +16,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from .baselines.sft import train_sft
-from .config import load_config
+from .config import command_line, load_config
 from .evaluate import evaluate
 from .metatuner import MetaTuner
 from .models import load_model
+from .runtime import resolve_precision
 from .tasks import get_task
 from .train import train_metatuner
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--config"]:
         config, argv = Path(argv[1]), argv[2:]
     cfg = load_config(config, argv)
+    resolve_precision(cfg.train.mixed_precision, cfg.model.device).announce()  # before minutes of work
     root = Path(cfg.output_dir)
     task = get_task(cfg.data.task, **cfg.data.task_options)
     test = task.load(cfg.data.eval_split, path=cfg.data.eval_path, limit=cfg.data.eval_limit)
@@ -74,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     for sample in result.samples[:3]:
         print(f"- Q: {sample['input']}\n  prompt: {sample['prompt']!r}\n  answer: {sample['output']!r}"
               f" ({'correct' if sample['correct'] else 'wrong'}, gold {sample['answer']})")
-    summary = {"task": task.name, "n_eval": len(test), "rows": rows, "seconds": round(time.perf_counter() - started)}
+    summary = {"task": task.name, "n_eval": len(test), "rows": rows, "seconds": round(time.perf_counter() - started),
+               "precision": resolve_precision(cfg.train.mixed_precision, cfg.model.device).as_dict(),
+               "command": command_line()}
     (root / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwhole demo: {summary['seconds']} s; results in {root}/")
 

@@ -1,0 +1,75 @@
+"""The results of a comparison run with several seeds (`seeds:` in a compare config): one row per method with its
+score under each seed, their mean, and MetaTuner-J minus it as a 95% paired-bootstrap interval over the pooled
+(seed, item) pairs: seed s of a method is paired with seed s of MetaTuner-J, item by item.
+
+    results = seed_results(name, {"sft": {0: (eval_dir, train_dir), 1: ...}, "metatuner_j": {...}}, notes)
+    seed_markdown(results)
+
+`metatuner compare` calls these; the per-seed run folders are `<runs_dir>/seed-<s>/<method>/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from statistics import mean
+
+from .report import add_intervals, collect, per_item_scores, primary_metric
+
+
+def seed_results(name: str, runs: dict[str, dict[int, tuple[Path, Path | None]]], notes: dict) -> dict:
+    """`runs`: method -> seed -> (evaluation folder, training folder or None)."""
+    results: dict = {"task": name, "methods": {}, **notes}
+    items: dict[str, dict[str, float]] = {}
+    for method, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        rows = collect(name, {str(s): by_seed[s] for s in seeds})["methods"]
+        per_seed = [rows[str(s)] for s in seeds]
+        metric = primary_metric(per_seed[0])
+        sizes = {row["n_eval"] for row in per_seed}
+        if len(sizes) != 1:
+            raise ValueError(f"{method}: its seeds were evaluated on different numbers of items ({sorted(sizes)})")
+        scores = [row[metric] for row in per_seed]
+        entry = {"metric": metric, "scores": scores, "mean": round(mean(scores), 4), "n_eval": sizes.pop(),
+                 "seeds": seeds, "command": per_seed[0]["command"],
+                 "train_seconds": [row["train_seconds"] for row in per_seed],
+                 "eval_seconds": [row["eval_seconds"] for row in per_seed]}
+        if "diagnostics" in per_seed[0]:
+            entry["diagnostics"] = mean_diagnostics([row["diagnostics"] for row in per_seed])
+            entry["diagnostics_per_seed"] = [row["diagnostics"] for row in per_seed]
+        results["methods"][method] = entry
+        items[method] = {f"{s}:{item}": score for s in seeds
+                         for item, score in per_item_scores(by_seed[s][0] / "samples.jsonl", metric).items()}
+    add_intervals(results, items)
+    return results
+
+
+def mean_diagnostics(per_seed: list[dict]) -> dict:
+    """The mean over seeds of every number in the diagnostics (nested dicts alike; None where a seed has none)."""
+    out = {}
+    for key, value in per_seed[0].items():
+        values = [d.get(key) for d in per_seed]
+        if isinstance(value, dict):
+            out[key] = mean_diagnostics(values) if all(isinstance(v, dict) for v in values) else None
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = round(mean(values), 6)
+        else:
+            out[key] = None
+    return out
+
+
+def seed_markdown(results: dict) -> str:
+    methods = results["methods"]
+    head = ["method", "scores (per seed)", "mean", "n_eval per seed", "MetaTuner-J minus this, 95% CI",
+            "written prompts = p0", "LoRA between-query variance"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        ci = m.get("ci_vs_metatuner_j")
+        d = m.get("diagnostics") or {}
+        lora = d.get("lora_diversity") or {}
+        lines.append("| " + " | ".join([
+            name, ", ".join(f"{s:.3f}" for s in m["scores"]), f"{m['mean']:.4f}", str(m["n_eval"]),
+            f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "",
+            f"{d['p0_share']:.3f}" if d.get("p0_share") is not None else "",
+            f"{lora['between_query_variance_share']:.4f}" if lora.get("between_query_variance_share") is not None
+            else ""]) + " |")
+    return "\n".join(lines) + "\n"
