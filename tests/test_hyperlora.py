@@ -253,3 +253,25 @@ def test_outside_the_context_the_model_is_the_base(model, tokenizer):
         PerExampleLoRA(model, TARGETS)
     actor.remove()
     PerExampleLoRA(model, TARGETS).remove()
+
+
+def test_running_standardize_matches_the_statistics_of_everything_seen_in_training():
+    """Fails if the running update drops a batch's share or the shift between batch means (Chan's term)."""
+    from metatuner.hyperlora import RunningStandardize
+
+    torch.manual_seed(0)
+    norm = RunningStandardize(3)
+    batches = [torch.randn(n, 3) * 4 + 7 for n in (8, 5, 1, 8)]
+    for batch in batches:
+        norm(batch)
+    seen = torch.cat(batches)
+    assert torch.allclose(norm.mean, seen.mean(0), atol=1e-5)
+    assert torch.allclose(norm.var, seen.var(0, unbiased=False), atol=1e-4)
+    norm.eval()
+    out = norm(batches[0])  # eval mode: normalised with the running statistics, which stay put
+    assert torch.allclose(out, (batches[0] - seen.mean(0)) / (seen.var(0, unbiased=False) + 1e-5).sqrt(), atol=1e-4)
+    assert int(norm.count) == seen.shape[0]
+    # Saved with the hypernetwork's state and restored by load_state_dict.
+    other = RunningStandardize(3)
+    other.load_state_dict(norm.state_dict())
+    assert torch.equal(other.mean, norm.mean) and int(other.count) == 22

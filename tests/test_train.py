@@ -285,3 +285,10 @@ def test_prompt_branch_levers_train_save_and_reload(tiny_dir, tmp_path, lever, c
     """Each lever of the prompt-branch A/B (docs/results/README.md) is a config option that trains and reloads."""
     out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "train.max_steps=2", *lever))
     assert check(MetaTuner.from_pretrained(out))
+
+
+def test_standardised_hypernetwork_input_keeps_its_statistics_across_save_and_load(tiny_dir, tmp_path):
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "train.max_steps=2", "metatuner.hyper_query_norm=standard"))
+    mt = MetaTuner.from_pretrained(out)
+    assert int(mt.hyper.query_norm.count) > 0 and not mt.hyper.training
+    assert json.loads((out / "train_metrics.json").read_text())["diagnostics"]["lora_diversity"]["queries"] == 4

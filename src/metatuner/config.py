@@ -144,6 +144,10 @@ class MetaTunerSettings:
     rank: int = _help("Rank r of the per-query LoRA.", 8)
     scale: float = _help("lambda: the per-query update is lambda * B (A x).", 1.0)
     hyper_hidden: int = _help("Hidden width of the hypernetwork's down/up MLP.", 256)
+    hyper_query_norm: str = _help(
+        "How h is normalised for the hypernetwork: layer (LayerNorm of each h) or standard (minus the running mean "
+        "of h over training queries, over its running standard deviation, so that only what differs between "
+        "queries reaches the hypernetwork).", "layer")
     hyper_query_dim: int = _help(
         "Width of the projection of h that conditions the hypernetwork (the query's bottleneck; the layer and "
         "module embeddings are 32 wide each).", 128)
@@ -309,6 +313,7 @@ def validate(cfg: RunConfig) -> None:
         (cfg.metatuner.rank >= 1, "metatuner.rank", "must be at least 1"),
         (cfg.metatuner.hyper_hidden >= 1, "metatuner.hyper_hidden", "must be at least 1"),
         (cfg.metatuner.hyper_query_dim >= 1, "metatuner.hyper_query_dim", "must be at least 1"),
+        (cfg.metatuner.hyper_query_norm in ("layer", "standard"), "metatuner.hyper_query_norm", "must be layer or standard"),
         (cfg.metatuner.g_lora_r >= 1, "metatuner.g_lora_r", "must be at least 1"),
         (cfg.metatuner.n_rollouts >= 1, "metatuner.n_rollouts", "must be at least 1"),
         (cfg.metatuner.rollout_temperature > 0, "metatuner.rollout_temperature", "must be positive"),

@@ -95,6 +95,15 @@ class HyperLoraConfig:
     dropout: float = field(
         default=0.0, metadata={"help": "Dropout on the hypernetwork's hidden layer during training (0 disables it)."}
     )
+    query_norm: str = field(
+        default="layer",
+        metadata={
+            "help": "How h is normalised before the query projection: layer (LayerNorm of each h: what all queries "
+            "share stays in it, and dominates, since the pooled states of different queries are nearly parallel) "
+            "or standard (minus the running mean of h over the queries seen in training, over its running standard "
+            "deviation: only what differs between queries is left)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if not self.target_modules:
@@ -104,6 +113,36 @@ class HyperLoraConfig:
                 raise ValueError(f"HyperLoraConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"HyperLoraConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.query_norm not in ("layer", "standard"):
+            raise ValueError(f"HyperLoraConfig.query_norm must be layer or standard, got {self.query_norm!r}")
+
+
+class RunningStandardize(nn.Module):
+    """x minus the running mean, over the running standard deviation, of every x seen in training mode (a cumulative
+    average, as BatchNorm's momentum=None, but always normalising with the running statistics: a training batch of
+    8 queries would give noisy batch statistics, and inference sees one query at a time)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("var", torch.ones(dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.shape[0] > 0:
+            with torch.no_grad():
+                flat = x.detach().float()
+                n, total = flat.shape[0], int(self.count) + flat.shape[0]
+                batch_mean = flat.mean(0)
+                delta = batch_mean - self.mean
+                new_mean = self.mean + delta * n / total
+                # Chan et al.'s parallel update of the variance: old and batch sums of squares plus the shift.
+                m2 = self.var * int(self.count) + flat.var(0, unbiased=False) * n + delta**2 * int(self.count) * n / total
+                self.mean.copy_(new_mean)
+                self.var.copy_(m2 / total)
+                self.count.fill_(total)
+        return (x - self.mean.to(x.dtype)) / (self.var.to(x.dtype) + self.eps).sqrt()
 
 
 class LoraTarget(NamedTuple):
@@ -373,7 +412,7 @@ class HyperLoraGenerator(nn.Module):
         )
 
         # LLM hidden states carry a few huge outlier features; normalising h keeps the MLP in a sane range.
-        self.query_norm = nn.LayerNorm(input_dim)
+        self.query_norm = nn.LayerNorm(input_dim) if config.query_norm == "layer" else RunningStandardize(input_dim)
         self.query_proj = nn.Linear(input_dim, config.query_embed_dim)
         self.layer_embedding = nn.Embedding(max(t.layer_index for t in self.targets) + 1, config.layer_embed_dim)
         self.module_embedding = nn.Embedding(len(self.module_types), config.module_embed_dim)

@@ -89,7 +89,8 @@ def _shape(name: str, trust_remote_code: bool, hyper_settings=None) -> _ModelSha
 
         hyper_cfg = HyperLoraConfig(target_modules=list(hyper_settings.target_modules), r=hyper_settings.rank,
                                     hidden_size=hyper_settings.hyper_hidden,
-                                    query_embed_dim=hyper_settings.hyper_query_dim)
+                                    query_embed_dim=hyper_settings.hyper_query_dim,
+                                    query_norm=hyper_settings.hyper_query_norm)
         targets = PerExampleLoRA(model, hyper_cfg.target_modules).targets
         with init_empty_weights():
             hyper = HyperLoraGenerator(hyper_cfg, input_dim=config.hidden_size, targets=targets)

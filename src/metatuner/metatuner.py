@@ -97,6 +97,7 @@ class MetaTuner(nn.Module):
         hyper_cfg = HyperLoraConfig(
             target_modules=list(settings.target_modules), r=settings.rank, scale=settings.scale,
             hidden_size=settings.hyper_hidden, query_embed_dim=settings.hyper_query_dim,
+            query_norm=settings.hyper_query_norm,
         )
         self.lora = PerExampleLoRA(self.m, hyper_cfg.target_modules, scale=hyper_cfg.scale)
         self.hyper = HyperLoraGenerator(hyper_cfg, input_dim=generator.config.hidden_size, targets=self.lora.targets).to(

@@ -442,6 +442,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
             "history": dict(history),
         })
         # Is G writing anything but p0, and does the LoRA differ between queries? (64 training queries)
+        mt.hyper.eval()  # as it will be used: running statistics (hyper_query_norm=standard) no longer move
         summary["diagnostics"] = {**d2_diagnostics(store, p0), **run_diagnostics(
             mt, [ex.question for ex in examples[:64]], p0, cfg.eval.batch_size)}
         accelerator.log(flat_scalars(summary["diagnostics"]), step=total_steps)
