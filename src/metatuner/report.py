@@ -89,17 +89,48 @@ def markdown(results: dict) -> str:
     first = next(iter(methods.values()))
     metrics = [k for k, v in first.items() if isinstance(v, float) and k not in NOT_SCORES]
     head = ["method", *metrics, "n_eval", "train examples", "train s", "eval s"]
-    if any("ci_vs_metatuner_j" in m for m in methods.values()):
+    with_ci = any("ci_vs_metatuner_j" in m for m in methods.values())
+    with_diagnostics = any("diagnostics" in m for m in methods.values())
+    if with_ci:
         head.append("MetaTuner-J minus this, 95% CI")
+    if with_diagnostics:
+        head += list(DIAGNOSTIC_COLUMNS)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         row = [name, *(f"{m[k]:.4f}" for k in metrics), str(m["n_eval"]), str(m["train_examples"]),
                f"{m['train_seconds']:.0f}", f"{m['eval_seconds']:.0f}"]
-        if len(head) > len(row):
+        if with_ci:
             ci = m.get("ci_vs_metatuner_j")
             row.append(f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+        if with_diagnostics:
+            row += diagnostic_cells(m.get("diagnostics"))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+# column -> (path in a MetaTuner entry's diagnostics, format)
+DIAGNOSTIC_COLUMNS = {
+    "written = p0": (("p0_share",), "{:.3f}"),
+    "distinct prompts": (("distinct_prompts",), "{:.0f}"),
+    "edit distance to p0": (("edit_distance_to_p0",), "{:.3f}"),
+    "D2 from samples": (("d2_from_samples",), "{:.3f}"),
+    "LoRA cosine distance": (("lora_diversity", "mean_pairwise_cosine_distance"), "{:.4f}"),
+    "LoRA between-query variance": (("lora_diversity", "between_query_variance_share"), "{:.4f}"),
+    "LoRA norm (static)": (("lora_diversity", "mean_frobenius_norm"), "{:.3g}"),
+}
+
+
+def diagnostic_cells(diagnostics: dict | None) -> list[str]:
+    cells = []
+    for path, fmt in DIAGNOSTIC_COLUMNS.values():
+        value = diagnostics
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        cells.append(fmt.format(value) if isinstance(value, (int, float)) else "")
+    if diagnostics and cells[-1] and isinstance(diagnostics.get("lora_diversity"), dict):
+        static = diagnostics["lora_diversity"].get("static_adapter_frobenius_norm")
+        cells[-1] += f" ({static:.3g})" if isinstance(static, (int, float)) else ""
+    return cells
 
 
 def main(argv: list[str] | None = None) -> None:

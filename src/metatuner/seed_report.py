@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean
 
-from .report import add_intervals, collect, per_item_scores, primary_metric
+from .report import DIAGNOSTIC_COLUMNS, add_intervals, collect, diagnostic_cells, per_item_scores, primary_metric
 
 
 def seed_results(name: str, runs: dict[str, dict[int, tuple[Path, Path | None]]], notes: dict) -> dict:
@@ -60,16 +60,12 @@ def mean_diagnostics(per_seed: list[dict]) -> dict:
 def seed_markdown(results: dict) -> str:
     methods = results["methods"]
     head = ["method", "scores (per seed)", "mean", "n_eval per seed", "MetaTuner-J minus this, 95% CI",
-            "written prompts = p0", "LoRA between-query variance"]
+            *DIAGNOSTIC_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         ci = m.get("ci_vs_metatuner_j")
-        d = m.get("diagnostics") or {}
-        lora = d.get("lora_diversity") or {}
         lines.append("| " + " | ".join([
             name, ", ".join(f"{s:.3f}" for s in m["scores"]), f"{m['mean']:.4f}", str(m["n_eval"]),
-            f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "",
-            f"{d['p0_share']:.3f}" if d.get("p0_share") is not None else "",
-            f"{lora['between_query_variance_share']:.4f}" if lora.get("between_query_variance_share") is not None
-            else ""]) + " |")
-    return "\n".join(lines) + "\n"
+            f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "", *diagnostic_cells(m.get("diagnostics"))]) + " |")
+    note = "Diagnostics are means over the seeds." if any("diagnostics" in m for m in methods.values()) else ""
+    return "\n".join(lines) + "\n" + (f"\n{note}\n" if note else "")
