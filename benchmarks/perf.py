@@ -134,6 +134,9 @@ def main(argv=None) -> dict:
         result = run(name, bench, plot_dir)
         result["seconds_to_measure"] = round(time.perf_counter() - start, 1)
         result["load_after"] = load_summary().get("loadavg")
+        # Each figure keeps the CPU it ran on and its training precision: --only reruns may come from another machine.
+        result["cpu"] = {"model": common.machine()["cpu_model"], **common.machine()["cpu_bf16"]}
+        result["training_precision"] = {"setting": args.precision, "ran": bench.precision, "reason": precision.reason}
         details[name] = result
         commands[name] = command_line()
         headline = HEADLINE.get(name)
@@ -146,6 +149,15 @@ def main(argv=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+def _cpu_bf16(info: dict | None) -> str:
+    if not info:
+        return "not recorded (measured before the field existed)"
+    units = [n for n, k in (("AVX512-BF16", "avx512_bf16"), ("AMX", "amx")) if info.get(k)]
+    return (f"capability {info.get('capability')}, bf16 hardware {', '.join(units) or 'none'}, "
+            f"{'native' if info.get('native') else 'emulated'} (training precision auto picks "
+            f"{'bf16' if info.get('native') else 'fp32'})")
+
+
 def _fmt(value, digits=3):
     if value is None:
         return "n/a"
@@ -169,7 +181,7 @@ def render_markdown(data: dict, md_path: Path) -> str:
         "(figures measured again with --only carry their own command below)",
         f"- Machine: {m.get('cpu_model')}, {m.get('usable_cpus')} usable CPUs, torch {m.get('torch')}, "
         f"torch threads {m.get('torch_threads')} (interop {m.get('torch_interop_threads')}), "
-        f"thread variables {m.get('env_threads') or 'unset'}",
+        f"thread variables {m.get('env_threads') or 'unset'}; CPU bf16: {_cpu_bf16(m.get('cpu_bf16'))}",
         f"- Load average before / after: {data.get('load', {}).get('before', {}).get('loadavg')} / "
         f"{data.get('load', {}).get('after', {}).get('loadavg')} (the CPU is shared; absolute figures move with "
         "load, ratios much less since both sides run in turns)",
@@ -188,6 +200,9 @@ def render_markdown(data: dict, md_path: Path) -> str:
         lines += ["", f"Every figure above: `{next(iter(commands.values()))}`.", ""]
     elif commands:
         lines += ["", "Commands behind the figures:", ""] + [f"- {n}: `{c}`" for n, c in commands.items()] + [""]
+    lines += ["CPU behind each figure (training precision follows it: bf16 only where bf16 is native):", ""]
+    lines += [f"- {n}: {', '.join(filter(None, [(x.get('cpu') or {}).get('model'), _cpu_bf16(x.get('cpu'))]))}"
+              for n, x in d.items()] + [""]
     lines += _details_md(d)
     lines += _scaling_md(d.get("scaling"), md_path)
     notes = md_path.parent / "performance" / "notes.md"
