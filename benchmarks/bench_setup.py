@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 EMBEDDED = "embedded:smollm2-135m-instruct"
 TRAIN_TASK = ("rg:chain_sum", {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2})
 GEN_TASK = ("rg:gsm_symbolic", {})  # questions that make a small model write long answers
-MC_DATA = [REPO.parent / "shared" / "data" / "cosmosqa" / "valid.csv",
+MC_DATA = [REPO / "data" / "cosmosqa" / "valid.csv",
            REPO / "src" / "metatuner" / "tasks" / "fixtures" / "cosmosqa.csv"]
 # Candidate instructions for scoring: p0 plus rewrites of different lengths, as rollouts produce them.
 CANDIDATES = [

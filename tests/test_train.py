@@ -77,6 +77,12 @@ def test_trained_run_reloads_infers_and_exports(tiny_dir, tmp_path):
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), tmp_path / "ad").eval()
     theirs = score_targets(peft_model, mt.m_tok, [chat], ["The answer is 3."])
     assert abs(ours[0][0] - theirs[0][0]) < 1e-3
+    # The model card says how to build that same input: its messages are the ones the actor was given.
+    card = (tmp_path / "ad" / "README.md").read_text()
+    messages = mt.task.messages(prompt, mt.task.load("test")[0].__class__(id="q", question="1 + 2 =", answer="",
+                                                                          target=""))
+    assert json.dumps(messages) in card and "1 + 2 =" in card and f"rank {mt.hyper_config.r + 16}" in card
+    assert "base_model:" in card and "MetaTuner 0.1.0" in card
 
 
 @pytest.mark.parametrize("ablation,trained,absent", [

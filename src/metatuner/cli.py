@@ -1,6 +1,6 @@
 """The `metatuner` command.
 
-    metatuner eval --model embedded:smollm2-135m-instruct --task gsm8k --data-path ../shared/data/gsm8k/test.jsonl --limit 50
+    metatuner eval --model embedded:smollm2-135m-instruct --task gsm8k --data-path data/gsm8k/test.jsonl --limit 50
     metatuner train --config configs/sft-gsm8k.yaml train.max_steps=20          # LoRA SFT baseline
     metatuner eval --adapter runs/sft-gsm8k/adapter --task gsm8k --limit 50
     metatuner train --config configs/opro-arithmetic.yaml --eval                # OPRO-like instruction search
@@ -63,9 +63,13 @@ def train_cmd(
     resume: Optional[str] = typer.Option(None, help="auto (newest checkpoint in output_dir) or a checkpoint path."),
     on_bad_row: Optional[str] = typer.Option(None, help="error (default: stop at the first bad data row, naming "
                                              "file, line and field) or skip (drop bad rows and report them)."),
+    task_option: Optional[List[str]] = typer.Option(None, help="Task option key=value (repeatable), over the "
+                                                    "config's data.task_options."),
 ) -> None:
     """Train a method described by a YAML config (see configs/)."""
     overrides = list(overrides or [])
+    for key, value in _task_options(task_option).items():
+        overrides.append(f"data.task_options.{key}={json.dumps(value) if not isinstance(value, str) else value}")
     if resume:
         overrides.append(f"train.resume={resume}")
     if method:
@@ -165,13 +169,15 @@ def _fit_context(examples, model, tokenizer, max_new_tokens: int, on_bad_row: st
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Option(EMBEDDED_DEFAULT_MODEL, help="Hub id, local directory or embedded:<name>."),
-    task: Optional[str] = typer.Option(None, help="Task name (see `metatuner tasks`); a --run knows its own."),
+    model: Optional[str] = typer.Option(None, help=f"Hub id, local directory or embedded:<name> (default: "
+                                        f"{EMBEDDED_DEFAULT_MODEL}); a --run has its own."),
+    task: Optional[str] = typer.Option(None, help="Task name (see `metatuner tasks`); with --run, another task "
+                                       "than the run's own."),
     run: Optional[Path] = typer.Option(None, help="A MetaTuner run folder: evaluate its prompts and LoRA."),
     data_path: Optional[str] = typer.Option(None, help="Local JSONL/CSV instead of the hub."),
     split: str = typer.Option("test", help="Split to evaluate."),
     limit: Optional[int] = typer.Option(None, help="Evaluate the first N items only."),
-    prompt: Optional[str] = typer.Option(None, help="Instruction p0 (default: the task's)."),
+    prompt: Optional[str] = typer.Option(None, help="Instruction p0 (default: the task's; with --run, the run's)."),
     adapter: Optional[str] = typer.Option(None, help="A PEFT adapter directory to apply (e.g. from SFT)."),
     out: Optional[Path] = typer.Option(None, help="Run folder for metrics.json and samples.jsonl."),
     batch_size: int = typer.Option(16, help="Generation batch size."),
@@ -179,47 +185,85 @@ def eval_cmd(
     mc_mode: str = typer.Option("likelihood", help="Multiple choice: likelihood or generate."),
     dtype: str = typer.Option("float32", help="float32, bfloat16, float16 or auto."),
     device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
-    task_option: Optional[List[str]] = typer.Option(None, help="Task option key=value (repeatable)."),
+    task_option: Optional[List[str]] = typer.Option(None, help="Task option key=value (repeatable); with --run, "
+                                                    "applied over the run's own options."),
     on_bad_row: Optional[str] = typer.Option(None, help="error (stop at the first bad data row, naming file, line "
                                              "and field) or skip (drop bad rows and report them)."),
 ) -> None:
-    """Evaluate a model (optionally with a PEFT adapter) or a MetaTuner run; writes metrics.json and samples.jsonl."""
+    """Evaluate a model (optionally with a PEFT adapter) or a MetaTuner run; writes metrics.json and samples.jsonl.
+
+    With --run, --task, --task-option, --data-path and --prompt apply on top of the run's own settings: the
+    run writes the prompts and LoRA, the given task loads and scores the items."""
     if on_bad_row not in (None, "error", "skip"):
         _fail(f"--on-bad-row must be error or skip, not {on_bad_row!r}")
+    options = _task_options(task_option)
+    if on_bad_row:
+        options["on_bad_row"] = on_bad_row
+    _check_paths(data_path=data_path, adapter=adapter)  # before seconds of imports
     if run is not None:
-        _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype, on_bad_row)
+        for flag, value in (("--model", model), ("--adapter", adapter)):
+            if value is not None:
+                _fail(f"{flag} does not apply to --run: a MetaTuner run evaluates its own models, prompts and LoRA")
+        _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype,
+                  task, options, prompt)
         return
     if task is None:
         _fail("--task is required (or --run for a MetaTuner run)")
+    _run_eval(model or EMBEDDED_DEFAULT_MODEL, adapter, task, data_path, split, limit, prompt, out, batch_size,
+              max_new_tokens, mc_mode, dtype, device, options)
+
+
+def _task_options(items: list[str] | None) -> dict:
     options = {}
-    for item in task_option or []:
+    for item in items or []:
         if "=" not in item:
             _fail(f"--task-option must look like key=value, got {item!r}")
         key, value = item.split("=", 1)
         options[key] = _parse_scalar(value)
-    if on_bad_row:
-        options["on_bad_row"] = on_bad_row
-    _run_eval(model, adapter, task, data_path, split, limit, prompt, out, batch_size, max_new_tokens, mc_mode,
-              dtype, device, options)
+    return options
+
+
+def _check_paths(data_path=None, adapter=None, run=None) -> None:
+    if data_path and not Path(data_path).is_file():
+        _fail(f"--data-path {data_path}: no such file")
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        _fail(f"--adapter {adapter} is not a PEFT adapter directory (no adapter_config.json)")
+    if run is not None and not ((Path(run) / "config.yaml").is_file() and (Path(run) / "model" / "metatuner.json").is_file()):
+        _fail(f"--run {run} is not a MetaTuner run folder (needs config.yaml and model/)")
+
+
+def _run_task(run, task_name: str | None, options: dict):
+    """The task a run is used with: its own (with `options` over its own options) or `task_name` with `options`;
+    unknown options fail here, naming the option, before anything loads."""
+    from .tasks import check_task_options, get_task
+
+    _check_paths(run=run)
+    cfg = load_config(Path(run) / "config.yaml")
+    name = task_name or cfg.data.task
+    options = options if task_name else {**cfg.data.task_options, **options}
+    try:
+        check_task_options(name, {k: v for k, v in options.items() if k != "on_bad_row"})
+        return cfg, get_task(name, **options)
+    except (TypeError, ValueError) as err:
+        _fail(str(err))
 
 
 def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype=None,
-              on_bad_row=None) -> None:
-    mt = _load_run(run, device, dtype)
-    cfg = load_config(Path(run) / "config.yaml")
-    data_path = data_path or cfg.data.eval_path  # the run's own eval file
+              task_name=None, options=None, prompt=None) -> None:
+    cfg, task = _run_task(run, task_name, options or {})
+    if data_path is None and task_name is None:
+        data_path = cfg.data.eval_path  # the run's own eval file
     try:
-        if on_bad_row:
-            from .tasks import get_task
-
-            mt.task = get_task(cfg.data.task, **{**cfg.data.task_options, "on_bad_row": on_bad_row})
-        examples = mt.task.load(split, path=data_path, limit=limit)
+        examples = task.load(split, path=data_path, limit=limit)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(str(err))
+    mt = _load_run(run, device, dtype)
+    mt.task, mt.p0 = task, prompt or mt.p0
     examples = _fit_context(examples, mt.m, mt.m_tok, max_new_tokens or mt.task.max_new_tokens,
-                            on_bad_row or cfg.data.on_bad_row)
+                            options.get("on_bad_row") if options else cfg.data.on_bad_row)
     result = mt.evaluate(examples, batch_size=batch_size, max_new_tokens=max_new_tokens, mc_mode=mc_mode)
-    result.metrics.update({"run": str(run), "method": "metatuner", "command": command_line()})
+    result.metrics.update({"run": str(run), "method": "metatuner", "task": task.name, "p0": mt.p0,
+                           "command": command_line()})
     out = out or Path(run) / "eval"
     result.write(out)
     shown = {k: result.metrics[k] for k in (*mt.task.metrics, "n_eval", "seconds")}
@@ -243,9 +287,14 @@ def infer_cmd(
     run: Path = typer.Option(..., help="MetaTuner run folder."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Answer length limit (default: the task's)."),
     device: str = typer.Option("cpu", help="cpu, cuda, mps."),
+    task: Optional[str] = typer.Option(None, help="Format the questions for another task than the run's own."),
+    task_option: Optional[List[str]] = typer.Option(None, help="Task option key=value (repeatable)."),
+    prompt: Optional[str] = typer.Option(None, help="Instruction p0 that G rewrites (default: the run's)."),
 ) -> None:
     """Write a prompt and a LoRA for each question, then answer it; prints JSON lines."""
+    _, run_task = _run_task(run, task, _task_options(task_option))
     mt = _load_run(run, device)
+    mt.task, mt.p0 = run_task, prompt or mt.p0
     for item in mt.generate(questions, max_new_tokens=max_new_tokens):
         typer.echo(json.dumps(item, ensure_ascii=False))
 
@@ -273,9 +322,8 @@ def export_cmd(
         path = mt.export_adapter(query, out, base)
     except ValueError as err:
         _fail(str(err))
-    prompt = mt.write_all([query])[0][0]
-    (Path(path) / "metatuner_prompt.txt").write_text(prompt + "\n")
-    typer.echo(f"wrote PEFT adapter to {path} (prompt for this query in metatuner_prompt.txt)")
+    typer.echo(f"wrote PEFT adapter to {path}: README.md says how to build its input (the prompt written for this "
+               "query, in metatuner_prompt.txt, then the question)")
 
 
 @app.command("compare")
@@ -313,15 +361,18 @@ def _parse_scalar(value: str):
 
 def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, batch_size, max_new_tokens, mc_mode,
               dtype, device, task_options) -> None:
-    from .evaluate import evaluate
-    from .models import ModelLoadError, load_model
-    from .tasks import get_task
+    from .tasks import check_task_options, get_task
 
     try:
+        check_task_options(task_name, {k: v for k, v in task_options.items() if k != "on_bad_row"})
         task = get_task(task_name, **task_options)
         examples = task.load(split, path=data_path, limit=limit)
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # RuntimeError: the hub could not be reached
         _fail(str(err))
+    # Imported only now: torch and transformers take seconds, and every check above answers before them.
+    from .evaluate import evaluate
+    from .models import ModelLoadError, load_model
+
     try:
         lm, tokenizer = load_model(model, dtype=dtype, device=device)
     except ModelLoadError as err:
@@ -329,8 +380,7 @@ def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, b
     if adapter:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            _fail(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
+        _check_paths(adapter=adapter)
         if not (Path(adapter) / "adapter_model.safetensors").is_file():
             # PEFT would fall back to a pickled adapter_model.bin; weights are read from safetensors only.
             _fail(f"{adapter} has no adapter_model.safetensors (pickled weights are never loaded)")

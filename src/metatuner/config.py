@@ -9,6 +9,8 @@ config fails in a second, not after minutes of loading.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -16,8 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf  # noqa: F401  (MISSING is part of the structured-config vocabulary)
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -247,38 +249,82 @@ class RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then `key=value` overrides; validated; returned as a `RunConfig`."""
-    schema = OmegaConf.structured(RunConfig)
-    layers = [schema]
+    """Defaults, then the YAML file, then `key=value` overrides; validated; returned as a `RunConfig`.
+
+    An unknown key or a wrong type is blamed on where it came from (the file or the command line), with the closest
+    known key when there is one."""
+    merged = OmegaConf.structured(RunConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:  # OmegaConf reads YAML with a safe loader: tags such as !!python/object are errors, never code
+            loaded = OmegaConf.load(path)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path}: expected keys and values at the top level, got a list")
+        merged = _merge(merged, loaded, f"in {path}")
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
+        try:
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"invalid command-line override: {_first_line(err)}") from None
+        merged = _merge(merged, dotlist, "on the command line")
     try:
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            try:  # OmegaConf reads YAML with a safe loader: tags such as !!python/object are errors, never code
-                loaded = OmegaConf.load(path)
-            except (yaml.YAMLError, UnicodeDecodeError) as err:
-                raise ConfigError(f"cannot read config file {path}: {err}") from None
-            if not isinstance(loaded, DictConfig):
-                raise ConfigError(f"{path}: expected keys and values at the top level, got a list")
-            layers.append(loaded)
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got: {' '.join(bad)}")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*layers)
         cfg: RunConfig = OmegaConf.to_object(merged)  # resolves ${...} interpolations
     except OmegaConfBaseException as err:
-        where = f" in {path}" if path else ""
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"invalid config{where}: key `{key}`: {err.msg if hasattr(err, 'msg') else err}") from None
+        raise ConfigError(f"invalid config: key `{getattr(err, 'full_key', None)}`: {_first_line(err)}") from None
     validate(cfg)
     if cfg.data.on_bad_row == "skip":  # tasks take on_bad_row as an option; data.on_bad_row sets it run-wide
         if cfg.data.task_options.get("on_bad_row", "skip") != "skip":
             raise ConfigError("`data.on_bad_row`=skip contradicts `data.task_options.on_bad_row`")
         cfg.data.task_options["on_bad_row"] = "skip"
     return cfg
+
+
+def _merge(base: DictConfig, layer: DictConfig, where: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        message = _first_line(err)
+        if isinstance(err, ConfigKeyError):  # an unknown key: OmegaConf's own guess is replaced by ours
+            message = message.split(". Did you mean")[0] + _closest_key(key)
+        raise ConfigError(f"invalid config {where}: key `{key}`: {message}") from None
+
+
+def _first_line(err: Exception) -> str:
+    """OmegaConf's message without its internal `full_key:` / `object_type=` lines."""
+    return str(getattr(err, "msg", None) or err).strip().splitlines()[0]
+
+
+# Names users bring from other libraries (transformers' TrainingArguments, PEFT) -> ours.
+_KEY_SYNONYMS = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+                 "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "lora_alpha": "alpha",
+                 "lora_dropout": "dropout", "max_seq_length": "max_length", "model_name": "name"}
+
+
+def _closest_key(key: str) -> str:
+    """'; did you mean `train.lr`?' for a mistyped key, from the keys of the section it names."""
+    *section, leaf = key.split(".")
+    node: Any = RunConfig
+    for part in section:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return ""
+        node = fields[part].default_factory if fields[part].default_factory is not dataclasses.MISSING else None
+    if not dataclasses.is_dataclass(node):
+        return ""
+    names = [f.name for f in dataclasses.fields(node)]
+    candidates = names + [s for s, ours in _KEY_SYNONYMS.items() if ours in names]
+    close = difflib.get_close_matches(leaf, candidates, n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean `{'.'.join([*section, _KEY_SYNONYMS.get(close[0], close[0])])}`?"
 
 
 def validate(cfg: RunConfig) -> None:
@@ -356,6 +402,12 @@ def validate(cfg: RunConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"`{key}` {message}")
+    from .tasks import check_task_options  # light: the task modules import their heavy libraries lazily
+
+    try:
+        check_task_options(cfg.data.task, {k: v for k, v in cfg.data.task_options.items() if k != "on_bad_row"})
+    except ValueError as err:
+        raise ConfigError(f"`data.task_options`: {err}") from None
 
 
 def command_line() -> str:

@@ -34,8 +34,10 @@ from .checkpoint import atomic_save_file, atomic_write_text
 from .config import MetaTunerSettings
 from .generation import (chat_prompt, decode_loop, generate, last_logits_only, left_padded_batch, lm_batch, lm_loss,
                          output_cache, score_targets)
+from .adapter_card import write_adapter_card
 from .diagnostics import lora_diversity, prompt_diagnostics
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
+from .tasks.base import Example
 
 SHARED, PROMPT, FROZEN, ACTOR, PRIVATE = "shared", "prompt", "prompt_frozen", "actor", "private_encoder"
 
@@ -403,7 +405,6 @@ class MetaTuner(nn.Module):
     def generate(self, questions: Sequence[str], *, return_lora: bool = False, max_new_tokens: int | None = None,
                  batch_size: int = 16) -> list[dict]:
         """For each question: the written prompt, M's answer, and (on request) the per-query LoRA factors."""
-        from .tasks.base import Example
 
         task = self._require_task()
         prompts, h = self.write_all(questions, batch_size)
@@ -449,10 +450,11 @@ class MetaTuner(nn.Module):
         """
         if not self.settings.use_hyper:
             raise ValueError("this run has no parameter decoder (use_hyper=false): there is no per-query LoRA to export")
-        _, h = self.write_all([question])
+        prompts, h = self.write_all([question])
         factors = self.hyper(h)
         if self.actor_adapter is None:
-            return export_peft_adapter(factors, base_model, out_dir, self.hyper_config)
+            path = export_peft_adapter(factors, base_model, out_dir, self.hyper_config)
+            return self._write_card(path, base_model, question, prompts[0], self.hyper_config)
         static = self._static_factors()
         r_q, r_s = self.hyper_config.r, self.actor_adapter["r"]
         keys = sorted(set(factors.keys()) | set(static))
@@ -469,7 +471,18 @@ class MetaTuner(nn.Module):
             merged[key] = (a, b)
         types = sorted({t for _, t in keys}, key=lambda t: (t not in self.hyper_config.target_modules, t))
         config = HyperLoraConfig(target_modules=types, r=r_q + r_s, scale=1.0)
-        return export_peft_adapter(LoraFactors(merged), base_model, out_dir, config)
+        path = export_peft_adapter(LoraFactors(merged), base_model, out_dir, config)
+        return self._write_card(path, base_model, question, prompts[0], config, static_rank=r_s)
+
+    def _write_card(self, path: Path, base_model: str, question: str, prompt: str, config: HyperLoraConfig,
+                    static_rank: int | None = None) -> Path:
+        """README.md (and metatuner_prompt.txt) beside the exported weights: how to build the query's input."""
+        task = self._require_task()
+        messages = task.messages(prompt, Example(id="export", question=question, answer="", target=""))
+        write_adapter_card(path, base_model=str(base_model), question=question, prompt=prompt, messages=messages,
+                           rank=config.r, target_modules=list(config.target_modules),
+                           max_new_tokens=task.max_new_tokens, static_rank=static_rank)
+        return path
 
     def _static_factors(self) -> dict:
         """M's warm-up adapter as {(layer, module type): (A, scaling * B)}."""

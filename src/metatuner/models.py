@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +33,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .runtime import cpu_bf16
 
 log = logging.getLogger(__name__)
+# PEFT (0.17-0.18) reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning on
+# every get_peft_model; the attribute still works, and the warning is noise to a user who cannot act on it.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # name -> (python package holding the file, file name)
 EMBEDDED_MODELS = {

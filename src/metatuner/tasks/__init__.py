@@ -12,6 +12,8 @@ Register your own with `register_task("name", factory)` (or as a decorator, `@re
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,12 +38,14 @@ __all__ = [
     "ReasoningGymTask",
     "Task",
     "check_lengths",
+    "check_task_options",
     "fixture_path",
     "get_task",
     "list_tasks",
     "read_csv",
     "read_jsonl",
     "register_task",
+    "task_option_names",
     "token_counter",
 ]
 
@@ -76,6 +80,32 @@ def get_task(name: str, /, **options) -> Task:
         known = ", ".join(sorted([*_REGISTRY, *_ALIASES]))
         raise ValueError(f"unknown task {name!r}; known tasks: {known}, and rg:<name> for any reasoning-gym dataset")
     return _REGISTRY[name](**options)
+
+
+def task_option_names(name: str, /) -> list[str] | None:
+    """The options `get_task(name, ...)` accepts (None: the factory takes any keyword)."""
+    name = _ALIASES.get(name, name)
+    if name.startswith(RG_PREFIX):
+        return ReasoningGymTask.option_names(name[len(RG_PREFIX):])
+    if name not in _REGISTRY:
+        get_task(name)  # raises, listing the known tasks
+    factory = _REGISTRY[name]
+    params = inspect.signature(factory.__init__ if inspect.isclass(factory) else factory).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
+def check_task_options(name: str, options: dict) -> None:
+    """Raise ValueError naming the first option `name` does not take, the valid ones and the closest match."""
+    valid = task_option_names(name)
+    if valid is None:
+        return
+    for key in options:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ValueError(f"task {name!r} has no option `{key}`{hint} (its options: {', '.join(valid)})")
 
 
 def list_tasks(include_reasoning_gym: bool = True) -> list[str]:

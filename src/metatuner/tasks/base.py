@@ -4,7 +4,7 @@ Every consumer of a task (evaluation, the rewards of rollouts, SFT targets, the 
 interface, so there is exactly one extractor and one checker per task:
 
     task = get_task("gsm8k")
-    examples = task.load("test", path="../shared/data/gsm8k/test.jsonl", limit=8)
+    examples = task.load("test", path="data/gsm8k/test.jsonl", limit=8)
     messages = task.messages(task.default_prompt, examples[0])   # chat messages for the model
     scores = task.score(model_output, examples[0])                # {"strict": 1.0, "flexible": 1.0}
     reward = task.reward(model_output, examples[0])               # the primary metric as a float

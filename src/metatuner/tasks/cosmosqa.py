@@ -1,8 +1,8 @@
 """CosmosQA: 4-way multiple-choice reading comprehension, scored by accuracy.
 
     task = get_task("cosmosqa")                                   # train_rows=2000
-    train = task.load("train", path="../shared/data/cosmosqa/valid.csv")   # rows 1..2000 of the file
-    test = task.load("test", path="../shared/data/cosmosqa/valid.csv")     # the remaining 985 rows
+    train = task.load("train", path="data/cosmosqa/valid.csv")   # rows 1..2000 of the file
+    test = task.load("test", path="data/cosmosqa/valid.csv")     # the remaining 985 rows
     task.score("The answer is (B).", test[0])                              # {"accuracy": 1.0 or 0.0}
 
 Rows have `id, context, question, answer0..answer3, label` (label 0..3). The Example's `question` holds the

@@ -2,7 +2,7 @@
 
     task = get_task("gsm8k")
     test = task.load("test")                                      # openai/gsm8k (config "main") from the hub
-    test = task.load("test", path="../shared/data/gsm8k/test.jsonl")
+    test = task.load("test", path="data/gsm8k/test.jsonl")
     task.score("... The answer is 18.", test[0])                 # {"strict": 1.0, "flexible": 1.0}
 
 Data rows have `question` and `answer`, the answer being a rationale with `<<calc>>` annotations whose last line

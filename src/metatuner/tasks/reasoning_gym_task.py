@@ -79,6 +79,19 @@ def reasoning_gym_names() -> list[str]:
 class ReasoningGymTask(Task):
     max_new_tokens = 256
 
+    @staticmethod
+    def option_names(dataset: str) -> list[str]:
+        """This task's own options and the dataset config's fields (its seed and size are set from ours)."""
+        import dataclasses
+
+        import reasoning_gym
+
+        if dataset not in reasoning_gym.factory.DATASETS:
+            raise ValueError(f"unknown reasoning-gym dataset {dataset!r}; available: {', '.join(reasoning_gym_names())}")
+        config = reasoning_gym.factory.DATASETS[dataset][1]
+        own = ["size", "test_size", "seed", "numeric", "on_bad_row", "max_new_tokens"]
+        return own + [f.name for f in dataclasses.fields(config) if f.name not in ("seed", "size")]
+
     def __init__(
         self,
         name: str,
