@@ -22,6 +22,8 @@ def test_prompt_diagnostics_count_p0_and_distinct_prompts():
     d = prompt_diagnostics(["p zero", "p zero", "other words", "p one"], "p zero")
     assert d == {"prompts": 4, "distinct_prompts": 3, "p0_share": 0.5,
                  "edit_distance_to_p0": pytest.approx((0 + 0 + 1 + 0.5) / 4)}
+    # p0 cut at the prompt-length limit is still G copying p0
+    assert prompt_diagnostics(["Solve the problem step", "Solve it"], "Solve the problem step by step.")["p0_share"] == 0.5
 
 
 def _dense(factors: LoraFactors, scale: float) -> torch.Tensor:

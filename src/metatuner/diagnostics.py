@@ -34,14 +34,19 @@ def word_edit_distance(a: str, b: str) -> float:
     return previous[-1] / max(len(x), len(y))
 
 
+def is_p0(prompt: str, p0: str) -> bool:
+    """p0 itself, or p0 cut short (by the prompt-length limit): G copying p0 either way."""
+    return prompt == p0 or (bool(prompt) and p0.startswith(prompt))
+
+
 def prompt_diagnostics(prompts: Sequence[str], p0: str) -> dict:
-    """How varied the written prompts are and how far they are from p0."""
+    """How varied the written prompts are and how far they are from p0 (`p0_share` counts p0 cut short as p0)."""
     if not prompts:
         return {"prompts": 0}
     return {
         "prompts": len(prompts),
         "distinct_prompts": len(set(prompts)),
-        "p0_share": round(sum(p == p0 for p in prompts) / len(prompts), 4),
+        "p0_share": round(sum(is_p0(p, p0) for p in prompts) / len(prompts), 4),
         "edit_distance_to_p0": round(sum(word_edit_distance(p, p0) for p in prompts) / len(prompts), 4),
     }
 

@@ -45,8 +45,10 @@ class ExpertPromptStore:
         return baseline is None or score > baseline
 
     def from_samples_share(self, p0: str) -> float:
-        """Share of the entries that are something other than p0 (G's own samples); 0 when D2 is empty."""
-        return sum(e["prompt"] != p0 for e in self.entries.values()) / len(self.entries) if self.entries else 0.0
+        """Share of the entries that are something other than p0 or p0 cut short; 0 when D2 is empty."""
+        if not self.entries:
+            return 0.0
+        return sum(not (e["prompt"] == p0 or p0.startswith(e["prompt"])) for e in self.entries.values()) / len(self.entries)
 
     def __len__(self) -> int:
         return len(self.entries)
