@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .diagnostics import is_p0
 from .generation import chat_prompt
 from .hyperlora import LoraFactors
 from .tasks.base import Example, Task
@@ -48,7 +49,7 @@ class ExpertPromptStore:
         """Share of the entries that are something other than p0 or p0 cut short; 0 when D2 is empty."""
         if not self.entries:
             return 0.0
-        return sum(not (e["prompt"] == p0 or p0.startswith(e["prompt"])) for e in self.entries.values()) / len(self.entries)
+        return sum(not is_p0(e["prompt"], p0) for e in self.entries.values()) / len(self.entries)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -43,7 +43,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, command_line, peak_rss_mb, to_yaml
-from .diagnostics import d2_diagnostics, flat_scalars, run_diagnostics
+from .diagnostics import d2_diagnostics, flat_scalars, is_p0, run_diagnostics
 from .distributed import (average_gradients, broadcast_parameters, end_training, merge_dicts, rank_rng_states,
                           restore_rank_rng, shard, sum_across, warn_if_sharded)
 from .generation import chat_prompt, lm_batch, lm_loss
@@ -507,7 +507,7 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
             terms.append(sr_term)
             release(sr_term)
     if written.prompts is not None:
-        logs["prompts/p0_share"] = sum(p == p0 for p in written.prompts) / len(rows)
+        logs["prompts/p0_share"] = sum(is_p0(p, p0) for p in written.prompts) / len(rows)
     return terms, logs
 
 
@@ -532,7 +532,7 @@ def _sr_term(mt: MetaTuner, cfg: RunConfig, requests, rows, p0: str, store: Expe
     default = p0 if s.d2_source == "samples_and_p0" else None
     keep = [i for i, ex in enumerate(rows) if store.best(ex.id, default) is not None]
     n = accelerator.num_processes
-    if n > 1 and sum_across([len(keep)], accelerator)[0] == 0 or n == 1 and not keep:
+    if (sum_across([len(keep)], accelerator)[0] if n > 1 else len(keep)) == 0:
         return None
     if not keep:
         zero = torch.zeros((), device=mt.g.device, requires_grad=True)
@@ -571,7 +571,7 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
     improved = int(sum_across([improved], accelerator)[0])
     optimizer = torch.optim.AdamW(g_params, lr=s.lr_generator)
     if s.d2_source == "samples":  # SR targets are G's own samples: only queries that have one
-        queries = [ex for ex in queries if ex.id in store.entries] or queries[:0]
+        queries = [ex for ex in queries if ex.id in store.entries]
     batches = _batches(len(queries), bs, rng)
     losses = []
     for _ in tqdm(range(s.warmup_generator_steps if queries else 0), desc="warm-up G (SFT on best prompts)",
