@@ -119,9 +119,13 @@ def library_versions(*names: str) -> dict[str, str | None]:
     return found
 
 
+# Thread counts, and the variables that restrict PyTorch's CPU kernels (which decide whether bf16 is native).
+ENV_THAT_CHANGES_FIGURES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
 def command_line() -> str:
-    """The command that is running, as typed (thread variables included, since they change the figures)."""
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ)
+    """The command that is running, as typed (the variables that change the figures included)."""
+    env = " ".join(f"{k}={os.environ[k]}" for k in ENV_THAT_CHANGES_FIGURES if k in os.environ)
     cmd = " ".join(["python", *(shlex.quote(a) for a in sys.argv)])
     return f"{env} {cmd}" if env else cmd
 
