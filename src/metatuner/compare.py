@@ -40,7 +40,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from .config import ConfigError, RunConfig, command_line, load_config
+from .config import ConfigError, RunConfig, command_line, load_config, omegaconf_message
 from .report import add_intervals, collect, markdown, per_item_scores, primary_metric
 from .seed_report import seed_markdown, seed_results
 
@@ -87,8 +87,10 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
         if overrides:
             layers.append(OmegaConf.create({"base": OmegaConf.to_container(OmegaConf.from_dotlist(overrides))}))
         cfg: CompareConfig = OmegaConf.to_object(OmegaConf.merge(*layers))
-    except Exception as err:  # OmegaConf's errors carry the key path in their message
-        raise ConfigError(f"invalid comparison config {path}: {err}") from None
+    except Exception as err:  # OmegaConf's errors: the key path and the first line, not its internals
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"invalid comparison config {path}: " + (f"key `{key}`: " if key else "")
+                          + omegaconf_message(err)) from None
     if not cfg.methods:
         raise ConfigError(f"{path}: `methods` is empty")
     if cfg.eval_sample is not None and cfg.eval_sample < 1:

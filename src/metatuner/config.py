@@ -272,12 +272,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             dotlist = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as err:
-            raise ConfigError(f"invalid command-line override: {_first_line(err)}") from None
+            raise ConfigError(f"invalid command-line override: {omegaconf_message(err)}") from None
         merged = _merge(merged, dotlist, "on the command line")
     try:
         cfg: RunConfig = OmegaConf.to_object(merged)  # resolves ${...} interpolations
     except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid config: key `{getattr(err, 'full_key', None)}`: {_first_line(err)}") from None
+        raise ConfigError(f"invalid config: key `{getattr(err, 'full_key', None)}`: {omegaconf_message(err)}") from None
     validate(cfg)
     if cfg.data.on_bad_row == "skip":  # tasks take on_bad_row as an option; data.on_bad_row sets it run-wide
         if cfg.data.task_options.get("on_bad_row", "skip") != "skip":
@@ -291,13 +291,13 @@ def _merge(base: DictConfig, layer: DictConfig, where: str) -> DictConfig:
         return OmegaConf.merge(base, layer)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
-        message = _first_line(err)
+        message = omegaconf_message(err)
         if isinstance(err, ConfigKeyError):  # an unknown key: OmegaConf's own guess is replaced by ours
             message = message.split(". Did you mean")[0] + _closest_key(key)
         raise ConfigError(f"invalid config {where}: key `{key}`: {message}") from None
 
 
-def _first_line(err: Exception) -> str:
+def omegaconf_message(err: Exception) -> str:
     """OmegaConf's message without its internal `full_key:` / `object_type=` lines."""
     return str(getattr(err, "msg", None) or err).strip().splitlines()[0]
 
