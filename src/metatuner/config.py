@@ -21,6 +21,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .tasks import check_task_options  # light: the task modules import their heavy libraries lazily
+
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
@@ -402,8 +404,6 @@ def validate(cfg: RunConfig) -> None:
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"`{key}` {message}")
-    from .tasks import check_task_options  # light: the task modules import their heavy libraries lazily
-
     try:
         check_task_options(cfg.data.task, {k: v for k, v in cfg.data.task_options.items() if k != "on_bad_row"})
     except ValueError as err:
