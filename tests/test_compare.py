@@ -179,3 +179,14 @@ def test_compare_with_seeds_pairs_each_seed_with_the_same_seed_of_metatuner_j(ti
     assert sft["ci_vs_metatuner_j"] == [round(expected[0], 4), round(expected[1], 4)]
     assert (tmp_path / "results" / "samples" / "toy" / "metatuner_j-seed1.jsonl.gz").is_file()
     assert json.loads((tmp_path / "results" / "toy.json").read_text()) == results
+
+
+def test_a_method_can_set_an_option_to_null(tiny_dir, tmp_path):
+    """`warmup_actor_adapter: null` (a variant that trains its own warm-up of M) reached the run as the string
+    'None' and failed when the run loaded an adapter from a folder called None."""
+    from metatuner.compare import method_config
+
+    path = _config(tmp_path, tiny_dir, {"sft": {}, "own_warmup": {"metatuner.warmup_actor_adapter": None,
+                                                                  "metatuner.warmup_actor_steps": 2}})
+    cfg = method_config(load_compare_config(path), "own_warmup")
+    assert cfg.metatuner.warmup_actor_adapter is None and cfg.metatuner.warmup_actor_steps == 2

@@ -114,7 +114,8 @@ def for_seed(cfg: CompareConfig, seed: int) -> CompareConfig:
 
 
 def _dotlist(overrides: dict[str, Any] | None) -> list[str]:
-    return [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in (overrides or {}).items()]
+    # JSON spells dicts, lists and None (`null`) the way OmegaConf's dotlist parses them; `None` would be a string.
+    return [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) or v is None else v}" for k, v in (overrides or {}).items()]
 
 
 def method_config(cfg: CompareConfig, name: str) -> RunConfig:
