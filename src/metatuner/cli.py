@@ -260,7 +260,7 @@ def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_
     mt = _load_run(run, device, dtype)
     mt.task, mt.p0 = task, prompt or mt.p0
     examples = _fit_context(examples, mt.m, mt.m_tok, max_new_tokens or mt.task.max_new_tokens,
-                            options.get("on_bad_row") if options else cfg.data.on_bad_row)
+                            (options or {}).get("on_bad_row") or cfg.data.on_bad_row)
     result = mt.evaluate(examples, batch_size=batch_size, max_new_tokens=max_new_tokens, mc_mode=mc_mode)
     result.metrics.update({"run": str(run), "method": "metatuner", "task": task.name, "p0": mt.p0,
                            "command": command_line()})
