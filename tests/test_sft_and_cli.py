@@ -97,3 +97,34 @@ def test_embedded_default_converts_once_and_generates(tmp_path, monkeypatch):
     monkeypatch.setenv("METATUNER_CACHE", str(tmp_path))
     model, tokenizer = load_model("embedded:smollm2-135m-instruct", device="cpu")
     assert model.config.num_hidden_layers == 30 and (tmp_path / "models" / "smollm2-135m-instruct").is_dir()
+
+
+def test_trust_embedded_model_parts_are_put_together_once_and_checked_against_the_pinned_hash(tmp_path, monkeypatch):
+    """A model shipped as chunks in several packages (the optional Qwen2.5-Coder-0.5B G): concatenated in order
+    into the cache, refused when the whole file's SHA-256 is not the pinned one (a changed or swapped chunk)."""
+    import hashlib
+
+    from metatuner import models
+
+    for i, payload in ((1, b"GGUF-head-"), (2, b"tail")):
+        (tmp_path / "pkgs" / f"chunkpkg{i}" / "data").mkdir(parents=True)
+        (tmp_path / "pkgs" / f"chunkpkg{i}" / "__init__.py").write_text("")
+        (tmp_path / "pkgs" / f"chunkpkg{i}" / "data" / f"part{i}.bin").write_bytes(payload)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    monkeypatch.setenv("METATUNER_CACHE", str(tmp_path / "cache"))
+    parts = (("chunkpkg1", "data/part1.bin"), ("chunkpkg2", "data/part2.bin"))
+    good = hashlib.sha256(b"GGUF-head-tail").hexdigest()
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "embedded:toy", models.EmbeddedModel("toy.gguf", parts, good, "pip x"))
+    path = models._embedded_gguf("embedded:toy")
+    assert path.read_bytes() == b"GGUF-head-tail" and path.parent == tmp_path / "cache" / "gguf"
+    assert models._embedded_gguf("embedded:toy") == path  # once: the assembled file is reused
+
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "embedded:bad", models.EmbeddedModel("bad.gguf", parts, "0" * 64, "pip x"))
+    with pytest.raises(ModelLoadError, match="chunkpkg1, chunkpkg2.*refusing"):
+        models._embedded_gguf("embedded:bad")
+    assert not (tmp_path / "cache" / "gguf" / "bad.gguf").exists()
+    assert not list((tmp_path / "cache" / "gguf").glob(".parts-*"))  # nothing half-written left behind
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "embedded:missing",
+                        models.EmbeddedModel("m.gguf", (("no_such_pkg", "x.bin"),), None, "pip install no-such-pkg"))
+    with pytest.raises(ModelLoadError, match="pip install no-such-pkg"):
+        models._embedded_gguf("embedded:missing")

