@@ -6,11 +6,11 @@
     summary["precision"] = precision.as_dict()   # recorded in the run's train_metrics.json
 
 bf16 autocast pays only where the hardware computes in bf16. On CUDA that is Ampere and later. On a CPU it is
-AVX512-BF16 or AMX: measured on one core of a Xeon with both, a LoRA forward+backward of SmolLM2-135M (batch 8 x 64
-tokens) took 2.4 s under bf16 autocast against 4.0 s in fp32; with PyTorch's kernels restricted to AVX2
-(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, what an AVX2-only CPU runs) the same step took 125 s against
-3.5 s. So `auto` picks bf16 on a CPU only where it is native, and an explicit `bf16` elsewhere is honoured with a
-warning.
+AVX512-BF16 or AMX: on one thread of a Xeon with both, a LoRA forward+backward of a SmolLM2-135M-shaped model
+(batch 8 x 64 tokens) took 4.0 s under bf16 autocast against 6.6 s in fp32; with PyTorch's kernels restricted to
+AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`, what an AVX2-only CPU runs) it took 282 s against 12.8 s
+(`benchmarks/precision.py`, docs/performance.md). So `auto` picks bf16 on a CPU only where it is native, and an
+explicit `bf16` elsewhere is honoured with a warning.
 """
 
 from __future__ import annotations
@@ -74,10 +74,6 @@ class Precision:
     cpu: dict | None = None  # CpuBf16 fields on a CPU
     slow: bool = False  # bf16 asked for explicitly where it is emulated
 
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
-
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -106,7 +102,7 @@ def resolve_precision(setting: str, device: str = "auto") -> Precision:
         slow = setting == "bf16" and cpu is not None and not cpu.native
         reason = f"set explicitly; {cpu.describe()}" if cpu else "set explicitly"
         if slow:
-            reason += (": this CPU emulates bf16, so bf16 autocast runs many times slower than fp32 (about 17-36x "
+            reason += (": this CPU emulates bf16, so bf16 autocast runs many times slower than fp32 (about 17-22x "
                        "measured); use train.mixed_precision=auto or fp32")
         return Precision(setting, _ACCELERATE_NAMES[setting], kind, reason, asdict(cpu) if cpu else None, slow)
     if kind == "cuda":
