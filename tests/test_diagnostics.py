@@ -62,11 +62,16 @@ def test_lora_diversity_of_a_model_reads_distinct_queries_and_the_static_adapter
     torch.manual_seed(0)
     settings = MetaTunerSettings(share_depth=2, rank=4, hyper_hidden=32, g_lora_r=4, max_prompt_tokens=4)
     mt = MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer, settings)
-    assert lora_diversity(mt, ["1 + 2", "3 + 4"], "p")["mean_frobenius_norm"] == 0  # B = 0 at step 0
+    mt.p0 = "p"
+
+    def diversity(questions):
+        return lora_diversity(mt, questions, mt.write_all(questions)[1])
+
+    assert diversity(["1 + 2", "3 + 4"])["mean_frobenius_norm"] == 0  # B = 0 at step 0
     with torch.no_grad():
         for p in mt.hyper.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    d = lora_diversity(mt, ["1 + 2", "3 + 4", "1 + 2", "9 - 5"], "p")
+    d = diversity(["1 + 2", "3 + 4", "1 + 2", "9 - 5"])
     assert d["queries"] == 3 and d["mean_frobenius_norm"] > 0 and d["static_adapter_frobenius_norm"] is None
     mt.add_actor_adapter(2, 4.0, ["q_proj"])
-    assert lora_diversity(mt, ["1 + 2"], "p")["static_adapter_frobenius_norm"] == 0  # PEFT's B starts at zero
+    assert diversity(["1 + 2"])["static_adapter_frobenius_norm"] == 0  # PEFT's B starts at zero

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--config"]:
         config, argv = Path(argv[1]), argv[2:]
     cfg = load_config(config, argv)
-    resolve_precision(cfg.train.mixed_precision, cfg.model.device).announce()  # before minutes of work
+    precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)
+    precision.announce()  # before minutes of work
     root = Path(cfg.output_dir)
     task = get_task(cfg.data.task, **cfg.data.task_options)
     test = task.load(cfg.data.eval_split, path=cfg.data.eval_path, limit=cfg.data.eval_limit)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"- Q: {sample['input']}\n  prompt: {sample['prompt']!r}\n  answer: {sample['output']!r}"
               f" ({'correct' if sample['correct'] else 'wrong'}, gold {sample['answer']})")
     summary = {"task": task.name, "n_eval": len(test), "rows": rows, "seconds": round(time.perf_counter() - started),
-               "precision": resolve_precision(cfg.train.mixed_precision, cfg.model.device).as_dict(),
+               "precision": precision.as_dict(),
                "command": command_line()}
     (root / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwhole demo: {summary['seconds']} s; results in {root}/")

@@ -1,7 +1,7 @@
 """Is the prompt branch writing anything but p0, and does the per-query LoRA differ between queries?
 
     prompt_diagnostics(written_prompts, p0)   # distinct prompts, share equal to p0, edit distance to p0
-    lora_diversity(mt, questions)             # how much the hypernetwork's LoRA differs between queries
+    lora_diversity(mt, questions, h)          # how much the hypernetwork's LoRA differs between queries
     d2_diagnostics(store, p0)                 # how much of D2 is G's own samples
 
 Every MetaTuner run reports these: training logs them (TensorBoard and `train_metrics.json`, `diagnostics`), and
@@ -57,8 +57,8 @@ def d2_diagnostics(store, p0: str) -> dict:
 
 def run_diagnostics(mt, questions: Sequence[str], p0: str, batch_size: int = 16, limit: int = 64) -> dict:
     """Written-prompt statistics over `questions` and LoRA diversity over the first `limit` distinct ones."""
-    prompts, _ = mt.write_all(list(questions), batch_size)
-    return {**prompt_diagnostics(prompts, p0), "lora_diversity": lora_diversity(mt, questions, p0, limit)}
+    prompts, h = mt.write_all(list(questions), batch_size)
+    return {**prompt_diagnostics(prompts, p0), "lora_diversity": lora_diversity(mt, questions, h, limit)}
 
 
 def flat_scalars(diagnostics: dict, prefix: str = "diagnostics") -> dict[str, float]:
@@ -101,16 +101,17 @@ def diversity_from_gram(gram: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def lora_diversity(mt, questions: Sequence[str], p0: str, limit: int = 64) -> dict | None:
-    """Diversity of the per-query LoRA over the first `limit` distinct questions, next to the Frobenius norm of M's
-    static warm-up adapter (None when the run has no parameter branch)."""
+def lora_diversity(mt, questions: Sequence[str], h: torch.Tensor, limit: int = 64) -> dict | None:
+    """Diversity of the per-query LoRA over the first `limit` distinct questions, from their pooled states `h` (row i
+    belongs to questions[i], as `write_all` returns them), next to the Frobenius norm of M's static warm-up adapter
+    (None when the run has no parameter branch)."""
     if not mt.settings.use_hyper:
         return None
-    distinct = list(dict.fromkeys(questions))[:limit]
-    requests = mt.rewrite_requests([p0] * len(distinct), distinct)
-    with mt.role("writer" if mt.settings.share else "encoder"):  # where write_prompts reads h
-        h = mt.encode(requests)
-    result = diversity_from_gram(update_gram(mt.hyper(h), mt.hyper_config.scale))
+    first_row: dict[str, int] = {}
+    for i, question in enumerate(questions):
+        first_row.setdefault(question, i)
+    rows = list(first_row.values())[:limit]
+    result = diversity_from_gram(update_gram(mt.hyper(h[rows]), mt.hyper_config.scale))
     static = mt.static_update_norm()
     result["static_adapter_frobenius_norm"] = round(static, 6) if static is not None else None
     return result

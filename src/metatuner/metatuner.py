@@ -438,7 +438,7 @@ class MetaTuner(nn.Module):
         result.metrics["prompt_seconds"] = round(write_seconds, 2)
         result.metrics["seconds"] = round(result.metrics["seconds"] + write_seconds, 2)
         result.metrics["diagnostics"] = {**prompt_diagnostics(prompts, self.p0), "lora_diversity": lora_diversity(
-            self, [ex.question for ex in examples], self.p0)}
+            self, [ex.question for ex in examples], h)}
         return result
 
     def export_adapter(self, question: str, out_dir: str | Path, base_model: str) -> Path:

@@ -119,7 +119,7 @@ def run_rollouts(
     sampled = mt.sample_prompts(requests, n=n, temperature=temperature)
     candidates, eligible = [], []
     for ex, samples in zip(examples, sampled):
-        stored = store.best(ex.id, p0) if p0_candidate else store.best(ex.id, None)
+        stored = store.best(ex.id, p0 if p0_candidate else None)
         # The stored prompt comes first so that ties keep it.
         pool = ([stored] if stored is not None else []) + [
             p for p in dict.fromkeys(([p0] if p0_candidate else []) + samples) if p and p != stored]
