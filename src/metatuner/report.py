@@ -51,6 +51,8 @@ def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict
                           "train_command": train.get("command")})
             if "peak_rss_mb" in train:
                 entry["peak_rss_mb"] = train["peak_rss_mb"]
+            if "precision" in train:  # what the row trained in, and the CPU capability that decided it
+                entry["precision"] = train["precision"]
             if "diagnostics" in metrics and "diagnostics" in train:  # what D2 held at the end of training
                 metrics["diagnostics"].update({k: v for k, v in train["diagnostics"].items() if k.startswith("d2_")})
         else:
