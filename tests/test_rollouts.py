@@ -106,3 +106,28 @@ def test_d2_with_p0_keeps_todays_behaviour(setup, monkeypatch):
     store = ExpertPromptStore()
     run_rollouts(mt, task, examples[:2], P0, mt.hyper(written.h).detach(), store, n=2, temperature=1.0)
     assert [e["prompt"] for e in store.entries.values()] == [P0, P0] and store.from_samples_share(P0) == 0.0
+
+
+def test_reject_leaks_never_stores_a_prompt_that_states_the_gold_answer(setup, monkeypatch):
+    """Fails if a sampled prompt that gives away the answer can win D2. The leaking prompt is made to win on merit
+    here: under the likelihood reward, stating the gold answer raises its likelihood (checked without the guard)."""
+    mt, task, examples = setup
+    examples = examples[:3]
+    written = mt.write_prompts(mt.rewrite_requests([P0] * 3, [e.question for e in examples]), False)
+    factors = mt.hyper(written.h).detach()
+    leaking = {e.question: f"The answer is {e.answer}." for e in examples}
+    monkeypatch.setattr(mt, "sample_prompts", lambda requests, n, temperature: [
+        [leaking[q], "Add the numbers."] for q in (next(e.question for e in examples if e.question in r)
+                                                   for r in requests)])
+    monkeypatch.setattr(mt, "score", lambda chats, targets, factors, batch_size: [
+        (0.0 if any(leak in c for leak in leaking.values()) else -5.0, 1) for c in chats])  # the leak scores best
+
+    unguarded = ExpertPromptStore()
+    result = run_rollouts(mt, task, examples, P0, factors, unguarded, n=2, temperature=1.0, p0_candidate=False)
+    assert result.leaks == 0 and [e["prompt"] for e in unguarded.entries.values()] == list(leaking.values())
+
+    guarded = ExpertPromptStore()
+    result = run_rollouts(mt, task, examples, P0, factors, guarded, n=2, temperature=1.0, p0_candidate=False,
+                          reject_leaks=True)
+    assert [e["prompt"] for e in guarded.entries.values()] == ["Add the numbers."] * 3
+    assert (result.leaks, result.sampled) == (3, 6)

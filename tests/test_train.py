@@ -245,7 +245,7 @@ def test_d2_from_samples_skips_the_sr_loss_for_queries_without_a_sample(tiny_dir
     assert {"prompts", "distinct_prompts", "p0_share", "edit_distance_to_p0"} <= set(d)
     assert {"mean_pairwise_cosine_distance", "between_query_variance_share", "mean_frobenius_norm",
             "static_adapter_frobenius_norm"} <= set(d["lora_diversity"])
-    assert "rollouts/gap_over_p0" in metrics["history"] and "d2/from_samples_share" in metrics["history"]
+    assert {"rollouts/gap_over_p0", "rollouts/answer_leak_share", "d2/from_samples_share"} <= set(metrics["history"])
 
     out = train_metatuner(_cfg(tiny_dir, tmp_path / "with_p0", *common, task_options=opts))
     assert len(json.loads((out / "train_metrics.json").read_text())["history"]["train/sr_loss"]) == 2
@@ -286,6 +286,7 @@ def test_m_warm_up_can_train_under_g_sampled_prompts(share, sampled_rows, monkey
      lambda mt: mt.actor_adapter is not None),
     (("metatuner.reward=exact_match", "metatuner.d2_source=samples", "metatuner.rollout_every=1"),
      lambda mt: True),
+    (("metatuner.reject_answer_leaks=true", "metatuner.d2_source=samples"), lambda mt: mt.settings.reject_answer_leaks),
 ])
 def test_prompt_branch_levers_train_save_and_reload(tiny_dir, tmp_path, lever, check):
     """Each lever of the prompt-branch A/B (docs/results/README.md) is a config option that trains and reloads."""

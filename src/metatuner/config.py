@@ -182,6 +182,10 @@ class MetaTunerSettings:
         "candidate nor the default SR target; the SR loss skips queries with no sample yet). samples_and_p0: p0 "
         "is a candidate in every rollout and the SR target of queries without an entry, which teaches G to copy "
         "p0.", "samples_and_p0")
+    reject_answer_leaks: bool = _help(
+        "Rollouts set aside every sampled prompt that the task's checker would itself score as a correct answer "
+        "(it states the gold answer): M copies a stated answer, so such prompts win by leaking the label and teach "
+        "G to write guesses it cannot make at test time.", False)
     lr_generator: float = _help("Learning rate of G's adapters.", 1e-4)
     lr_hyper: float = _help(
         "Learning rate of the hypernetwork. Adam moves every weight of its output heads by about this much per step, "

@@ -7,7 +7,7 @@ on. p0 is always scored, as the reference of the diagnostics (how far the best s
 
     store = ExpertPromptStore.load(path) if path else ExpertPromptStore()
     result = run_rollouts(mt, task, examples, p0, factors, store, n=4, temperature=0.8, reward="exact_match",
-                          p0_candidate=False)
+                          p0_candidate=False, reject_leaks=True)
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ class RolloutResult:
     scored: int  # candidates scored
     beats_p0: int = 0  # queries whose best candidate scored above p0 (in the reward's order)
     gap_over_p0: float = 0.0  # mean over queries of the best candidate's reward minus p0's (first component)
+    leaks: int = 0  # sampled prompts set aside because they state the gold answer (reject_leaks)
+    sampled: int = 0  # non-empty sampled prompts
 
 
 def run_rollouts(
@@ -108,21 +110,32 @@ def run_rollouts(
     reward: str = "likelihood",
     batch_size: int = 16,
     p0_candidate: bool = True,
+    reject_leaks: bool = False,
 ) -> RolloutResult:
     """Sample, score and keep the best prompt per query; `factors` are the queries' LoRA (None: M without one).
 
     `p0_candidate=False` keeps D2 to G's own samples: p0 is scored only as a reference (the diagnostics' gap over
     p0) and can never be stored unless G samples it; a query's first rollout stores its best sample whatever it
     scores, and later samples must beat it. With True, p0 is a candidate and the default stored prompt.
+
+    `reject_leaks=True` sets aside every sample that the task's checker would itself score as a correct answer
+    (a prompt that states the gold answer): M copies a stated answer, so such a prompt wins every round by
+    leaking the label, and G, which cannot know the label at test time, learns to write guesses.
     """
     requests = mt.rewrite_requests([p0] * len(examples), [ex.question for ex in examples])
     sampled = mt.sample_prompts(requests, n=n, temperature=temperature)
-    candidates, eligible = [], []
+    candidates, eligible, leaks, n_sampled = [], [], 0, 0
     for ex, samples in zip(examples, sampled):
+        samples = [p for p in samples if p]
+        n_sampled += len(samples)
+        if reject_leaks:
+            kept = [p for p in samples if task.reward(p, ex) <= 0]
+            leaks += len(samples) - len(kept)
+            samples = kept
         stored = store.best(ex.id, p0 if p0_candidate else None)
         # The stored prompt comes first so that ties keep it.
         pool = ([stored] if stored is not None else []) + [
-            p for p in dict.fromkeys(([p0] if p0_candidate else []) + samples) if p and p != stored]
+            p for p in dict.fromkeys(([p0] if p0_candidate else []) + samples) if p != stored]
         eligible.append(len(pool))
         if p0 not in pool:
             pool.append(p0)  # scored as the reference only
@@ -138,7 +151,7 @@ def run_rollouts(
         pool_scores = scores[k : k + len(pool)]
         k += len(pool)
         reference = pool_scores[pool.index(p0)]
-        if eligible[i] == 0:  # every sample was empty and nothing is stored yet
+        if eligible[i] == 0:  # no sample survived (empty or leaked) and nothing is stored yet
             continue
         j = max(range(eligible[i]), key=lambda c: pool_scores[c])
         has_stored = p0_candidate or examples[i].id in store.entries
@@ -149,7 +162,8 @@ def run_rollouts(
         best_rewards.append(_first(pool_scores[j]))
         all_rewards.extend(_first(s) for s in pool_scores[: eligible[i]])
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    return RolloutResult(mean(all_rewards), mean(best_rewards), improved, len(flat), beats_p0, mean(gaps))
+    return RolloutResult(mean(all_rewards), mean(best_rewards), improved, len(flat), beats_p0, mean(gaps), leaks,
+                         n_sampled)
 
 
 def _first(score) -> float:

@@ -493,12 +493,13 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
         with timer("rollouts"):
             result = _rollouts(mt, cfg, task, rows, p0, factors, store)
             _merge_d2(store, rows, accelerator)
-        scored, mean_sum, best_sum, improved, beats, gap_sum, queries = sum_across(
+        scored, mean_sum, best_sum, improved, beats, gap_sum, queries, leaks, sampled = sum_across(
             [result.scored, result.mean_reward * result.scored, result.best_reward * len(rows), result.improved,
-             result.beats_p0, result.gap_over_p0 * len(rows), len(rows)], accelerator)
+             result.beats_p0, result.gap_over_p0 * len(rows), len(rows), result.leaks, result.sampled], accelerator)
         logs.update({"rollouts/mean_reward": mean_sum / scored, "rollouts/best_reward": best_sum / queries,
                      "rollouts/d2_improved_share": improved / queries, "rollouts/beats_p0_share": beats / queries,
                      "rollouts/gap_over_p0": gap_sum / queries,
+                     "rollouts/answer_leak_share": leaks / max(sampled, 1),
                      "d2/from_samples_share": store.from_samples_share(p0)})
     if do_sr:
         with timer("sr_loss"):
@@ -514,7 +515,8 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
 def _rollouts(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, factors, store: ExpertPromptStore):
     s = cfg.metatuner
     return run_rollouts(mt, task, rows, p0, factors, store, n=s.n_rollouts, temperature=s.rollout_temperature,
-                        reward=s.reward, batch_size=cfg.eval.batch_size, p0_candidate=s.d2_source == "samples_and_p0")
+                        reward=s.reward, batch_size=cfg.eval.batch_size, p0_candidate=s.d2_source == "samples_and_p0",
+                        reject_leaks=s.reject_answer_leaks)
 
 
 def _merge_d2(store: ExpertPromptStore, rows, accelerator) -> None:
@@ -558,7 +560,7 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
     """One rejection-sampling round for G: rollouts over the training queries, then SR-only steps on the best."""
     s = cfg.metatuner
     bs = cfg.train.batch_size
-    improved = 0
+    improved, leaks, sampled = 0, 0, 0
     main = accelerator.is_main_process
     queries = examples[: s.warmup_generator_queries] if s.warmup_generator_queries else examples
     for i in tqdm(range(0, len(queries), bs), desc="warm-up G (rollouts)", unit="batch", disable=not main):
@@ -566,9 +568,10 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
         if rows:  # the last batch may leave a rank without rows; it still joins the merge below
             with torch.no_grad(), accelerator.autocast():
                 written = mt.write_prompts(mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows]), False)
-                improved += _rollouts(mt, cfg, task, rows, p0, mt.factors(written.h), store).improved
+                result = _rollouts(mt, cfg, task, rows, p0, mt.factors(written.h), store)
+            improved, leaks, sampled = improved + result.improved, leaks + result.leaks, sampled + result.sampled
         _merge_d2(store, rows, accelerator)
-    improved = int(sum_across([improved], accelerator)[0])
+    improved, leaks, sampled = (int(v) for v in sum_across([improved, leaks, sampled], accelerator))
     optimizer = torch.optim.AdamW(g_params, lr=s.lr_generator)
     if s.d2_source == "samples":  # SR targets are G's own samples: only queries that have one
         queries = [ex for ex in queries if ex.id in store.entries]
@@ -590,6 +593,7 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
         losses.append(means["sr"])
     mt.sync_frozen()
     return {"warmup_generator_improved_share": improved / len(queries),
+            "warmup_generator_answer_leak_share": leaks / max(sampled, 1),
             **({"warmup_generator_sr_loss": [losses[0], losses[-1]]} if losses else {})}
 
 
