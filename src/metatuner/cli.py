@@ -10,6 +10,7 @@
     metatuner eval --run runs/metatuner-gsm8k --limit 50
     metatuner infer --run runs/metatuner-gsm8k "A robe takes 2 bolts of blue fiber and half that much white fiber..."
     metatuner export --run runs/metatuner-gsm8k --query "..." --out adapters/query-1
+    metatuner serve --run runs/metatuner-gsm8k --max-batch 16                   # OpenAI-compatible API on :8000
     metatuner compare --config configs/compare-arithmetic.yaml                 # every baseline and ablation
     metatuner tasks
 """
@@ -371,6 +372,23 @@ def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, b
         _fail(str(err))
     # Imported only now: torch and transformers take seconds, and every check above answers before them.
     from .evaluate import evaluate
+
+    lm, tokenizer = _load_plain(model, adapter, dtype, device)
+    examples = _fit_context(examples, lm, tokenizer, max_new_tokens or task.max_new_tokens,
+                            task_options.get("on_bad_row"))
+    result = evaluate(lm, tokenizer, task, examples, prompt, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, mc_mode=mc_mode)
+    result.metrics.update({"model": model, "adapter": adapter, "prompt": prompt or task.default_prompt,
+                           "command": command_line()})
+    out = out or Path("runs") / f"eval-{task.name.replace(':', '_')}"
+    result.write(out)
+    shown = {k: result.metrics[k] for k in (*task.metrics, "n_eval", "seconds", "tokens_per_s")}
+    typer.echo(json.dumps(shown))
+    typer.echo(f"wrote {out}/metrics.json and {out}/samples.jsonl")
+
+
+def _load_plain(model: str, adapter: str | None, dtype: str, device: str):
+    """A causal LM and its tokenizer, with a PEFT adapter on top when one is given."""
     from .models import ModelLoadError, load_model
 
     try:
@@ -385,17 +403,63 @@ def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, b
             # PEFT would fall back to a pickled adapter_model.bin; weights are read from safetensors only.
             _fail(f"{adapter} has no adapter_model.safetensors (pickled weights are never loaded)")
         lm = PeftModel.from_pretrained(lm, adapter).eval()
-    examples = _fit_context(examples, lm, tokenizer, max_new_tokens or task.max_new_tokens,
-                            task_options.get("on_bad_row"))
-    result = evaluate(lm, tokenizer, task, examples, prompt, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, mc_mode=mc_mode)
-    result.metrics.update({"model": model, "adapter": adapter, "prompt": prompt or task.default_prompt,
-                           "command": command_line()})
-    out = out or Path("runs") / f"eval-{task.name.replace(':', '_')}"
-    result.write(out)
-    shown = {k: result.metrics[k] for k in (*task.metrics, "n_eval", "seconds", "tokens_per_s")}
-    typer.echo(json.dumps(shown))
-    typer.echo(f"wrote {out}/metrics.json and {out}/samples.jsonl")
+    return lm, tokenizer
+
+
+@app.command("serve")
+def serve_cmd(
+    run: Optional[Path] = typer.Option(None, help="A MetaTuner run folder: every request gets its own written prompt "
+                                       "and LoRA."),
+    model: Optional[str] = typer.Option(None, help="Serve a plain model instead (hub id, directory or "
+                                        "embedded:<name>), for side-by-side comparisons."),
+    adapter: Optional[str] = typer.Option(None, help="With --model: a PEFT adapter directory to apply."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 accepts other machines."),
+    port: int = typer.Option(8000, help="TCP port (0: any free port)."),
+    api_key: Optional[str] = typer.Option(None, envvar="METATUNER_API_KEY", help="Require `Authorization: Bearer "
+                                          "KEY` on /v1/* (or set METATUNER_API_KEY, which keeps it out of `ps`)."),
+    max_batch: int = typer.Option(16, help="Most requests decoded together."),
+    max_queue: int = typer.Option(64, help="Requests that may wait for a batch slot; more get 429."),
+    max_tokens_cap: int = typer.Option(1024, help="Largest max_tokens a request may ask for."),
+    request_timeout: float = typer.Option(300.0, help="Seconds after which an unfinished request is ended (504)."),
+    served_name: Optional[str] = typer.Option(None, help="Model id in /v1/models (default: the run folder's name "
+                                              "or --model)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, mps."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16, float16 (default: the run's; float32 for "
+                                        "--model)."),
+) -> None:
+    """Serve a MetaTuner run (or a plain model) behind an OpenAI-compatible API; see docs/serving.md."""
+    from .serve import require_dependencies
+
+    try:
+        require_dependencies()
+    except ImportError as err:
+        _fail(str(err))
+    if (run is None) == (model is None):
+        _fail("give one of --run (a MetaTuner run) or --model (a plain model)")
+    if adapter and run is not None:
+        _fail("--adapter goes with --model; a MetaTuner run writes its own LoRA per request")
+    from .serve.settings import ServeSettings
+
+    try:
+        settings = ServeSettings(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                                 max_tokens_cap=max_tokens_cap, request_timeout_s=request_timeout,
+                                 shutdown_grace_s=request_timeout + 30, served_name=served_name)
+    except ValueError as err:
+        _fail(str(err))
+    _check_paths(adapter=adapter, run=run)
+    from .serve.app import create_app, run_server
+    from .serve.engine import MetaTunerBackend, ModelBackend
+
+    if run is not None:
+        backend = MetaTunerBackend(_load_run(run, device, dtype), settings.served_name or Path(run).name)
+    else:
+        lm, tokenizer = _load_plain(model, adapter, dtype or "float32", device)
+        backend = ModelBackend(lm, tokenizer, settings.served_name or model)
+    where = "this machine only; --host 0.0.0.0 to accept others" if host in ("127.0.0.1", "localhost", "::1") \
+        else "every machine that can reach this address"
+    typer.echo(f"metatuner serve: {backend.name!r} at http://{host}:{port}/v1, reachable from {where}; "
+               + ("API key required" if api_key else "no API key (--api-key to require one)"), err=True)
+    run_server(create_app(backend, settings), settings)
 
 
 def main() -> None:

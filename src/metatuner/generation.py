@@ -5,8 +5,10 @@
     scores = score_targets(model, tokenizer, prompts, [ex.target for ex in examples])   # [(sum_logprob, n_tokens)]
 
 Prompts are grouped into batches of similar length (fewer pad tokens), left-padded, and decoded with the KV cache
-by transformers' `generate`. Results come back in the caller's order. `batch_context(indices)` lets a caller wrap
-each batch in a context manager, which is how per-example LoRA factors follow their rows through the sort.
+by our own loop (`decode_loop`, over a `DecodeBatch`). Results come back in the caller's order.
+`batch_context(indices)` lets a caller wrap each batch in a context manager, which is how per-example LoRA factors
+follow their rows through the sort. A `DecodeBatch` can also be stepped by hand, with rows leaving and joining
+between steps (the server's continuous batching, `metatuner.serve.engine`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import functools
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,12 +101,11 @@ def generate(
     eos_ids = _eos_ids(model, tokenizer)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="item")
     for batch in length_batches([len(e) for e in encoded], batch_size):
-        ids, mask = _left_pad([encoded[i] for i in batch], tokenizer.pad_token_id, model.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with batch_context(batch) if batch_context else contextlib.nullcontext():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_logits_only(model))
+        prefilled = DecodeBatch.prefill(model, [encoded[i] for i in batch], tokenizer.pad_token_id,
+                                        batch_context(batch) if batch_context else None)
         rows = decode_loop(
-            model, output_cache(out), out.logits[:, -1], mask, pos, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+            model, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos, max_new_tokens=max_new_tokens,
+            eos_ids=eos_ids,
             temperature=temperature if do_sample else 0.0, top_p=top_p, tokenizer=tokenizer,
             stop_strings=stop_strings, row_context=(lambda live: batch_context([batch[k] for k in live]))
             if batch_context else None,
@@ -340,7 +341,8 @@ def output_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
-def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
@@ -349,7 +351,85 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torc
         # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    pad = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [missing, 0]
+    return F.pad(t, pad)
+
+
+@dataclass
+class DecodeBatch:
+    """Rows decoded together after a prefill: their KV cache, attention mask, last positions and next-token logits.
+
+    Between two steps rows can leave (`select`) and, where every cache layer is a plain `DynamicLayer`, the rows
+    of another prefill can join (`extend`): the shorter cache is left-padded and masked, positions stay per row.
+    That is how a server adds requests to a batch that is already decoding. At rest the mask is as wide as the
+    cache is long.
+    """
+
+    cache: Any
+    logits: torch.Tensor  # (rows, vocab): each row's next-token scores
+    mask: torch.Tensor  # (rows, cache length)
+    pos: torch.Tensor  # (rows, 1): each row's last position
+
+    @classmethod
+    @torch.no_grad()
+    def prefill(cls, model, rows: Sequence[Sequence[int]], pad_id: int, context: ContextManager | None = None):
+        """Left-padded prompt token ids through `model` (inside `context`, e.g. the rows' per-example LoRA)."""
+        ids, mask = _left_pad([list(r) for r in rows], pad_id, model.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with context or contextlib.nullcontext():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_logits_only(model))
+        return cls(output_cache(out), out.logits[:, -1], mask, pos[:, -1:])
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the rows at `keep`, in that order."""
+        index = torch.tensor(list(keep), device=self.logits.device, dtype=torch.long)
+        self.cache.batch_select_indices(index)
+        self.mask, self.pos, self.logits = self.mask[index], self.pos[index], self.logits[index]
+
+    @torch.no_grad()
+    def advance(self, model, tokens: torch.Tensor, context: ContextManager | None = None) -> None:
+        """One step: every row takes its token in `tokens` and gets its next logits."""
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.pos = self.pos + 1
+        with context or contextlib.nullcontext():
+            out = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos, use_cache=True,
+                        **{cache_argument(model): self.cache})
+        self.cache, self.logits = output_cache(out), out.logits[:, -1]
+
+    def can_join(self) -> bool:
+        """Whether other rows can join this batch (sliding-window, static or quantized caches cannot be padded)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in getattr(self.cache, "layers", [None]))
+
+    def extend(self, other: "DecodeBatch") -> None:
+        """Append the rows of `other` (a fresh prefill) after this batch's rows."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        self.pos = torch.cat([self.pos, other.pos])
+        self.logits = torch.cat([self.logits, other.logits])
+
+    def trim(self) -> None:
+        """Drop leading columns that no row attends to: the padding of rows that have left."""
+        start = int(self.mask.any(0).to(torch.int8).argmax())
+        if start == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+        self.mask = self.mask[:, start:]
 
 
 @torch.no_grad()
@@ -379,10 +459,10 @@ def decode_loop(
     eos = torch.tensor(list(eos_ids), device=next_logits.device, dtype=torch.long)
     out_rows: list[list[int]] = [[] for _ in range(n_rows)]
     live = list(range(n_rows))
-    mask, pos, logits = attention_mask, position_ids[:, -1:], next_logits
+    batch = DecodeBatch(cache, next_logits, attention_mask, position_ids[:, -1:])
     tail = 24  # tokens re-decoded to look for stop strings; longer than any stop string in practice
     for step in range(max_new_tokens):
-        nxt = _next_tokens(logits, temperature, top_p)
+        nxt = _next_tokens(batch.logits, temperature, top_p)
         finished = torch.isin(nxt, eos).tolist()
         for k, (row, token, end) in enumerate(zip(live, nxt.tolist(), finished)):
             if not end:
@@ -394,14 +474,8 @@ def decode_loop(
             break
         if any(finished):
             keep = [k for k, end in enumerate(finished) if not end]
-            index = torch.tensor(keep, device=nxt.device)
-            cache.batch_select_indices(index)
-            mask, pos, nxt = mask[index], pos[index], nxt[index]
+            batch.select(keep)
+            nxt = nxt[torch.tensor(keep, device=nxt.device)]
             live = [live[k] for k in keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos + 1
-        with row_context(live) if row_context else contextlib.nullcontext():
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                        **{cache_argument(model): cache})
-        cache, logits = output_cache(out), out.logits[:, -1]
+        batch.advance(model, nxt, row_context(live) if row_context else None)
     return out_rows

@@ -217,6 +217,13 @@ class LoraFactors:
         index = torch.as_tensor(indices, dtype=torch.long)
         return self._map(lambda t: t.index_select(0, index.to(t.device)))
 
+    @staticmethod
+    def cat(parts: Sequence[LoraFactors]) -> LoraFactors:
+        """The examples of `parts` one after another (rows joining a batch that is already decoding)."""
+        keys = parts[0].keys()
+        return LoraFactors({key: (torch.cat([p[key][0] for p in parts]), torch.cat([p[key][1] for p in parts]))
+                            for key in keys})
+
     def to(self, *args, **kwargs) -> LoraFactors:
         return self._map(lambda t: t.to(*args, **kwargs))
 

@@ -401,6 +401,12 @@ class MetaTuner(nn.Module):
             return None
         return self._row_context(lambda rows: self.hyper(h[rows]))
 
+    def answer_chats(self, prompts: Sequence[str], questions: Sequence[str]) -> list[str]:
+        """M's chat-formatted input for each question with its written prompt, as the task lays them out."""
+        task = self._require_task()
+        examples = [Example(id=str(i), question=q, answer="", target="") for i, q in enumerate(questions)]
+        return [chat_prompt(self.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, examples)]
+
     @torch.no_grad()
     def generate(self, questions: Sequence[str], *, return_lora: bool = False, max_new_tokens: int | None = None,
                  batch_size: int = 16) -> list[dict]:
@@ -408,8 +414,7 @@ class MetaTuner(nn.Module):
 
         task = self._require_task()
         prompts, h = self.write_all(questions, batch_size)
-        examples = [Example(id=str(i), question=q, answer="", target="") for i, q in enumerate(questions)]
-        chats = [chat_prompt(self.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, examples)]
+        chats = self.answer_chats(prompts, questions)
         with self.role("actor"):
             answers = generate(self.m, self.m_tok, chats, max_new_tokens=max_new_tokens or task.max_new_tokens,
                                stop_strings=task.stop_strings, batch_size=batch_size,
