@@ -52,6 +52,7 @@ class Bench:
     max_new_tokens: int = 64
     mc_examples: int = 24
     llama_cpp: bool = True
+    serve_run: str | None = None  # the MetaTuner run that the server benchmarks serve (perf.py --serve-run)
 
     @classmethod
     def for_mode(cls, quick: bool, model: str | None = None, **overrides) -> "Bench":

@@ -5,14 +5,18 @@ Run from the repository root with the project's environment (`make bench`, `make
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/perf.py                 # SmolLM2-135M (embedded), ~20-30 min on 2 cores
     .venv/bin/python benchmarks/perf.py --quick --out-json /tmp/p.json --out-md /tmp/p.md   # tiny model, ~1 min
     .venv/bin/python benchmarks/perf.py --only scoring_vs_forward --only generation_speedup  # update two entries
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/perf.py --threads 1 --only serve_batching_speedup \
+        --only serve_p95_latency_s            # the server's figures alone (a MetaTuner run: --serve-run, ~5 min)
 
-The six headline figures (docs/performance.json, top level):
+The headline figures (docs/performance.json, top level):
   hyperlora_vs_peft           fwd+bwd of M with per-query generated LoRA / PEFT static LoRA        target <= 1.10
   metatuner_step_vs_trl_sft   MetaTuner task-loss step / TRL SFTTrainer + PEFT LoRA step           target <= 1.35
   scoring_vs_forward          likelihood scoring tokens/s / plain forward tokens/s                 target >= 0.80
   generation_speedup          batched evaluation generation tokens/s / HF generate at batch 1      target >= 6
   memory_vs_sft               peak RSS of MetaTuner training / LoRA SFT (separate processes)        target <= 1.3
   eval_examples_per_s         multiple-choice evaluation throughput (CosmosQA, likelihood ranking)
+  serve_batching_speedup      `metatuner serve`: new tokens/s with 16 concurrent clients / 1 client    target >= 4
+  serve_p95_latency_s         `metatuner serve`: p95 latency of 32 concurrent clients (benchmarks/serve_load.py)
 plus `speedups` (A/B of hot-path changes) and `scaling` (J step time and peak RSS against n, k, r, batch).
 
 Every ratio comes from one process (memory: alternating processes), both sides interleaved, medians of several
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,9 +49,12 @@ HEADLINE = {  # name -> (key in the benchmark's result, target as (op, value) or
     "generation_speedup": ("ratio", (">=", 6.0)),
     "memory_vs_sft": ("ratio", ("<=", 1.3)),
     "eval_examples_per_s": ("examples_per_s", None),
+    "serve_batching_speedup": ("ratio", (">=", 4.0)),
+    "serve_p95_latency_s": ("p95_latency_s", None),
 }
+SERVE = ("serve_batching_speedup", "serve_p95_latency_s")  # need a MetaTuner run (--serve-run)
 ORDER = ["speedups", "hyperlora_vs_peft", "scoring_vs_forward", "eval_examples_per_s", "generation_speedup",
-         "metatuner_step_vs_trl_sft", "memory_vs_sft", "scaling"]
+         "metatuner_step_vs_trl_sft", "memory_vs_sft", "scaling", *SERVE]
 
 
 def parse_args(argv=None):
@@ -63,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="cpu: this process's CPU seconds (steady on a shared machine; use with --threads 1); "
                         "wall: elapsed seconds (an idle machine)")
+    p.add_argument("--serve-run", default=None, help="the MetaTuner run the server benchmarks serve (default: "
+                   "runs/demo/metatuner_j, what `make demo` trains, when it exists; without one they are skipped)")
     p.add_argument("--out-json", default=str(REPO / "docs" / "performance.json"))
     p.add_argument("--out-md", default=str(REPO / "docs" / "performance.md"))
     return p.parse_args(argv)
@@ -71,11 +81,13 @@ def parse_args(argv=None):
 def run(name: str, bench: Bench, plot_dir: Path):
     import hot_paths
     import memory_scaling
+    import serve_load
     import step_vs_trl
 
     if name == "scaling":
         return memory_scaling.scaling(bench, plot_dir)
-    module = {"metatuner_step_vs_trl_sft": step_vs_trl, "memory_vs_sft": memory_scaling}.get(name, hot_paths)
+    module = {"metatuner_step_vs_trl_sft": step_vs_trl, "memory_vs_sft": memory_scaling,
+              **{n: serve_load for n in SERVE}}.get(name, hot_paths)
     return getattr(module, name)(bench)
 
 
@@ -121,6 +133,13 @@ def main(argv=None) -> dict:
     bench = Bench.for_mode(args.quick, args.model, repeats=args.repeats,
                            precision="bf16" if precision.mixed_precision == "bf16" else "fp32")
     names = [n for n in ORDER if (not args.only or n in args.only) and n not in args.skip]
+    default_run = REPO / "runs" / "demo" / "metatuner_j"
+    # the demo's run is SmolLM2-sized: --quick serves only a run it is given
+    bench.serve_run = args.serve_run or (str(default_run.relative_to(REPO)) if default_run.is_dir() and not args.quick
+                                         else None)
+    if bench.serve_run is None and any(n in SERVE for n in names):
+        print("no MetaTuner run to serve (make demo, or --serve-run RUN): skipping " + ", ".join(SERVE), flush=True)
+        names = [n for n in names if n not in SERVE]
     out_json = Path(args.out_json)
     data = json.loads(out_json.read_text()) if args.only and out_json.is_file() else {}
     details, commands = data.get("details", {}), data.get("commands", {})
@@ -256,6 +275,9 @@ def _details_md(d: dict) -> list[str]:
         x = d["eval_examples_per_s"]
         out.append(f"- **eval_examples_per_s**: {x['examples_per_s']} examples/s ({x['what']}; data {x['data']}); "
                    f"the former flat scorer: {x['flat_rows_examples_per_s']['median']} examples/s.")
+    from serve_load import describe
+
+    out += [f"- **{name}**: {describe(name, d[name])}" for name in SERVE if name in d]
     if "speedups" in d or "generation_speedup" in d or "eval_examples_per_s" in d:
         out += ["", "## Speed-ups kept (A/B in the same run; > 1 means the kept way is faster)", "",
                 "| change | speed-up | measured as |", "|---|---|---|"]
@@ -284,7 +306,8 @@ def _scaling_md(x: dict | None, md_path: Path) -> list[str]:
         phases = ", ".join(f"{k} {v}" for k, v in r["phases"].items())
         out.append(f"| {r['knob']} | {r['value']} | {r['step_seconds']} | {r['peak_rss_mb']:.0f} | {phases} |")
     if x.get("plot"):
-        out += ["", f"![scaling]({Path(x['plot']).relative_to(md_path.parent) if Path(x['plot']).is_relative_to(md_path.parent) else x['plot']})"]
+        plot = Path(x["plot"]) if Path(x["plot"]).is_absolute() else REPO / x["plot"]  # recorded relative to the repo
+        out += ["", f"![scaling]({os.path.relpath(plot, md_path.resolve().parent)})"]
     return out + [""]
 
 

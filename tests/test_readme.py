@@ -63,11 +63,16 @@ def _localise(args: list[str], tiny_dir, runs) -> list[str]:
 def test_readme_has_the_commands_this_test_checks():
     commands = readme_commands()
     assert sum(c[0] == "eval" for c in commands) >= 5 and any(c[0] == "export" for c in commands)
+    assert any(c[0] == "serve" and "--run" in c for c in commands) and any(c[0] == "serve" and "--model" in c
+                                                                         for c in commands)
     assert not [c for c in commands if any("../shared" in a for a in c)]
 
 
 def test_readme_commands_run_as_written(tiny_dir_2layers, tiny_runs, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the README's paths are relative to the repository root
+    # `serve` loads what it serves and builds its app, but does not block listening: tests/test_serve.py serves
+    served = []
+    monkeypatch.setattr("metatuner.serve.app.run_server", lambda app, settings: served.append(app.state.backend))
     runner = CliRunner()
     for raw in readme_commands():
         args = _localise(raw, tiny_dir_2layers, tiny_runs)
@@ -87,3 +92,5 @@ def test_readme_commands_run_as_written(tiny_dir_2layers, tiny_runs, tmp_path, m
             args += ["--max-new-tokens", "2"]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, f"{command}\n{result.output}"
+        if args[0] == "serve":
+            assert served and served.pop().name, command

@@ -20,7 +20,7 @@ from metatuner.config import MetaTunerSettings
 from metatuner.generation import DecodeBatch, _encode, chat_prompt, generate
 from metatuner.metatuner import MetaTuner
 from metatuner.serve.app import create_app, make_server
-from metatuner.serve.engine import Done, Engine, Job, MetaTunerBackend, ModelBackend
+from metatuner.serve.engine import Delta, Done, Engine, Job, MetaTunerBackend, ModelBackend, Row
 from metatuner.serve.settings import ServeSettings
 from metatuner.tasks import get_task
 from metatuner.testing import tiny_model
@@ -302,6 +302,20 @@ def test_serve_rows_joining_mid_decode_get_their_own_logits(mt):
     assert together == reference and len(set(together.values())) == 3
 
 
+def test_serve_streamed_text_never_shows_half_a_character_or_half_a_stop_string(tokenizer):
+    events = []
+    row = Row(Job(text="", max_tokens=50, emit=events.append), prompt_tokens=0, generator=None, stops=("STOP",))
+    ids = tokenizer("price 5\u20ac + 2 STOP more", add_special_tokens=False)["input_ids"]
+    assert len(tokenizer("\u20ac", add_special_tokens=False)["input_ids"]) > 1  # the euro sign spans tokens
+    finish = None
+    for token in ids:
+        finish = row.take(token, False, tokenizer)
+        if finish:
+            break
+    deltas = [e.text for e in events if isinstance(e, Delta)]
+    assert finish == "stop" and "".join(deltas) == events[-1].text == "price 5\u20ac + 2"
+
+
 def test_serve_decode_batch_extend_matches_separate_prefills(model, tokenizer):
     rows = _encode(tokenizer, ["short", "a much longer prompt than the other one"])
     a = DecodeBatch.prefill(model, rows[:1], tokenizer.pad_token_id)
@@ -383,3 +397,25 @@ def _refused(port: int) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_serve_load_benchmark_drives_the_real_command_end_to_end(tiny_dir_2layers, tmp_path, monkeypatch):
+    """benchmarks/serve_load.py on a tiny trained run: `metatuner serve` as a subprocess on a free loopback port,
+    concurrent openai clients, nothing failed, and the server gone after its SIGTERM. Nothing timed is asserted."""
+    from pathlib import Path
+
+    from metatuner.config import load_config
+    from metatuner.train import train_metatuner
+
+    run = train_metatuner(load_config(None, [
+        f"model.name={tiny_dir_2layers}", "model.device=cpu", f"output_dir={tmp_path / 'run'}",
+        "data.task=rg:chain_sum", "data.task_options={size: 4, test_size: 4}", "train.batch_size=4",
+        "train.max_steps=1", "train.mixed_precision=fp32", "metatuner.share_depth=1", "metatuner.rank=2",
+        "metatuner.hyper_hidden=8", "metatuner.g_lora_r=2", "metatuner.max_prompt_tokens=3",
+        "metatuner.warmup_generator=false"]))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import serve_load
+
+    result = serve_load.load_test(str(run), clients=3, per_client=1, max_tokens=4, max_batch=3)
+    assert result["completed"] == result["requests"] == 3 and result["failed"] == 0, result["failures"]
+    assert result["p95_latency_s"] >= result["p50_latency_s"] > 0
