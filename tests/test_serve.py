@@ -220,6 +220,8 @@ def test_serve_bad_input_through_the_openai_client(served):
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="prompt: empty"):
         client.completions.create(model=NAME, prompt="")
+    with pytest.raises(openai.BadRequestError, match="prompt: the question .* exceeds the model's context of 512"):
+        client.completions.create(model=NAME, prompt="7 + 8 = 15. " * 120, max_tokens=4)
     assert served.raw("GET", "/v1/nothing")[0] == 404
 
 

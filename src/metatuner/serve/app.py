@@ -100,7 +100,8 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
                                "max_tokens")
         max_tokens = requested or min(settings.default_max_tokens or backend.default_max_tokens,
                                       settings.max_tokens_cap)
-        backend.input_tokens(text, max_tokens)  # 400 when the input and max_tokens do not fit the context
+        # 400 when the input and max_tokens do not fit the context
+        backend.input_tokens(text, max_tokens, "messages" if kind == "chat" else "prompt")
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         job = Job(text=text, max_tokens=max_tokens, emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
@@ -265,6 +266,7 @@ def make_server(app: FastAPI, settings: ServeSettings):
     `shutdown_grace_s`), then the lifespan stops the batching thread."""
     import uvicorn
 
+    # http="h11": the header-size limit below is h11's (uvicorn's httptools parser has its own, fixed one)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.shutdown_grace_s),
                             h11_max_incomplete_event_size=settings.max_header_bytes, http="h11")

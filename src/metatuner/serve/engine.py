@@ -92,17 +92,18 @@ class Backend:
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def input_tokens(self, text: str, max_tokens: int) -> int:
-        """M's input length for `text`; a RequestError when it and `max_tokens` do not fit M's context."""
+    def input_tokens(self, text: str, max_tokens: int, field: str = "messages") -> int:
+        """M's input length for `text`; a RequestError naming `field` when it and `max_tokens` do not fit M's
+        context."""
         n = len(_encode(self.tokenizer, [text])[0])
-        _fits(n, max_tokens, self.context_length, "the input")
+        _fits(n, max_tokens, self.context_length, "the input", field)
         return n
 
 
-def _fits(n_input: int, max_tokens: int, context: int | None, what: str) -> None:
+def _fits(n_input: int, max_tokens: int, context: int | None, what: str, field: str) -> None:
     if context and n_input + max_tokens > context:
-        raise RequestError(f"{what} is {n_input} tokens; with max_tokens {max_tokens} it exceeds the model's "
-                           f"context of {context} tokens", "messages", code="context_length_exceeded")
+        raise RequestError(f"{field}: {what} is {n_input} tokens; with max_tokens {max_tokens} it exceeds the "
+                           f"model's context of {context} tokens", field, code="context_length_exceeded")
 
 
 class ModelBackend(Backend):
@@ -129,15 +130,15 @@ class MetaTunerBackend(Backend):
         self.stop_strings = tuple(task.stop_strings)
         self.default_max_tokens = task.max_new_tokens
 
-    def input_tokens(self, text: str, max_tokens: int) -> int:
+    def input_tokens(self, text: str, max_tokens: int, field: str = "messages") -> int:
         mt = self.mt
         g_context = getattr(mt.g.config, "max_position_embeddings", None)
         request = mt.rewrite_requests([mt.p0], [text])[0]
         _fits(len(_encode(mt.g_tok, [request])[0]), mt.settings.max_prompt_tokens, g_context,
-              "the question with G's rewrite request")
+              "the question with G's rewrite request", field)
         # The written prompt is at most max_prompt_tokens long; count M's input with room for it.
         n = len(_encode(self.tokenizer, mt.answer_chats([""], [text]))[0]) + mt.settings.max_prompt_tokens
-        _fits(n, max_tokens, self.context_length, "the question with its written prompt")
+        _fits(n, max_tokens, self.context_length, "the question with its written prompt", field)
         return n
 
     def prepare(self, jobs):
