@@ -65,7 +65,10 @@ def test_compare_seeded_sample_full_split_and_overrides(tiny_dir, tmp_path):
         assert [json.loads(line)["id"] for line in samples] == ids
     full = json.loads((tmp_path / "results" / "toy-full.json").read_text())
     assert list(full["methods"]) == ["zero_shot"] and full["methods"]["zero_shot"]["n_eval"] == 6
-    assert results["overrides"] == ["eval.max_new_tokens=2"]
+    # Rows record their own commands; which items were scored is said, not copied from the config's notes.
+    assert "overrides" not in results
+    assert results["eval_items"] == "4 test items, a seeded sample (eval_sample_seed 3)"
+    assert full["eval_items"] == "6 test items"
     assert (tmp_path / "results" / "toy-training.png").is_file()  # SFT's loss curve
     with gzip.open(tmp_path / "results" / "samples" / "toy" / "sft.jsonl.gz", "rt") as f:
         assert [json.loads(line)["id"] for line in f] == ids

@@ -253,7 +253,9 @@ def compare(config_path: str | Path, only: list[str] | None = None, overrides: l
         run_method(run_cfg, name, full)
         print(f"[compare] {label}: done in {time.perf_counter() - started:.0f} s")
 
-    notes = {"config": str(config_path), **({"overrides": list(overrides)} if overrides else {}), **cfg.notes}
+    # Command-line overrides are not top-level notes: each row records the command that produced it, and one
+    # comparison's rows may come from several commands.
+    notes = {"config": str(config_path), **cfg.notes}
     out = Path(cfg.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.seeds:
@@ -275,6 +277,9 @@ def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, n
     if finished:
         with open(next(iter(finished.values()))[0] / "samples.jsonl") as f:
             results["eval_ids"] = [json.loads(line)["id"] for line in f]
+        sampled = cfg.eval_sample is not None and eval_folder == "eval"
+        results["eval_items"] = f"{len(results['eval_ids'])} test items" + (
+            f", a seeded sample (eval_sample_seed {cfg.eval_sample_seed})" if sampled else "")
     samples = out / "samples" / stem  # per-item outputs beside the table, so its intervals can be recomputed
     samples.mkdir(parents=True, exist_ok=True)
     for name, (eval_dir, train_dir) in finished.items():
