@@ -21,6 +21,7 @@ from metatuner.generation import DecodeBatch, _encode, chat_prompt, generate
 from metatuner.metatuner import MetaTuner
 from metatuner.serve.app import create_app, make_server
 from metatuner.serve.engine import Delta, Done, Engine, Job, MetaTunerBackend, ModelBackend, Row
+from metatuner.serve.prefix import PromptWriter
 from metatuner.serve.settings import ServeSettings
 from metatuner.tasks import get_task
 from metatuner.testing import tiny_model
@@ -29,10 +30,9 @@ QUESTIONS = ["What is 2 + 2?", "Janet has 3 apples and buys 5 more. How many?", 
 NAME = "tiny-run"
 
 
-@pytest.fixture(scope="module")
-def mt(tokenizer):
+def _tiny_run(tokenizer, **settings) -> MetaTuner:
     torch.manual_seed(0)
-    settings = MetaTunerSettings(share_depth=0.5, rank=4, hyper_hidden=32, g_lora_r=4, max_prompt_tokens=6)
+    settings = MetaTunerSettings(share_depth=0.5, rank=4, hyper_hidden=32, g_lora_r=4, max_prompt_tokens=6, **settings)
     mt = MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer, settings)
     with torch.no_grad():
         for p in mt.generator_parameters() + list(mt.hyper.parameters()):
@@ -40,6 +40,11 @@ def mt(tokenizer):
     mt.sync_frozen()
     mt.task, mt.p0 = get_task("gsm8k"), get_task("gsm8k").default_prompt
     return mt.eval()
+
+
+@pytest.fixture(scope="module")
+def mt(tokenizer):
+    return _tiny_run(tokenizer)
 
 
 class Served:
@@ -259,6 +264,25 @@ def test_serve_request_timeout_is_504_and_frees_the_row(mt):
         assert _chat(s.client()).choices[0].message.content
 
 
+def test_serve_client_gone_cancels_its_non_streamed_request(mt):
+    """A client that closes its connection while its (non-streamed) answer is decoded: the row is cancelled at once
+    and leaves the batch at the next step, without decoding to max_tokens for nobody."""
+    with serving(MetaTunerBackend(mt, NAME)) as s:
+        engine = s.app.state.scheduler.engine
+        with engine_held(s) as decoding:
+            conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+            conn.request("POST", "/v1/chat/completions", json.dumps(_valid(max_tokens=64, temperature=0)),
+                         {"Content-Type": "application/json"})
+            assert decoding.wait(10)
+            row = engine.rows[0]
+            conn.close()
+            _wait_until(lambda: row.job.cancelled)  # while decoding is still held
+        _wait_until(lambda: not engine.rows)
+        assert row.tokens == []
+        _wait_until(lambda: 'status="499"' in s.raw("GET", "/metrics")[1])
+        assert _chat(s.client()).choices[0].message.content  # the server goes on serving
+
+
 def test_serve_graceful_shutdown_finishes_the_request_in_flight(mt):
     s = Served(MetaTunerBackend(mt, NAME))
     reference = _chat(s.client()).choices[0].message.content
@@ -302,6 +326,40 @@ def test_serve_rows_joining_mid_decode_get_their_own_logits(mt):
     together = {q: next(e.text for e in events if isinstance(e, Done)) for q, events in emitted.items()}
     reference = {r["question"]: r["answer"] for r in mt.generate(QUESTIONS, max_new_tokens=10)}
     assert together == reference and len(set(together.values())) == 3
+
+
+def _assert_writes_as_write_all(mt, questions):
+    """The server's prompt writing gives MetaTuner.write_all's prompts and h (so the same LoRA)."""
+    prompts, h = PromptWriter(mt).write(questions)
+    ref_prompts, ref_h = mt.write_all(questions)
+    assert prompts == ref_prompts and len(set(prompts)) == len(questions)
+    assert torch.allclose(h, ref_h, atol=1e-5, rtol=1e-4)
+
+
+def _takes_cached_path(mt, questions) -> list[bool]:
+    writer = PromptWriter(mt)
+    requests = _encode(mt.g_tok, mt.rewrite_requests([mt.p0] * len(questions), questions))
+    return [writer.split(ids) is not None for ids in requests]
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_serve_cached_request_beginning_writes_what_write_all_writes(tokenizer, pool):
+    """G prefills the rewrite request's shared beginning once; the questions' own tokens then give the same prompts
+    and the same h, pooled at the last token or over every token of the request."""
+    mt = _tiny_run(tokenizer, pool=pool)
+    shared = len(PromptWriter(mt).ids)
+    assert shared > 0.5 * len(_encode(tokenizer, mt.rewrite_requests([mt.p0], QUESTIONS[:1]))[0])
+    assert _takes_cached_path(mt, QUESTIONS) == [True] * 3
+    _assert_writes_as_write_all(mt, QUESTIONS)
+
+
+def test_serve_question_that_merges_with_the_shared_tokens_gets_a_full_prefill(tokenizer):
+    """Here the question continues a word of the template: "Questio" + "n: ..." tokenises as "Question", not as the
+    beginning's tokens. That request is prefilled in full, in the same batch as one that takes the cached path."""
+    mt = _tiny_run(tokenizer, rewrite_template="Instruction: {instruction}\nQuestio{question}")
+    questions = ["n: what is 2 + 2?", "\nJanet has 3 apples and buys 5 more. How many?"]
+    assert _takes_cached_path(mt, questions) == [False, True]
+    _assert_writes_as_write_all(mt, questions)
 
 
 def test_serve_streamed_text_never_shows_half_a_character_or_half_a_stop_string(tokenizer):

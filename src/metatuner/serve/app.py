@@ -81,16 +81,16 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
             raise RequestError("messages: the last user message is empty", "messages")
         if isinstance(backend, ModelBackend):  # a plain model reads the whole conversation, as given
             question = backend.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-        return await _answer("chat", body, question, body.requested_tokens())
+        return await _answer(request, "chat", body, question, body.requested_tokens())
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
     async def completions(request: Request):
         body = _parse(CompletionRequest, await _read_body(request, settings.max_body_bytes))
         if not body.text().strip():
             raise RequestError("prompt: empty", "prompt")
-        return await _answer("completion", body, body.text(), body.requested_tokens())
+        return await _answer(request, "completion", body, body.text(), body.requested_tokens())
 
-    async def _answer(kind: str, body, text: str, requested: int | None):
+    async def _answer(request: Request, kind: str, body, text: str, requested: int | None):
         start = time.monotonic()
         if body.model != backend.name:
             raise RequestError(f"model: {body.model!r} is not served here; this server serves {backend.name!r}",
@@ -122,6 +122,7 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
 
         first_text = _once(lambda: metrics.first_token.observe(time.monotonic() - start))
         if not body.stream:
+            watcher = asyncio.create_task(_cancel_when_gone(request, job, events))
             try:
                 started, event = None, None
                 while not isinstance(event, (Done, Failed)):
@@ -131,6 +132,7 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
                     elif isinstance(event, Delta):
                         first_text()
             finally:
+                watcher.cancel()
                 job.cancel()  # no-op once done; otherwise (timeout, client gone) the row leaves the batch
             if isinstance(event, Failed):
                 raise event.error
@@ -177,6 +179,18 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
         return EventSourceResponse(stream(), headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+async def _cancel_when_gone(request: Request, job: Job, events: asyncio.Queue) -> None:
+    """Wait for the client of a non-streamed request to close its connection, then cancel the request: its row
+    leaves the batch at the next step instead of decoding to max_tokens for nobody, and the handler stops waiting.
+
+    The body is read by then, so the next ASGI message is the disconnect. (Starlette watches the connection of a
+    streamed response itself and ends the stream, whose `finally` cancels the job.)"""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+    events.put_nowait(Failed(RequestError("the client closed the connection", status=499, code="client_closed")))
 
 
 def _once(fn):

@@ -21,6 +21,7 @@ import torch
 
 from ..generation import DecodeBatch, _cut_at_stop, _encode, _eos_ids, _next_tokens, chat_prompt
 from ..hyperlora import LoraFactors
+from .prefix import PromptWriter
 from .protocol import RequestError
 
 
@@ -129,6 +130,7 @@ class MetaTunerBackend(Backend):
         self.model, self.tokenizer = mt.m, mt.m_tok
         self.stop_strings = tuple(task.stop_strings)
         self.default_max_tokens = task.max_new_tokens
+        self.writer = PromptWriter(mt)  # G's cache of the rewrite request's shared beginning, made once here
 
     def input_tokens(self, text: str, max_tokens: int, field: str = "messages") -> int:
         mt = self.mt
@@ -144,11 +146,9 @@ class MetaTunerBackend(Backend):
     def prepare(self, jobs):
         mt = self.mt
         questions = [j.text for j in jobs]
-        written = mt.write_prompts(mt.rewrite_requests([mt.p0] * len(jobs), questions), with_grad=False)
-        prompts = written.prompts or [mt.p0] * len(jobs)
-        # h as write_all gives it (float), so a request's LoRA is exactly MetaTuner.generate's
-        factors = mt.factors(written.h.float())
-        return mt.answer_chats(prompts, questions), list(prompts), factors
+        # prompts and h as write_all gives them (h as float), so a request's LoRA is exactly MetaTuner.generate's
+        prompts, h = self.writer.write(questions)
+        return mt.answer_chats(prompts, questions), prompts, mt.factors(h)
 
     def actor(self):
         return self.mt.role("actor")
