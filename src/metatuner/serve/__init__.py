@@ -5,7 +5,8 @@
     metatuner serve --model embedded:smollm2-135m-instruct [--adapter runs/sft/adapter]   # a plain model, same API
 
 Pieces, one job each: `settings` (ServeSettings), `protocol` (OpenAI request/response/error shapes), `engine` (G
-writes prompts and LoRA, M decodes every row together), `scheduler` (the bounded queue and the batching thread),
+writes prompts and LoRA, M decodes every row together), `prefix` (G's prompt writing from a cache of the rewrite
+request's shared beginning), `scheduler` (the bounded queue and the batching thread),
 `metrics` (Prometheus), `app` (FastAPI routes and the uvicorn server). docs/serving.md has the limits.
 
 Nothing here is imported by `import metatuner`: FastAPI, uvicorn and prometheus-client are the optional `serve`
