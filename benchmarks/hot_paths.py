@@ -20,7 +20,7 @@ from metatuner.config import MetaTunerSettings
 from metatuner.evaluate import evaluate
 from metatuner.generation import chat_prompt, generate, length_batches, lm_batch, lm_loss, score_targets
 from metatuner.hyperlora import HyperLoraConfig, HyperLoraGenerator, PerExampleLoRA
-from metatuner.metatuner import MetaTuner
+from metatuner.model import MetaTuner
 
 
 def _ratio(ours: list[float], theirs: list[float]) -> float:

@@ -28,7 +28,7 @@ import sft_loop_vs_trl as sft_bench
 from bench_setup import Bench, PhaseTimer, j_step_backward
 from common import Summary, autocast, now
 from metatuner.config import MetaTunerSettings
-from metatuner.metatuner import MetaTuner
+from metatuner.model import MetaTuner
 from metatuner.rollouts import ExpertPromptStore
 
 LR, GRAD_CLIP = 2e-4, 1.0

@@ -24,7 +24,7 @@ import common  # noqa: E402
 from bench_setup import TRAIN_TASK  # noqa: E402
 from common import autocast, now  # noqa: E402
 
-from metatuner.config import peak_rss_mb, rss_mb  # noqa: E402
+from metatuner.runtime import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def parse(argv=None):
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
 
 def _metatuner_step(cfg, task, p0):
     from bench_setup import PhaseTimer, j_step_backward
-    from metatuner.metatuner import MetaTuner
+    from metatuner.model import MetaTuner
     from metatuner.models import load_model
     from metatuner.rollouts import ExpertPromptStore
 

@@ -105,6 +105,7 @@ def test_resume_restores_optimizer_and_rng_and_keeps_the_newest(tmp_path):
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
 
+@pytest.mark.fault
 def test_fault_truncated_checkpoint_file_is_named(tmp_path):
     param, optimizer = optimizer_with_state()
     path = save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer)
@@ -119,6 +120,7 @@ def test_fault_truncated_checkpoint_file_is_named(tmp_path):
         find_checkpoint(tmp_path, str(Path(tmp_path) / "nope"))
 
 
+@pytest.mark.fault
 def test_fault_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_dir, tmp_path):
     config = _config(tmp_path, tiny_dir, tmp_path / "stopped")
     proc = _train(config, wait=False)
@@ -136,9 +138,10 @@ def test_fault_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_dir, tmp_path
     assert (tmp_path / "stopped" / "model" / "metatuner.safetensors").is_file()
 
 
+@pytest.mark.fault
 def test_fault_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
     from metatuner.config import load_config
-    from metatuner.metatuner import MetaTuner
+    from metatuner.model import MetaTuner
     from metatuner.train import TrainingStopped, train_metatuner
 
     monkeypatch.setattr(MetaTuner, "task_loss", lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True))
@@ -150,10 +153,11 @@ def test_fault_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tiny_d
     assert saved.step == 2 and saved.state["history"] == {}
 
 
+@pytest.mark.fault
 def test_fault_non_finite_gradients_skip_updates_and_leave_the_weights_finite(tiny_dir, tmp_path, monkeypatch):
     """A finite loss with an inf/NaN gradient (a bf16 overflow in the backward pass) must not reach the weights."""
     from metatuner.config import load_config
-    from metatuner.metatuner import MetaTuner
+    from metatuner.model import MetaTuner
     from metatuner.train import TrainingStopped, train_metatuner
 
     def finite_loss_bad_gradient(self, *args, **kwargs):

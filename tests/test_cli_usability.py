@@ -48,12 +48,14 @@ def test_eval_run_task_options_apply_over_the_runs_own(chain_sum_run, tmp_path):
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_eval"] == 2
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("flag", [["--model", "other-model"], ["--adapter", "."]])
 def test_bad_input_eval_run_rejects_what_it_cannot_apply(chain_sum_run, flag):
     result = CliRunner().invoke(app, ["eval", "--run", str(chain_sum_run), *flag])
     assert result.exit_code == 2 and flag[0] in result.output
 
 
+@pytest.mark.bad_input
 def test_bad_input_task_option_typo_is_named_with_a_suggestion_before_anything_loads(chain_sum_run):
     """A misspelt key ended in a TypeError traceback from the task's constructor."""
     runner = CliRunner()
@@ -65,6 +67,7 @@ def test_bad_input_task_option_typo_is_named_with_a_suggestion_before_anything_l
         load_config(None, ["data.task=custom", "data.task_options={path: x.jsonl, question_feild: q}"])
 
 
+@pytest.mark.bad_input
 def test_bad_input_override_typo_is_blamed_on_the_command_line_with_a_suggestion():
     """It blamed the config file and printed OmegaConf's internal full_key/object_type lines."""
     with pytest.raises(ConfigError) as err:
@@ -80,6 +83,7 @@ def test_make_demo_passes_its_overrides():
     assert "metatuner.demo train.max_steps=2 data.eval_limit=5" in shown
 
 
+@pytest.mark.bad_input
 def test_bad_input_cli_errors_come_before_the_heavy_imports(tmp_path):
     """Every error took 10-14 s because torch and transformers loaded before the arguments were checked."""
     code = ("import sys\nfrom typer.testing import CliRunner\nfrom metatuner.cli import app\n"

@@ -78,18 +78,21 @@ def test_compare_seeded_sample_full_split_and_overrides(tiny_dir, tmp_path):
     assert compare(other)["eval_ids"] != ids
 
 
+@pytest.mark.bad_input
 def test_bad_input_compare_full_test_methods_must_be_methods(tiny_dir, tmp_path):
     path = _config(tmp_path, tiny_dir, {"zero_shot": {}}, eval_sample=2, full_test_methods=["sft"])
     with pytest.raises(ConfigError, match="full_test_methods.*sft"):
         load_compare_config(path)
 
 
+@pytest.mark.bad_input
 def test_bad_input_compare_config_names_the_method(tiny_dir, tmp_path):
     path = _config(tmp_path, tiny_dir, {"metatuner_j": {"metatuner.rank": 0}})
     with pytest.raises(ConfigError, match="metatuner_j.*metatuner.rank"):
         load_compare_config(path)
 
 
+@pytest.mark.trust
 def test_trust_method_names_cannot_escape_the_runs_folder(tiny_dir, tmp_path):
     path = _config(tmp_path, tiny_dir, {"../../etc": {}})
     with pytest.raises(ConfigError, match="method name"):
@@ -133,6 +136,7 @@ def test_compare_keeps_published_rows_whose_run_folders_are_gone(tiny_dir, tmp_p
     assert list(results["methods"]) == ["zero_shot"]
 
 
+@pytest.mark.fault
 def test_fault_compare_stopped_mid_method_says_how_to_continue_and_keeps_finished_methods(tiny_dir, tmp_path,
                                                                                           monkeypatch):
     """A method whose training stops (here: losses that stay non-finite) ends the command with its exit code and the
@@ -141,7 +145,7 @@ def test_fault_compare_stopped_mid_method_says_how_to_continue_and_keeps_finishe
     from typer.testing import CliRunner
 
     from metatuner.cli import app
-    from metatuner.metatuner import MetaTuner
+    from metatuner.model import MetaTuner
 
     path = _config(tmp_path, tiny_dir, {"sft": {}, "metatuner_j": {}})
     nan = lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True)  # noqa: E731
@@ -193,3 +197,36 @@ def test_a_method_can_set_an_option_to_null(tiny_dir, tmp_path):
                                                                   "metatuner.warmup_actor_steps": 2}})
     cfg = method_config(load_compare_config(path), "own_warmup")
     assert cfg.metatuner.warmup_actor_adapter is None and cfg.metatuner.warmup_actor_steps == 2
+
+
+def test_paired_bootstrap_against_hand_computed_intervals():
+    """Cases whose 95% interval follows from the resampling distribution by hand. Fails on a sign flip (b - a),
+    on resampling a and b independently (identical systems would get a wide interval, not [0, 0]) and on other
+    quantiles than 2.5% and 97.5%."""
+    from metatuner.evaluate import paired_bootstrap
+
+    # Identical per-item scores: every paired difference is 0, whatever the resample.
+    assert paired_bootstrap([1, 0, 1, 0], [1, 0, 1, 0]) == [0.0, 0.0]
+    # One item, a beats b by 1: every resample's mean difference is 1.
+    assert paired_bootstrap([1.0], [0.0]) == [1.0, 1.0]
+    # Differences (1, 0, 0, 0): a resample's mean is k/4 with k ~ Binomial(4, 1/4); P(k=0) = 0.316 > 2.5%, and
+    # P(k <= 2) = 0.949 < 97.5% <= P(k <= 3) = 0.996, so the interval is [0, 3/4].
+    assert paired_bootstrap([1, 1, 0, 1], [0, 1, 0, 1]) == [0.0, 0.75]
+    assert paired_bootstrap([0, 1, 0, 1], [1, 1, 0, 1]) == [-0.75, 0.0]
+    with pytest.raises(ValueError):
+        paired_bootstrap([1, 0], [1])
+
+
+def test_add_intervals_pairs_the_shared_items_and_subtracts_the_method_from_metatuner_j():
+    """The interval is MetaTuner-J minus the method, over the items both scored. Fails on the sign, on pairing by
+    position instead of item id, and on counting items only one of them scored."""
+    from metatuner.report import add_intervals
+
+    results = {"methods": {"metatuner_j": {}, "sft": {}, "zero_shot": {}}}
+    items = {"metatuner_j": {"a": 1.0, "b": 1.0, "c": 0.0, "d": 1.0},
+             "sft": {"d": 1.0, "c": 0.0, "b": 1.0, "a": 0.0, "extra": 1.0},  # differences (1, 0, 0, 0) by id
+             "zero_shot": {"a": 1.0, "b": 1.0}}  # only a and b shared, both equal
+    add_intervals(results, items)
+    assert results["methods"]["sft"]["ci_vs_metatuner_j"] == [0.0, 0.75]
+    assert results["methods"]["zero_shot"]["ci_vs_metatuner_j"] == [0.0, 0.0]
+    assert "ci_vs_metatuner_j" not in results["methods"]["metatuner_j"]

@@ -37,6 +37,7 @@ def test_read_table_picks_the_reader_by_suffix(tmp_path):
         read_table(write(tmp_path, "a.parquet", "x"), ("q",))
 
 
+@pytest.mark.bad_input
 def test_bad_input_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_jsonl(tmp_path / "nope.jsonl", ("q",))
@@ -44,6 +45,7 @@ def test_bad_input_missing_file_names_the_path(tmp_path):
         read_csv(tmp_path / "nope.csv", ("q",))
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "bad_line, field, reason",
     [
@@ -69,6 +71,7 @@ def test_bad_input_jsonl_row_names_file_line_and_field(tmp_path, bad_line, field
         assert f"field '{field}'" in message
 
 
+@pytest.mark.bad_input
 def test_bad_input_non_utf8_bytes_are_traced_to_line_and_field(tmp_path):
     path = write(tmp_path, "data.jsonl", b'{"q": "ok", "a": "1"}\n{"q": "caf\xe9", "a": "2"}\n')
     with pytest.raises(DataError, match=r"line 2, field 'q': not valid UTF-8"):
@@ -78,18 +81,21 @@ def test_bad_input_non_utf8_bytes_are_traced_to_line_and_field(tmp_path):
         read_csv(path, ("q", "a"))
 
 
+@pytest.mark.bad_input
 def test_bad_input_duplicate_ids_name_both_lines(tmp_path):
     path = write(tmp_path, "data.jsonl", jsonl([{"id": "a", "q": "1"}, {"id": "b", "q": "2"}, {"id": "a", "q": "3"}]))
     with pytest.raises(DataError, match=r"line 3, field 'id': duplicate id 'a' \(first seen at line 1\)"):
         read_jsonl(path, ("q",), id_field="id")
 
 
+@pytest.mark.bad_input
 def test_bad_input_csv_missing_column_fails_even_when_skipping(tmp_path):
     path = write(tmp_path, "data.csv", "q,b\nx,y\n")
     with pytest.raises(DataError, match=r"data.csv, line 1, field 'a': missing column"):
         read_csv(path, ("q", "a"), on_bad_row="skip")
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "content, line, field, reason",
     [
@@ -107,6 +113,7 @@ def test_bad_input_csv_row_names_file_line_and_field(tmp_path, content, line, fi
     assert str(path) in str(info.value) and f"line {line}" in str(info.value) and reason in str(info.value)
 
 
+@pytest.mark.bad_input
 def test_bad_input_empty_files_are_errors(tmp_path):
     with pytest.raises(DataError, match="no usable rows"):
         read_jsonl(write(tmp_path, "e.jsonl", "\n\n"), ("q",))
@@ -114,6 +121,7 @@ def test_bad_input_empty_files_are_errors(tmp_path):
         read_csv(write(tmp_path, "e.csv", ""), ("q",))
 
 
+@pytest.mark.bad_input
 def test_bad_input_skip_mode_warns_once_with_count_and_lines(tmp_path):
     path = write(tmp_path, "data.jsonl", jsonl([{"q": "1"}, "{oops", {"q": ""}, {"q": "4"}, {"r": "5"}]))
     with pytest.warns(DataWarning) as record:
@@ -124,12 +132,14 @@ def test_bad_input_skip_mode_warns_once_with_count_and_lines(tmp_path):
     assert "Skipped 3 bad row(s)" in message and "lines 2, 3, 5" in message and str(path) in message
 
 
+@pytest.mark.bad_input
 def test_bad_input_skip_mode_with_no_good_rows_is_an_error(tmp_path):
     path = write(tmp_path, "data.jsonl", jsonl(["{bad", "[]"]))
     with warnings.catch_warnings(record=True), pytest.raises(DataError, match=r"no usable rows \(2 bad ones skipped\)"):
         read_jsonl(path, ("q",), on_bad_row="skip")
 
 
+@pytest.mark.bad_input
 def test_bad_input_validator_errors_carry_line_and_field(tmp_path):
     def positive(row):
         if int(row["n"]) <= 0:
@@ -143,11 +153,13 @@ def test_bad_input_validator_errors_carry_line_and_field(tmp_path):
         assert read_csv(path, ("n",), validate=positive, on_bad_row="skip") == [{"n": 3}]
 
 
+@pytest.mark.bad_input
 def test_bad_input_unknown_on_bad_row_value(tmp_path):
     with pytest.raises(ValueError, match="on_bad_row"):
         read_jsonl(write(tmp_path, "a.jsonl", jsonl([{"q": "x"}])), ("q",), on_bad_row="ignore")
 
 
+@pytest.mark.bad_input
 def test_bad_input_rows_remember_file_and_line_for_later_checks(tmp_path):
     path = write(tmp_path, "data.jsonl", jsonl([{"q": "x"}, "", {"q": "y"}]))
     rows = read_jsonl(path, ("q",))

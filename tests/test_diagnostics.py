@@ -7,7 +7,7 @@ from metatuner.config import MetaTunerSettings
 from metatuner.diagnostics import (diversity_from_gram, lora_diversity, prompt_diagnostics, update_gram,
                                    word_edit_distance)
 from metatuner.hyperlora import LoraFactors
-from metatuner.metatuner import MetaTuner
+from metatuner.model import MetaTuner
 from metatuner.testing import tiny_model
 
 

@@ -123,7 +123,7 @@ def test_score_choices_gives_each_option_its_prompts_lora(model, tokenizer):
 
 def test_encode_gives_the_prefills_layer_k_state_without_the_upper_layers(model, tokenizer):
     from metatuner.config import MetaTunerSettings
-    from metatuner.metatuner import MetaTuner
+    from metatuner.model import MetaTuner
 
     for pool in ("last", "mean"):
         mt = MetaTuner(model, tokenizer, MetaTunerSettings(share_depth=0.5, pool=pool))
@@ -137,3 +137,34 @@ def test_encode_gives_the_prefills_layer_k_state_without_the_upper_layers(model,
         assert any(p.grad is not None for p in mt.generator_parameters())
         mt.lora.remove()
         model = mt.g.unload()
+
+
+def _greedy_without_cache(model, ids: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    """Reference decoding: the whole sequence through the model at every step, no KV cache, no padding."""
+    out = []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            token = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+        if token in eos:
+            break
+        out.append(token)
+    return out
+
+
+def test_decode_loop_matches_uncached_greedy_decoding_when_rows_finish_early(model, tokenizer):
+    """decode_loop on a left-padded prefill: every row's tokens equal a cache-free greedy decode of that row alone.
+    One row's first token is made its end-of-sequence token, so it leaves the batch at the first step; a bug in
+    dropping finished rows (cache, mask or positions of the remaining rows misaligned) changes the other rows."""
+    from metatuner.generation import DecodeBatch, _encode, decode_loop
+
+    encoded = _encode(tokenizer, _chats(tokenizer))
+    first = [_greedy_without_cache(model, ids, 1, set())[0] for ids in encoded]
+    eos = {first[2]}  # row 2 ends at once; rows whose first token differs go on
+    assert any(f not in eos for f in first)
+    prefilled = DecodeBatch.prefill(model, encoded, tokenizer.pad_token_id, None)
+    with torch.no_grad():
+        rows = decode_loop(model, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos,
+                           max_new_tokens=8, eos_ids=sorted(eos))
+    assert rows[2] == []  # the end-of-sequence token itself is not returned
+    for ids, row in zip(encoded, rows):
+        assert row == _greedy_without_cache(model, ids, 8, eos)

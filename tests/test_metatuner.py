@@ -3,7 +3,7 @@ import torch
 
 from metatuner.config import MetaTunerSettings
 from metatuner.generation import chat_prompt
-from metatuner.metatuner import MetaTuner, resolve_share_depth
+from metatuner.model import MetaTuner, resolve_share_depth
 from metatuner.testing import tiny_model
 
 QUESTIONS = ["Janet has 3 apples and buys 5 more. How many?", "4 - 1 - 7 =", "What is 2 + 2?"]
@@ -112,6 +112,7 @@ def test_save_load_round_trip_gives_identical_outputs(mt, tokenizer, tmp_path):
     assert mt.score(chats, ["8"] * 3, mt.hyper(a.h)) == other.score(chats, ["8"] * 3, other.hyper(b.h))
 
 
+@pytest.mark.fault
 def test_fault_truncated_checkpoint_names_the_file(mt, tmp_path):
     mt.save(tmp_path)
     weights = tmp_path / "metatuner.safetensors"
@@ -187,6 +188,7 @@ def test_full_finetuning_frozen_copy_syncs_and_round_trips(mt_full, tokenizer, t
     assert mt_full.write_prompts(requests, False).prompts == other.write_prompts(requests, False).prompts
 
 
+@pytest.mark.bad_input
 def test_bad_input_full_finetuning_with_shared_weights_is_refused():
     from metatuner.config import ConfigError, load_config
 

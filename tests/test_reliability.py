@@ -20,6 +20,7 @@ from metatuner.tasks.reasoning_gym_task import EVAL_SCORERS, SYMPY_SCORERS, is_p
 # ----- model output is never executed ------------------------------------------------------------------------
 
 
+@pytest.mark.trust
 @pytest.mark.parametrize("dataset", sorted(EVAL_SCORERS | SYMPY_SCORERS))
 def test_trust_reasoning_gym_scorers_never_run_model_output(dataset, tmp_path):
     task = get_task(f"rg:{dataset}", size=2, test_size=1)
@@ -33,6 +34,7 @@ def test_trust_reasoning_gym_scorers_never_run_model_output(dataset, tmp_path):
     assert task.score(example.target, example)["accuracy"] == 1.0
 
 
+@pytest.mark.trust
 def test_trust_literal_answers_still_read_without_eval():
     task = get_task("rg:string_insertion", size=2, test_size=1)
     example = task.load("train", limit=1)[0]
@@ -43,6 +45,7 @@ def test_trust_literal_answers_still_read_without_eval():
     assert "eval" not in vars(module)  # the replacement is undone after the call
 
 
+@pytest.mark.trust
 @pytest.mark.parametrize("text, plain", [
     ("-5*X**9 - 2*X**6/3 + 4*X**3 + C", True), ("6*(98 - 54) - 34 - 66", True), ("sqrt(2)*pi + x**y", True),
     ("9**9**9", False), ("(9**99)**99", False), ("2**(10**10)", False), ("__import__('os')", False),
@@ -52,6 +55,7 @@ def test_trust_sympy_answers_must_be_plain_math(text, plain):
     assert is_plain_math(text) is plain
 
 
+@pytest.mark.trust
 def test_trust_every_evaluating_reasoning_gym_scorer_is_guarded():
     """A reasoning-gym upgrade that adds a scorer calling eval/parse_expr fails here instead of running answers."""
     import reasoning_gym
@@ -69,6 +73,7 @@ def test_trust_every_evaluating_reasoning_gym_scorer_is_guarded():
     assert not unguarded
 
 
+@pytest.mark.trust
 def test_trust_math_verify_runs_under_a_timeout():
     import time
 
@@ -92,6 +97,7 @@ def _counter(text):
     return len(text.split())
 
 
+@pytest.mark.bad_input
 def test_bad_input_example_longer_than_the_context_names_file_line_and_field(tmp_path):
     from metatuner.tasks import DataError, DataWarning, check_lengths
 
@@ -108,6 +114,7 @@ def test_bad_input_example_longer_than_the_context_names_file_line_and_field(tmp
     assert [ex.answer for ex in kept] == ["1", "3"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("task_name, options, content, line, field", [
     ("cosmosqa", {"train_rows": None}, "id,context,question,answer0,answer1,answer2,answer3,label\n"
      "a,c,q,w,x,y,z,1\nb,c,q,w,x,y,z,4\n", 3, "label"),
@@ -125,6 +132,7 @@ def test_bad_input_task_files_name_file_line_and_field(tmp_path, task_name, opti
     assert (info.value.source, info.value.line, info.value.field) == (str(path), line, field)
 
 
+@pytest.mark.bad_input
 def test_bad_input_data_on_bad_row_skip_reaches_the_task(tmp_path):
     from metatuner.config import load_config
     from metatuner.tasks import DataWarning
@@ -135,6 +143,7 @@ def test_bad_input_data_on_bad_row_skip_reaches_the_task(tmp_path):
         assert len(get_task(cfg.data.task, **cfg.data.task_options).load("train")) == 1
 
 
+@pytest.mark.bad_input
 def test_bad_input_on_bad_row_flag_of_eval_and_train(tiny_dir, tmp_path):
     from typer.testing import CliRunner
 
@@ -168,6 +177,7 @@ def test_bad_input_on_bad_row_flag_of_eval_and_train(tiny_dir, tmp_path):
     assert not (tmp_path / "run").exists()  # all of this before any model loads or any run folder is made
 
 
+@pytest.mark.bad_input
 def test_bad_input_skip_leaves_over_long_examples_out_of_training(tiny_dir, tmp_path):
     from metatuner.baselines.sft import train_sft
     from metatuner.config import load_config
@@ -184,6 +194,7 @@ def test_bad_input_skip_leaves_over_long_examples_out_of_training(tiny_dir, tmp_
     assert json.loads((out / "train_metrics.json").read_text())["unique_train_examples"] == 2
 
 
+@pytest.mark.bad_input
 def test_bad_input_cli_skip_reports_each_over_long_example_once(tiny_dir, tmp_path):
     from typer.testing import CliRunner
 
@@ -206,6 +217,7 @@ def test_bad_input_cli_skip_reports_each_over_long_example_once(tiny_dir, tmp_pa
 # ----- bad configs: checked against the models' config.json before weights load ---------------------------------
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("override, key", [
     ("metatuner.share_depth=4", "metatuner.share_depth"),          # the tiny generator has 4 layers
     ("metatuner.share_depth=0.1", "metatuner.share_depth"),        # rounds to 0 layers
@@ -230,6 +242,7 @@ def test_bad_input_config_checked_against_the_model_before_weights_load(tiny_dir
     check_model_settings(load_config(None, [f"model.name={tiny_dir}", "metatuner.share_depth=2"]))  # the good one
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("override, key", [
     ("metatuner.rank=0", "metatuner.rank"), ("metatuner.n_rollouts=0", "metatuner.n_rollouts"),
     ("train.batch_size=0", "train.batch_size"), ("metatuner.rewrite_template=x", "metatuner.rewrite_template"),
@@ -243,6 +256,7 @@ def test_bad_input_config_values_name_their_key(override, key):
         load_config(None, [override])
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("content, reason", [
     ("train:\n  lr: [1,\n", "cannot read config file"),
     ("- 1\n- 2\n", "expected keys and values"),
@@ -261,6 +275,7 @@ def test_bad_input_unreadable_config_file_is_named(tmp_path, content, reason):
 # ----- trust: what MetaTuner loads is never run --------------------------------------------------------------
 
 
+@pytest.mark.trust
 def test_trust_yaml_python_tags_are_refused(tmp_path):
     from metatuner.config import ConfigError, load_config
 
@@ -282,6 +297,7 @@ class _Payload:
         return (__import__("os").system, (f"touch {self.marker}",))
 
 
+@pytest.mark.trust
 def test_trust_pickled_model_weights_are_never_loaded(tiny_dir, tmp_path):
     import pickle
     import shutil
@@ -298,6 +314,7 @@ def test_trust_pickled_model_weights_are_never_loaded(tiny_dir, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.trust
 def test_trust_pickled_adapter_is_never_loaded(tiny_dir, tmp_path):
     import pickle
 
@@ -317,6 +334,7 @@ def test_trust_pickled_adapter_is_never_loaded(tiny_dir, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.trust
 def test_trust_remote_code_is_off_unless_asked(tiny_dir, tmp_path, monkeypatch):
     import shutil
 
@@ -356,6 +374,7 @@ def test_trust_remote_code_is_off_unless_asked(tiny_dir, tmp_path, monkeypatch):
     assert load_config(None).model.trust_remote_code is False
 
 
+@pytest.mark.trust
 def test_trust_no_pickle_eval_or_exec_in_the_package():
     """Nothing in MetaTuner unpickles, evaluates or executes text; weights and states go through safetensors/JSON."""
     from pathlib import Path
@@ -370,12 +389,14 @@ def test_trust_no_pickle_eval_or_exec_in_the_package():
     assert not hits
 
 
+@pytest.mark.trust
 @pytest.mark.parametrize("name", ["../x", "a/b", "..", "/abs", "x..y"])
 def test_trust_custom_task_names_cannot_escape_their_folder(name):
     with pytest.raises(ValueError, match="task name"):
         get_task("custom", path="d.jsonl", name=name)
 
 
+@pytest.mark.trust
 def test_trust_export_writes_only_into_an_adapter_folder(tmp_path):
     from typer.testing import CliRunner
 
@@ -393,6 +414,7 @@ def test_trust_export_writes_only_into_an_adapter_folder(tmp_path):
     assert (busy / "notes.txt").read_text() == "keep me" and sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.trust
 def test_trust_expert_prompts_file_is_validated(tmp_path):
     from metatuner.rollouts import ExpertPromptStore
 
@@ -409,6 +431,7 @@ def test_trust_expert_prompts_file_is_validated(tmp_path):
 # ----- faults: nothing saved is lost, damage is named ---------------------------------------------------------
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("fail_at", ["optimizer.safetensors", "rng.safetensors", "state.json"])
 def test_fault_full_disk_mid_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch, fail_at):
     import errno
@@ -452,6 +475,7 @@ def _flip_a_byte(path, offset=-5):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("name, damage", [
     ("weights.safetensors", "flip"),        # the header still reads: only the checksum shows it
     ("optimizer.safetensors", "truncate"),
@@ -481,11 +505,12 @@ def test_fault_corrupted_checkpoint_names_the_file(tmp_path, name, damage):
         load_checkpoint(path)
 
 
+@pytest.mark.fault
 def test_fault_corrupted_run_folder_names_the_file(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from metatuner.metatuner import MetaTuner
+    from metatuner.model import MetaTuner
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -497,6 +522,7 @@ def test_fault_corrupted_run_folder_names_the_file(tmp_path):
         MetaTuner.load(object.__new__(MetaTuner), model_dir)
 
 
+@pytest.mark.fault
 def test_fault_sigint_and_sigterm_are_recorded_not_fatal():
     import os
     import signal
@@ -514,6 +540,7 @@ def test_fault_sigint_and_sigterm_are_recorded_not_fatal():
         assert signal.getsignal(sig) == before
 
 
+@pytest.mark.bad_input
 def test_bad_input_compare_checks_every_method_against_the_model(tiny_dir, tmp_path):
     import yaml
     from typer.testing import CliRunner
@@ -530,9 +557,10 @@ def test_bad_input_compare_checks_every_method_against_the_model(tiny_dir, tmp_p
     assert not (tmp_path / "runs" / "metatuner_j").exists()  # nothing ran
 
 
+@pytest.mark.fault
 def test_fault_checkpoint_of_another_model_is_refused_by_name(tokenizer):
     from metatuner.config import MetaTunerSettings
-    from metatuner.metatuner import MetaTuner
+    from metatuner.model import MetaTuner
     from metatuner.testing import tiny_model
 
     def build(rank):
@@ -544,6 +572,7 @@ def test_fault_checkpoint_of_another_model_is_refused_by_name(tokenizer):
         build(rank=2).load_state(saved.trainable_state(), saved.meta(), source="runs/x/checkpoints/step-00000002")
 
 
+@pytest.mark.fault
 def test_fault_full_disk_while_saving_the_model_keeps_the_earlier_one(tmp_path, monkeypatch, tokenizer):
     import errno
 
@@ -552,7 +581,7 @@ def test_fault_full_disk_while_saving_the_model_keeps_the_earlier_one(tmp_path, 
 
     from metatuner import checkpoint as ckpt
     from metatuner.config import MetaTunerSettings
-    from metatuner.metatuner import MetaTuner
+    from metatuner.model import MetaTuner
     from metatuner.testing import tiny_model
 
     mt = MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer,

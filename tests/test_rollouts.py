@@ -5,7 +5,7 @@ import torch
 
 from metatuner.config import MetaTunerSettings
 from metatuner.generation import chat_prompt
-from metatuner.metatuner import MetaTuner
+from metatuner.model import MetaTuner
 from metatuner.rollouts import ExpertPromptStore, candidate_scores, run_rollouts
 from metatuner.tasks import get_task
 from metatuner.testing import tiny_model
@@ -57,6 +57,7 @@ def test_exact_match_reward_scores_pairs(setup):
     assert all(isinstance(e["score"], list) and len(e["score"]) == 2 for e in store.entries.values())
 
 
+@pytest.mark.bad_input
 def test_store_round_trip_and_bad_input_names_the_file(tmp_path):
     store = ExpertPromptStore({"a": {"prompt": "p", "score": -1.5}, "b": {"prompt": "q", "score": [1.0, -0.2]}})
     store.save(tmp_path / "d2.json")

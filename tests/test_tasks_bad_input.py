@@ -1,5 +1,6 @@
-"""Property tests: every extractor and checker takes any text without crashing and answers the same way twice,
-and the file readers turn any bytes into rows or a DataError, nothing else. Select them with `-k bad_input`.
+"""Property tests: every extractor and checker takes any text without crashing, carries nothing from one call
+to the next, and the file readers turn any bytes into rows or a DataError, nothing else. Select them with
+`-m bad_input`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from metatuner.tasks.hotpotqa import extract_short_answer
 from metatuner.tasks.math import extract_math_answer
 from metatuner.tasks.reasoning_gym_task import is_plain_math
 from metatuner.tasks.data_io import read_csv, read_jsonl
+
+pytestmark = pytest.mark.bad_input
 
 # Pieces that steer random text into the extractors' interesting branches.
 FRAGMENTS = [
@@ -62,26 +65,33 @@ TASK_IDS = [task.name if task.name != "custom" else f"custom-{task.metric}" for 
 
 @pytest.mark.parametrize("task, example", TASKS, ids=TASK_IDS)
 @PROPERTY
-@given(output=OUTPUTS)
-def test_bad_input_extract_and_score_never_crash_and_are_deterministic(task, example, output):
+@given(output=OUTPUTS, other=OUTPUTS)
+def test_bad_input_extract_and_score_never_crash_and_keep_no_state(task, example, output, other):
+    """Scores are in [0, 1] for the task's metrics, and an output scores the same before and after the scorer
+    has seen another output and the gold target: fails on state carried between calls (a cache keyed on the
+    wrong value, a scorer that times out on one input and answers from the previous one)."""
     found = task.extract(output)
     assert set(found) <= set(task.metrics)
     assert all(value is None or isinstance(value, str) for value in found.values())
     scores = task.score(output, example)
     assert list(scores) == list(task.metrics)
     assert all(0.0 <= value <= 1.0 for value in scores.values())
+    task.score(other, example), task.score(example.target, example), task.extract(other)
     assert task.extract(output) == found and task.score(output, example) == scores
     assert task.reward(output, example) == scores[task.primary_metric]
 
 
 @PROPERTY
-@given(text=OUTPUTS)
-def test_bad_input_answer_helpers_never_crash(text):
+@given(text=OUTPUTS, other=OUTPUTS)
+def test_bad_input_answer_helpers_never_crash(text, other):
+    """Each helper returns a string or None, and the same for `text` before and after it has read `other` (state
+    carried between calls fails it); normalised numbers are a fixed point, so they compare as equals."""
     for helper in (answer_span, last_boxed, last_number, extract_letter, extract_short_answer, extract_math_answer):
         result = helper(text)
         assert result is None or isinstance(result, str)
+        helper(other)
         assert helper(text) == result
-    assert is_plain_math(text) in (True, False) and is_plain_math(text) == is_plain_math(text)
+    assert is_plain_math(text) in (True, False)
     normalized = normalize_number(text)
     assert normalize_number(normalized) == normalized  # idempotent, so normalised values compare as equals
     assert is_number(text) == is_number(normalized)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from metatuner.cli import app
 from metatuner.config import load_config
-from metatuner.metatuner import MetaTuner
+from metatuner.model import MetaTuner
 from metatuner.train import train_metatuner
 
 
@@ -41,9 +41,29 @@ def test_short_j_run_lowers_both_losses_and_writes_a_run_folder(tiny_dir, tmp_pa
     assert list((out / "tb").rglob("events.*"))
 
 
-def test_interleaved_schedule_alternates_the_losses(tiny_dir, tmp_path):
+def _record_phases(monkeypatch) -> list[str]:
+    """The order in which training steps compute the task loss, run rollouts and compute the SR loss."""
+    from metatuner import train
+
+    events = []
+    for name, event in (("task_loss", "task"), ("sr_loss", "sr")):
+        original = getattr(MetaTuner, name)
+        monkeypatch.setattr(MetaTuner, name, lambda self, *a, _f=original, _e=event, **k: (events.append(_e),
+                                                                                           _f(self, *a, **k))[1])
+    original_rollouts = train.run_rollouts
+    monkeypatch.setattr(train, "run_rollouts", lambda *a, **k: (events.append("rollouts"), original_rollouts(*a, **k))[1])
+    return events
+
+
+def test_interleaved_schedule_alternates_the_losses(tiny_dir, tmp_path, monkeypatch):
+    """Schedule I with blocks of 2: steps 1-2 train the task loss only, steps 3-4 the SR loss only. Fails on an
+    off-by-one block index (steps 1 / 2-3 / 4) or a schedule that trains both, which the old check of two losses
+    of each kind could not tell apart."""
+    events = _record_phases(monkeypatch)
     out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "metatuner.schedule=I", "train.max_steps=4",
-                               "metatuner.interleave_block=2"))
+                               "metatuner.interleave_block=2", "metatuner.warmup_generator=false",
+                               "train.log_every=1"))
+    assert events == ["task", "task", "rollouts", "sr", "sr"]  # rollouts on the first SR step (rollout_every=100)
     history = json.loads((out / "train_metrics.json").read_text())["history"]
     assert len(history["train/task_loss"]) == 2 and len(history["train/sr_loss"]) == 2
 
@@ -182,19 +202,28 @@ def test_gradient_accumulation_trains_the_weights_of_the_whole_batch(tiny_dir, t
 
 
 def test_memory_estimate_counts_the_model_exactly_and_names_the_knobs(tiny_dir, tmp_path):
-    from metatuner.memory import MemoryEstimateError, assert_fits, check_memory, estimate_memory
+    from metatuner.memory_estimate import MemoryEstimateError, assert_fits, check_memory, estimate_memory
     from metatuner.testing import tiny_model_and_tokenizer
 
     cfg = _cfg(tiny_dir, tmp_path / "run")
     est = estimate_memory(cfg)
     model, _ = tiny_model_and_tokenizer(num_layers=4)
     assert est.parts["weights"] == 4 * sum(p.numel() for p in model.parameters())  # float32, G = M: counted once
-    # Trainable: G's adapters, the hypernetwork (the sizes MetaTuner really builds) with AdamW state.
+    # Trainable: measured, not restated. Build the MetaTuner, take one AdamW step on what training optimises and
+    # count the bytes that exist afterwards: the adapters' and the hypernetwork's values, their gradients, AdamW's
+    # moments, and the frozen twin of the prompt decoder (values only). Fails when the estimate leaves out a part
+    # (the twin, the hypernetwork's optimiser state) or counts G's LoRA on every layer for both branches.
     mt = MetaTuner(model, _, cfg.metatuner)
-    lora = sum(p.numel() for n, p in mt.g.named_parameters() if "lora_" in n)
-    frozen = sum(p.numel() for n, p in mt.g.named_parameters() if ".prompt_frozen." in n)
-    hyper = sum(p.numel() for p in mt.hyper.parameters())
-    assert est.parts["trainable (LoRA+Adam)"] == 16 * (lora - frozen) + 4 * frozen + 16 * hyper
+    trained = mt.generator_parameters() + list(mt.hyper.parameters())
+    optimizer = torch.optim.AdamW(trained)
+    for param in trained:
+        param.grad = torch.zeros_like(param)
+    optimizer.step()
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    adapters = [p for n, p in mt.g.named_parameters() if "lora_" in n] + list(mt.hyper.parameters())
+    measured = (sum(size(p) for p in adapters) + sum(size(p.grad) for p in trained)
+                + sum(size(v) for state in optimizer.state.values() for k, v in state.items() if k != "step"))
+    assert est.parts["trainable (LoRA+Adam)"] == measured
     bigger = estimate_memory(load_config(None, [f"model.name={tiny_dir}", "train.batch_size=16"]))
     smaller = estimate_memory(load_config(None, [f"model.name={tiny_dir}", "train.batch_size=16",
                                                  "train.gradient_checkpointing=true"]))
@@ -207,18 +236,44 @@ def test_memory_estimate_counts_the_model_exactly_and_names_the_knobs(tiny_dir, 
 
 
 @pytest.mark.parametrize("block", [1, 2, 3])
-def test_rollouts_under_schedule_i_count_sr_steps(block):
-    """Rollouts run on every `rollout_every`-th SR step. Counting all steps instead left D2 unchanged for the whole
-    of a schedule-I run with interleave_block=1 and rollout_every=2 (SR trains only on even steps)."""
+def test_sr_steps_before_counts_only_the_steps_that_trained_sr(block):
     from metatuner.train import sr_steps_before
 
     sr_steps = [step for step in range(1, 30) if ((step - 1) // block) % 2 == 1]
     assert [sr_steps_before(step, "I", block) for step in sr_steps] == list(range(len(sr_steps)))
     assert [sr_steps_before(step, "J", block) for step in range(1, 5)] == [0, 1, 2, 3]
-    with_rollouts = [step for step in sr_steps if sr_steps_before(step, "I", block) % 2 == 0]
-    assert len(with_rollouts) == -(-len(sr_steps) // 2)
 
 
+def test_rollouts_under_schedule_i_run_on_sr_steps_and_change_d2(tiny_dir, tmp_path, monkeypatch):
+    """Rollouts run on every `rollout_every`-th SR step. Counting all steps instead left D2 unchanged for the whole
+    of a schedule-I run with interleave_block=1 and rollout_every=2 (SR trains only on even steps, and the
+    rollouts fell on odd ones): here they must run at steps 2 and 6, and D2 must gain entries."""
+    events = _record_phases(monkeypatch)
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "metatuner.schedule=I", "metatuner.interleave_block=1",
+                               "metatuner.rollout_every=2", "train.max_steps=6", "metatuner.warmup_generator=false"))
+    assert events == ["task", "rollouts", "sr", "task", "sr", "task", "rollouts", "sr"]
+    d2 = json.loads((out / "model" / "expert_prompts.json").read_text())
+    assert len(d2) > 0
+
+
+def test_batch_rows_is_a_pure_function_of_the_step_and_covers_each_epoch():
+    """What resume relies on: the rows of a step depend on the step alone. Fails on a shared random stream (a
+    resumed run would see other batches), on one shuffle for every epoch, and on rows repeated or lost within an
+    epoch."""
+    from metatuner.train import batch_rows
+
+    steps = [batch_rows(step, 10, 3, seed=7) for step in range(1, 7)]  # 3 batches an epoch; row 9's turn varies
+    assert steps == [batch_rows(step, 10, 3, seed=7) for step in range(1, 7)]
+    assert batch_rows(5, 10, 3, seed=7) == steps[4]  # asked alone, as after a resume at step 5
+    for epoch in (steps[:3], steps[3:]):
+        rows = [r for batch in epoch for r in batch]
+        assert all(len(batch) == 3 for batch in epoch) and len(set(rows)) == 9 and set(rows) <= set(range(10))
+    assert steps[:3] != steps[3:]  # each epoch is a fresh shuffle
+    assert batch_rows(1, 10, 3, seed=8) != steps[0]
+    assert sorted(batch_rows(1, 2, 4, seed=0)) == [0, 1]  # fewer rows than a batch: all of them
+
+
+@pytest.mark.bad_input
 def test_bad_input_p0_longer_than_the_prompt_limit_is_reported(tiny_dir, tmp_path, caplog):
     """G's prompts are cut at max_prompt_tokens: a p0 longer than that could never be written back whole."""
     with caplog.at_level("WARNING", logger="metatuner.train"):

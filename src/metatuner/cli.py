@@ -13,6 +13,10 @@
     metatuner serve --run runs/metatuner-gsm8k --max-batch 16                   # OpenAI-compatible API on :8000
     metatuner compare --config configs/compare-arithmetic.yaml                 # every baseline and ablation
     metatuner tasks
+
+Each command imports what it runs (training, the model, torch) inside its function, after its arguments and
+config are checked: `metatuner --help` and every argument or config error answer in well under a second
+(tests/test_cli_usability.py checks that torch is not loaded by then).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import List, Optional
 
 import typer
 
-from .config import EMBEDDED_DEFAULT_MODEL, ConfigError, command_line, load_config
+from .config import EMBEDDED_DEFAULT_MODEL, ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
@@ -92,8 +96,8 @@ def train_cmd(
             _stopped(err, "Continue with --resume auto.")
         typer.echo(f"trained: {out}")
         if eval_after:
-            _eval_run(out, cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_limit, out / "eval",
-                      cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.mc_mode, cfg.model.device)
+            _evaluate_run_folder(out, cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_limit, out / "eval",
+                                 cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.mc_mode, cfg.model.device)
         return
     if cfg.method in ("opro", "better_together"):
         if cfg.method == "opro":
@@ -106,7 +110,7 @@ def train_cmd(
         typer.echo(f"trained: {out}\nbest instruction: {best}")
         if eval_after:
             adapter = str(out / "adapter") if cfg.method == "better_together" else None
-            _run_eval(
+            _evaluate_model(
                 model=cfg.model.actor or cfg.model.name, adapter=adapter, task_name=cfg.data.task,
                 data_path=cfg.data.eval_path, split=cfg.data.eval_split, limit=cfg.data.eval_limit, prompt=best,
                 out=out / "eval", batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
@@ -122,7 +126,7 @@ def train_cmd(
     out = train_adapter(cfg)
     typer.echo(f"trained: {out}")
     if eval_after:
-        _run_eval(
+        _evaluate_model(
             model=cfg.model.actor or cfg.model.name, adapter=str(out / "adapter"), task_name=cfg.data.task,
             data_path=cfg.data.eval_path, split=cfg.data.eval_split, limit=cfg.data.eval_limit, prompt=cfg.data.prompt,
             out=out / "eval", batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
@@ -205,13 +209,13 @@ def eval_cmd(
         for flag, value in (("--model", model), ("--adapter", adapter)):
             if value is not None:
                 _fail(f"{flag} does not apply to --run: a MetaTuner run evaluates its own models, prompts and LoRA")
-        _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype,
-                  task, options, prompt)
+        _evaluate_run_folder(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype,
+                             task, options, prompt)
         return
     if task is None:
         _fail("--task is required (or --run for a MetaTuner run)")
-    _run_eval(model or EMBEDDED_DEFAULT_MODEL, adapter, task, data_path, split, limit, prompt, out, batch_size,
-              max_new_tokens, mc_mode, dtype, device, options)
+    _evaluate_model(model or EMBEDDED_DEFAULT_MODEL, adapter, task, data_path, split, limit, prompt, out, batch_size,
+                    max_new_tokens, mc_mode, dtype, device, options)
 
 
 def _task_options(items: list[str] | None) -> dict:
@@ -249,8 +253,8 @@ def _run_task(run, task_name: str | None, options: dict):
         _fail(str(err))
 
 
-def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype=None,
-              task_name=None, options=None, prompt=None) -> None:
+def _evaluate_run_folder(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype=None,
+                         task_name=None, options=None, prompt=None) -> None:
     cfg, task = _run_task(run, task_name, options or {})
     if data_path is None and task_name is None:
         data_path = cfg.data.eval_path  # the run's own eval file
@@ -258,6 +262,8 @@ def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_
         examples = task.load(split, path=data_path, limit=limit)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(str(err))
+    from .runtime import command_line  # after the checks above: runtime imports torch
+
     mt = _load_run(run, device, dtype)
     mt.task, mt.p0 = task, prompt or mt.p0
     examples = _fit_context(examples, mt.m, mt.m_tok, max_new_tokens or mt.task.max_new_tokens,
@@ -274,7 +280,7 @@ def _eval_run(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_
 
 
 def _load_run(run, device: str = "cpu", dtype: str | None = None):
-    from .metatuner import MetaTuner
+    from .model import MetaTuner
 
     try:
         return MetaTuner.from_pretrained(run, device=device if device != "auto" else "cpu", dtype=dtype)
@@ -360,8 +366,8 @@ def _parse_scalar(value: str):
         return value
 
 
-def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, batch_size, max_new_tokens, mc_mode,
-              dtype, device, task_options) -> None:
+def _evaluate_model(model, adapter, task_name, data_path, split, limit, prompt, out, batch_size, max_new_tokens,
+                    mc_mode, dtype, device, task_options) -> None:
     from .tasks import check_task_options, get_task
 
     try:
@@ -372,6 +378,7 @@ def _run_eval(model, adapter, task_name, data_path, split, limit, prompt, out, b
         _fail(str(err))
     # Imported only now: torch and transformers take seconds, and every check above answers before them.
     from .evaluate import evaluate
+    from .runtime import command_line
 
     lm, tokenizer = _load_plain(model, adapter, dtype, device)
     examples = _fit_context(examples, lm, tokenizer, max_new_tokens or task.max_new_tokens,

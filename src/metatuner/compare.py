@@ -39,10 +39,21 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+from peft import PeftModel
 
-from .config import ConfigError, RunConfig, command_line, load_config, omegaconf_message
+from .baselines.better_together import train_better_together
+from .baselines.dpo import train_dpo
+from .baselines.opro import train_opro
+from .baselines.sft import train_sft
+from .config import ConfigError, RunConfig, load_config, omegaconf_message
+from .evaluate import evaluate
+from .model import MetaTuner
+from .models import load_model
 from .report import add_intervals, collect, markdown, per_item_scores, primary_metric
+from .runtime import command_line
 from .seed_report import seed_markdown, seed_results
+from .tasks import get_task
+from .train import train_metatuner
 
 SEARCH_METHODS = ("opro", "better_together")
 # Methods that are not MetaTuner variants: each is its own kind of run, named by its method name.
@@ -153,10 +164,6 @@ def eval_items(cfg: CompareConfig, run_cfg: RunConfig, task, full: bool = False)
 def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     """Train (if the method trains and has not yet) and evaluate one method; returns its run folder.
     `full` evaluates on the whole test split into `eval-full/` instead of the comparison's items into `eval/`."""
-    from .evaluate import evaluate
-    from .models import load_model
-    from .tasks import get_task
-
     run_cfg = method_config(cfg, name)
     out = Path(run_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,25 +177,16 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
         prompt, adapter = run_cfg.data.prompt, None
         if name in ("sft", "dpo"):
             if not (out / "adapter" / "adapter_config.json").is_file():
-                if name == "sft":
-                    from .baselines.sft import train_sft as train_adapter
-                else:
-                    from .baselines.dpo import train_dpo as train_adapter
-                train_adapter(run_cfg)
+                (train_sft if name == "sft" else train_dpo)(run_cfg)
             adapter = out / "adapter"
         elif name in SEARCH_METHODS:
             prompt, adapter = _train_search(run_cfg, name, out)
         model, tokenizer = load_model(run_cfg.model.actor or run_cfg.model.name, run_cfg.model.dtype,
                                       run_cfg.model.device)
         if adapter is not None:
-            from peft import PeftModel
-
             model = PeftModel.from_pretrained(model, adapter).eval()
         result = evaluate(model, tokenizer, task, test, prompt, **kwargs)
     else:
-        from .metatuner import MetaTuner
-        from .train import train_metatuner
-
         if not (out / "model" / "metatuner.json").is_file():
             train_metatuner(run_cfg)
         mt = MetaTuner.from_pretrained(out, device=run_cfg.model.device)
@@ -204,18 +202,13 @@ def _ensure_sft_adapter(cfg: CompareConfig, name: str) -> None:
     sft_cfg = method_config(cfg, "sft") if "sft" in cfg.methods else None
     if sft_cfg is None or (Path(sft_cfg.output_dir) / "adapter" / "adapter_config.json").is_file():
         return
-    from .baselines.sft import train_sft
-
     print(f"[compare] {name} starts from the SFT adapter, which is not in {sft_cfg.output_dir}: training it first")
     train_sft(sft_cfg)
 
 
 def _train_search(run_cfg: RunConfig, name: str, out: Path):
     """OPRO-like search or BetterTogether; returns the found instruction and the adapter (BetterTogether)."""
-    if name == "opro":
-        from .baselines.opro import train_opro as train
-    else:
-        from .baselines.better_together import train_better_together as train
+    train = train_opro if name == "opro" else train_better_together
     if not (out / "best_prompt.txt").is_file():
         train(run_cfg)
     adapter = out / "adapter" if (out / "adapter" / "adapter_config.json").is_file() else None

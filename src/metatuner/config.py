@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import shlex
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -412,47 +410,6 @@ def validate(cfg: RunConfig) -> None:
         check_task_options(cfg.data.task, {k: v for k, v in cfg.data.task_options.items() if k != "on_bad_row"})
     except ValueError as err:
         raise ConfigError(f"`data.task_options`: {err}") from None
-
-
-def command_line() -> str:
-    """The command that is running, as a user would type it (recorded next to every result)."""
-    script = Path(sys.argv[0])
-    if script.name in ("metatuner", "__main__.py", "cli.py"):
-        program = "metatuner"
-    elif script.suffix == ".py" and script.parent.name == "metatuner":  # python -m metatuner.<module>
-        program = f"python -m metatuner.{script.stem}"
-    else:
-        program = sys.argv[0]
-    return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
-
-
-def _proc_status_mb(field: str) -> float | None:
-    """A memory line of /proc/self/status (Linux), in MiB; None where there is no such file."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (what a run reports next to its timings). VmHWM on
-    Linux rather than getrusage's ru_maxrss, which survives fork and exec: a run started by a big parent process
-    (a test, a launcher, a benchmark) would report the parent's peak."""
-    peak = _proc_status_mb("VmHWM")
-    if peak is not None:
-        return peak
-    import resource
-
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024, 1)  # macOS reports bytes
-
-
-def rss_mb() -> float:
-    """This process's resident memory now, in MiB (Linux; 0 elsewhere)."""
-    return _proc_status_mb("VmRSS") or 0.0
 
 
 def to_yaml(cfg: RunConfig) -> str:

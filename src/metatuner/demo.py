@@ -15,12 +15,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from peft import PeftModel
+
 from .baselines.sft import train_sft
-from .config import command_line, load_config
+from .config import load_config
 from .evaluate import evaluate
-from .metatuner import MetaTuner
+from .model import MetaTuner
 from .models import load_model
-from .runtime import resolve_precision
+from .runtime import command_line, resolve_precision
 from .tasks import get_task
 from .train import train_metatuner
 
@@ -49,7 +51,6 @@ def main(argv: list[str] | None = None) -> None:
     sft_cfg = replace(cfg, method="sft", output_dir=str(root / "sft"))
     sft_dir = train_sft(sft_cfg)
     sft_seconds = json.loads((sft_dir / "train_metrics.json").read_text())["train_seconds"]
-    from peft import PeftModel
 
     sft_model = PeftModel.from_pretrained(load_model(cfg.model.name, device=cfg.model.device)[0], sft_dir / "adapter")
     rows.append(_row("LoRA SFT", evaluate(sft_model.eval(), tokenizer, task, test, cfg.data.prompt,

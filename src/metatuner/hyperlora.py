@@ -41,7 +41,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 __all__ = [
     "HyperLoraConfig",
@@ -501,10 +504,6 @@ def export_peft_adapter(
     PEFT lays out and names the weights: its LoRA is injected into a weightless (meta-device) copy of M built from
     M's config, filled with the factors, and saved with ``save_pretrained``.
     """
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if factors.batch_size != 1:
         raise ValueError(
             f"export_peft_adapter takes the factors of one query, got a batch of {factors.batch_size}; "

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import ConfigError
 from .runtime import cpu_bf16
 
 log = logging.getLogger(__name__)
@@ -255,12 +256,20 @@ def linear_module_names(config, trust_remote_code: bool = False) -> list[str]:
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
 
+def resolve_share_depth(share_depth: float, num_layers: int) -> int:
+    """k from a layer count (>= 1) or a fraction of the generator's depth (0 < x < 1)."""
+    k = round(share_depth * num_layers) if 0 < share_depth < 1 else int(share_depth)
+    if not 1 <= k < num_layers:
+        raise ValueError(
+            f"metatuner.share_depth={share_depth} gives k={k}, but the generator has {num_layers} layers: "
+            f"k must be in 1..{num_layers - 1} (a layer count, or a fraction such as 0.25)"
+        )
+    return k
+
 
 def check_model_settings(cfg) -> None:
     """Check the settings that depend on G's and M's architecture against their config.json, before any weights
     load: raises ConfigError naming the key (`metatuner.share_depth`, `metatuner.target_modules`, ...)."""
-    from .config import ConfigError
-
     trust = cfg.model.trust_remote_code
     actor = cfg.model.actor if cfg.model.actor not in (None, cfg.model.name) else None
     configs = {}
@@ -279,8 +288,6 @@ def check_model_settings(cfg) -> None:
     if cfg.method in ("sft", "better_together", "dpo") or (cfg.method == "metatuner" and s.warmup_actor_steps > 0):
         checks.append(("lora.target_modules", cfg.lora.target_modules, m_linears, "the actor M"))
     if cfg.method == "metatuner":
-        from .metatuner import resolve_share_depth
-
         try:
             resolve_share_depth(s.share_depth, g_config.num_hidden_layers)
         except ValueError as err:  # the message names metatuner.share_depth

@@ -1,4 +1,4 @@
-"""Which precision a run computes in, and why.
+"""What a run records about where and how it runs: its precision (and why), its command line, its memory.
 
     precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)   # e.g. Precision("no", ...)
     precision.announce()                         # one line on stderr, once per process
@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
+import shlex
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -116,3 +119,42 @@ def resolve_precision(setting: str, device: str = "auto") -> Precision:
         return Precision(setting, "no", kind, f"auto: no native bf16 on this CPU ({cpu.describe()}), where bf16 "
                          "autocast is many times slower than fp32", asdict(cpu))
     return Precision(setting, "no", kind, f"auto: fp32 on {kind}")
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it (recorded next to every result)."""
+    script = Path(sys.argv[0])
+    if script.name in ("metatuner", "__main__.py", "cli.py"):
+        program = "metatuner"
+    elif script.suffix == ".py" and script.parent.name == "metatuner":  # python -m metatuner.<module>
+        program = f"python -m metatuner.{script.stem}"
+    else:
+        program = sys.argv[0]
+    return " ".join([program, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A memory line of /proc/self/status (Linux), in MiB; None where there is no such file."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (what a run reports next to its timings). VmHWM on
+    Linux rather than getrusage's ru_maxrss, which survives fork and exec: a run started by a big parent process
+    (a test, a launcher, a benchmark) would report the parent's peak."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024, 1)  # macOS reports bytes
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux; 0 elsewhere)."""
+    return _proc_status_mb("VmRSS") or 0.0

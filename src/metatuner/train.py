@@ -42,27 +42,19 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, command_line, peak_rss_mb, to_yaml
+from .config import RunConfig, to_yaml
 from .diagnostics import d2_diagnostics, flat_scalars, is_p0, run_diagnostics
 from .distributed import (average_gradients, broadcast_parameters, end_training, merge_dicts, rank_rng_states,
                           restore_rank_rng, shard, sum_across, warn_if_sharded)
 from .generation import chat_prompt, lm_batch, lm_loss
 from .gumbel import gumbel_task_loss
-from .memory import check_memory
-from .metatuner import MetaTuner
-from .models import load_generator_and_actor
+from .memory_estimate import check_memory
+from .model import MetaTuner, build_metatuner
 from .rollouts import ExpertPromptStore, run_rollouts
-from .runtime import resolve_precision
+from .runtime import command_line, peak_rss_mb, resolve_precision
 from .tasks import check_lengths, get_task, token_counter
 
 log = logging.getLogger(__name__)
-
-
-def build_metatuner(cfg: RunConfig, device: str = "cpu") -> MetaTuner:
-    g, m, g_tok, m_tok = load_generator_and_actor(
-        cfg.model.name, cfg.model.actor, cfg.model.dtype, device, cfg.model.trust_remote_code
-    )
-    return MetaTuner(g, g_tok, cfg.metatuner, actor=None if m is g else m, m_tokenizer=m_tok)
 
 
 def enable_gradient_checkpointing(mt: MetaTuner) -> None:

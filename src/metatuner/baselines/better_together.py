@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from peft import PeftModel
 
-from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
+from ..config import RunConfig, to_yaml
 from ..models import load_generator_and_actor
+from ..runtime import command_line, peak_rss_mb
 from ..tasks import get_task
 from .opro import search_device, search_instructions, search_metrics, search_settings_kwargs
 from .sft import train_sft
@@ -61,8 +63,6 @@ def train_better_together(cfg: RunConfig) -> Path:
     # its own train_metrics.json into the run folder (the latter is folded into ours below).
     train_sft(replace(cfg, output_dir=str(out), data=replace(cfg.data, prompt=first.best)))
     sft_metrics = json.loads((out / "train_metrics.json").read_text())
-
-    from peft import PeftModel
 
     generator, actor, g_tok, m_tok = _load(cfg, state)
     shared = generator is actor

@@ -26,11 +26,11 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from trl import DPOConfig, DPOTrainer
 
-from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
+from ..config import RunConfig, to_yaml
 from ..evaluate import option_means
 from ..generation import chat_prompt, generate, score_choices
 from ..models import load_model
-from ..runtime import resolve_precision
+from ..runtime import command_line, peak_rss_mb, resolve_precision
 from ..tasks import check_lengths, get_task, token_counter
 from ..tasks.base import Example, Task
 

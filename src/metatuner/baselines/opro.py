@@ -40,11 +40,12 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, SearchSettings, command_line, peak_rss_mb, to_yaml
+from ..config import RunConfig, SearchSettings, to_yaml
 from ..distributed import sum_across
 from ..evaluate import evaluate
 from ..generation import chat_prompt, generate, score_targets
 from ..models import load_generator_and_actor
+from ..runtime import command_line, peak_rss_mb
 from ..tasks import get_task
 from ..tasks.base import Example, Task
 

@@ -32,16 +32,17 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.other import fsdp_auto_wrap_policy
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from ..config import RunConfig, command_line, peak_rss_mb, to_yaml
+from ..config import RunConfig, to_yaml
 from ..distributed import end_training, rank_rng_states, restore_rank_rng
 from ..generation import chat_prompt, lm_batch
-from ..memory import check_memory
+from ..memory_estimate import check_memory
 from ..models import load_model
-from ..runtime import resolve_precision
+from ..runtime import command_line, peak_rss_mb, resolve_precision
 from ..tasks import check_lengths, get_task, token_counter
 
 
@@ -234,8 +235,6 @@ def _wrap_lora_separately(accelerator, model) -> None:
     and needs nothing."""
     plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if plugin is not None and getattr(plugin, "fsdp_version", 1) == 1:
-        from peft.utils.other import fsdp_auto_wrap_policy
-
         plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
 
 

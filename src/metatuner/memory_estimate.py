@@ -1,6 +1,6 @@
 """How much GPU memory a run needs, estimated from the model configs before any weight is loaded.
 
-    python -m metatuner.memory --config configs/qwen2.5-7b-3b-gsm8k.yaml [key=value ...]   # print the estimate
+    python -m metatuner.memory_estimate --config configs/qwen2.5-7b-3b-gsm8k.yaml [key=value ...]   # print the estimate
 
 Training calls `check_memory` on GPU runs: it prints the estimate per process and stops with the knobs to turn when
 the estimate exceeds the GPU's free memory (`train.check_memory=false` skips it). The models are built on the meta
@@ -25,6 +25,12 @@ import argparse
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .config import load_config
+from .hyperlora import HyperLoraConfig, HyperLoraGenerator, PerExampleLoRA
+from .models import resolve_model_path, resolve_share_depth
 
 GIB = 1024**3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
@@ -64,11 +70,6 @@ class _ModelShape:
 
 
 def _shape(name: str, trust_remote_code: bool, hyper_settings=None) -> _ModelShape:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .models import resolve_model_path
-
     config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -85,8 +86,6 @@ def _shape(name: str, trust_remote_code: bool, hyper_settings=None) -> _ModelSha
     shape = _ModelShape(sum(p.numel() for p in model.parameters()), layers, config.hidden_size,
                         kv_heads * head_dim, per_layer)
     if hyper_settings is not None:
-        from .hyperlora import HyperLoraConfig, HyperLoraGenerator, PerExampleLoRA
-
         hyper_cfg = HyperLoraConfig(target_modules=list(hyper_settings.target_modules), r=hyper_settings.rank,
                                     hidden_size=hyper_settings.hyper_hidden,
                                     query_embed_dim=hyper_settings.hyper_query_dim,
@@ -136,7 +135,6 @@ def estimate_memory(cfg, num_processes: int = 1) -> MemoryEstimate:
     g = _shape(cfg.model.name, cfg.model.trust_remote_code, s if not separate else None)
     m = _shape(cfg.model.actor, cfg.model.trust_remote_code, s) if separate else g
     g.hyper_params = m.hyper_params  # the hypernetwork's size follows M's targets
-    from .metatuner import resolve_share_depth
 
     k = resolve_share_depth(s.share_depth, g.layers)
     est.parts["weights"] = (g.params + (m.params if separate else 0)) * weight_bytes
@@ -203,8 +201,6 @@ def check_memory(cfg, device, num_processes: int = 1, verbose: bool = True) -> M
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import load_config
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--num-processes", type=int, default=1)

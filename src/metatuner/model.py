@@ -26,31 +26,24 @@ from typing import Iterator, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .adapter_card import write_adapter_card
 from .checkpoint import atomic_save_file, atomic_write_text
-from .config import MetaTunerSettings
+from .config import MetaTunerSettings, RunConfig, load_config
+from .evaluate import evaluate
 from .generation import (chat_prompt, decode_loop, generate, last_logits_only, left_padded_batch, lm_batch, lm_loss,
                          output_cache, score_targets)
-from .adapter_card import write_adapter_card
 from .diagnostics import lora_diversity, prompt_diagnostics
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
+from .models import load_generator_and_actor, resolve_share_depth
+from .tasks import get_task
 from .tasks.base import Example
 
 SHARED, PROMPT, FROZEN, ACTOR, PRIVATE = "shared", "prompt", "prompt_frozen", "actor", "private_encoder"
-
-
-def resolve_share_depth(share_depth: float, num_layers: int) -> int:
-    """k from a layer count (>= 1) or a fraction of the generator's depth (0 < x < 1)."""
-    k = round(share_depth * num_layers) if 0 < share_depth < 1 else int(share_depth)
-    if not 1 <= k < num_layers:
-        raise ValueError(
-            f"metatuner.share_depth={share_depth} gives k={k}, but the generator has {num_layers} layers: "
-            f"k must be in 1..{num_layers - 1} (a layer count, or a fraction such as 0.25)"
-        )
-    return k
 
 
 @dataclass
@@ -208,8 +201,6 @@ class MetaTuner(nn.Module):
             raise FileNotFoundError(f"{path} is not a PEFT adapter directory (no adapter_config.json)")
         config = json.loads(config_file.read_text())
         self.add_actor_adapter(config["r"], config["lora_alpha"], config["target_modules"])
-        from peft.utils import set_peft_model_state_dict
-
         state = load_file(str(path / "adapter_model.safetensors"))
         model = self.g if self.shares_weights else self.m
         result = set_peft_model_state_dict(model, state, adapter_name=ACTOR)
@@ -369,10 +360,6 @@ class MetaTuner(nn.Module):
     @classmethod
     def from_pretrained(cls, run_dir: str | Path, device: str = "cpu", dtype: str | None = None) -> "MetaTuner":
         """Rebuild a trained MetaTuner from its run folder (config.yaml + model/); `dtype` overrides the run's."""
-        from .config import load_config
-        from .tasks import get_task
-        from .train import build_metatuner
-
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file() or not (run_dir / "model" / "metatuner.json").is_file():
             raise FileNotFoundError(f"{run_dir} is not a MetaTuner run folder (needs config.yaml and model/)")
@@ -430,8 +417,6 @@ class MetaTuner(nn.Module):
     def evaluate(self, examples, *, batch_size: int = 16, max_new_tokens: int | None = None,
                  mc_mode: str = "likelihood", progress: bool = True):
         """The task's metrics with MetaTuner's per-query prompts and LoRA (see `evaluate.evaluate`)."""
-        from .evaluate import evaluate
-
         task = self._require_task()
         start = time.perf_counter()
         prompts, h = self.write_all([ex.question for ex in examples], batch_size, progress)
@@ -578,6 +563,14 @@ class MetaTuner(nn.Module):
             if not key.startswith("hyper."):
                 params[key].copy_(tensor)
         self.hyper.load_state_dict({k[len("hyper."):]: v for k, v in state.items() if k.startswith("hyper.")})
+
+
+def build_metatuner(cfg: RunConfig, device: str = "cpu") -> MetaTuner:
+    """An untrained MetaTuner for a run config: G (and M when `model.actor` names one) loaded, adapters attached."""
+    g, m, g_tok, m_tok = load_generator_and_actor(
+        cfg.model.name, cfg.model.actor, cfg.model.dtype, device, cfg.model.trust_remote_code
+    )
+    return MetaTuner(g, g_tok, cfg.metatuner, actor=None if m is g else m, m_tokenizer=m_tok)
 
 
 class _StopForward(Exception):
