@@ -80,7 +80,7 @@ def run_questions(run: str, n: int) -> list[str]:
     from metatuner.tasks import get_task
 
     cfg = load_config(Path(run) / "config.yaml")
-    task = get_task(cfg.data.task, **cfg.data.task_options)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     return [ex.question for ex in task.load(cfg.data.eval_split, path=cfg.data.eval_path, limit=n)]
 
 

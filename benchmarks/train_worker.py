@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
     s = cfg.metatuner
     s.n_rollouts, s.share_depth, s.rank, s.max_prompt_tokens = args.n_rollouts, args.share_depth, args.rank, \
         args.max_prompt_tokens
-    task = get_task(cfg.data.task, **cfg.data.task_options)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     examples = task.load("train", limit=(args.steps + 1) * args.batch_size)
     p0 = task.default_prompt
     torch.manual_seed(0)

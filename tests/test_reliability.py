@@ -140,7 +140,7 @@ def test_bad_input_data_on_bad_row_skip_reaches_the_task(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "1"}, {"question": "", "answer": "2"}])
     cfg = load_config(None, ["data.task=custom", f"data.task_options={{path: {path}}}", "data.on_bad_row=skip"])
     with pytest.warns(DataWarning, match="line 2"):
-        assert len(get_task(cfg.data.task, **cfg.data.task_options).load("train")) == 1
+        assert len(get_task(cfg.data.task, **cfg.data.task_kwargs()).load("train")) == 1
 
 
 @pytest.mark.bad_input

@@ -115,7 +115,7 @@ def train_cmd(
                 data_path=cfg.data.eval_path, split=cfg.data.eval_split, limit=cfg.data.eval_limit, prompt=best,
                 out=out / "eval", batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
                 mc_mode=cfg.eval.mc_mode, dtype=cfg.model.dtype, device=cfg.model.device,
-                task_options=dict(cfg.data.task_options),
+                task_options=cfg.data.task_kwargs(),
             )
         return
     if cfg.method == "dpo":
@@ -131,7 +131,7 @@ def train_cmd(
             data_path=cfg.data.eval_path, split=cfg.data.eval_split, limit=cfg.data.eval_limit, prompt=cfg.data.prompt,
             out=out / "eval", batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
             mc_mode=cfg.eval.mc_mode, dtype=cfg.model.dtype, device=cfg.model.device,
-            task_options=dict(cfg.data.task_options),
+            task_options=cfg.data.task_kwargs(),
         )
 
 
@@ -151,7 +151,7 @@ def _check_train_lengths(cfg) -> None:
     from .models import load_tokenizer
     from .tasks import check_lengths, get_task, token_counter
 
-    task = get_task(cfg.data.task, **cfg.data.task_options)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     tokenizer = load_tokenizer(cfg.model.actor or cfg.model.name, cfg.model.trust_remote_code)
     check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, "error")
@@ -245,7 +245,7 @@ def _run_task(run, task_name: str | None, options: dict):
     _check_paths(run=run)
     cfg = load_config(Path(run) / "config.yaml")
     name = task_name or cfg.data.task
-    options = options if task_name else {**cfg.data.task_options, **options}
+    options = options if task_name else {**cfg.data.task_kwargs(), **options}
     try:
         check_task_options(name, {k: v for k, v in options.items() if k != "on_bad_row"})
         return cfg, get_task(name, **options)

@@ -169,7 +169,7 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if starts_from_sft(name):
         _ensure_sft_adapter(cfg, name)
-    task = get_task(run_cfg.data.task, **run_cfg.data.task_options)
+    task = get_task(run_cfg.data.task, **run_cfg.data.task_kwargs())
     test = eval_items(cfg, run_cfg, task, full)
     kwargs = dict(batch_size=run_cfg.eval.batch_size, max_new_tokens=run_cfg.eval.max_new_tokens,
                   mc_mode=run_cfg.eval.mc_mode)

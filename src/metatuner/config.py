@@ -2,9 +2,14 @@
 
     cfg = load_config("configs/sft-gsm8k.yaml", ["train.lr=1e-4", "data.train_limit=500"])
 
-OmegaConf does the merging and type checking (unknown keys and wrong types are rejected with the key's path);
-`validate` adds the checks OmegaConf cannot express. Everything here runs before any model is loaded, so a bad
-config fails in a second, not after minutes of loading.
+OmegaConf does the merging and type checking: unknown keys, wrong types and values outside a `Literal` field's
+choices are rejected with the key's path. Each section's `__post_init__` checks what types cannot express (ranges,
+templates) and `RunConfig.__post_init__` the keys that contradict each other across sections; OmegaConf runs them
+when it builds the dataclasses, so every ConfigError names its key. Everything here runs before any model is
+loaded, so a bad config fails in a second, not after minutes of loading.
+
+Renamed keys: `data.task_options.on_bad_row` (which earlier versions wrote into every run's config.yaml) is read
+as `data.on_bad_row`, the one run-wide setting; the two may not contradict each other.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -24,11 +29,22 @@ from .tasks import check_task_options  # light: the task modules import their he
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
-METHODS = ("sft", "metatuner", "opro", "better_together", "dpo")
+Method = Literal["sft", "metatuner", "opro", "better_together", "dpo"]
+METHODS = Method.__args__
 
 
 class ConfigError(ValueError):
     """A configuration problem, named by its key path (e.g. `train.lr`)."""
+
+
+class _Checked:
+    """A config section whose `__post_init__` checks its values; `SECTION` prefixes the key in messages."""
+
+    SECTION: ClassVar[str] = ""
+
+    def _require(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"`{self.SECTION + '.' if self.SECTION else ''}{key}` {message}")
 
 
 def _help(text: str, default: Any = None, factory: Any = None):
@@ -38,7 +54,7 @@ def _help(text: str, default: Any = None, factory: Any = None):
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Checked):
     name: str = _help(
         "Hugging Face hub id, local directory, or `embedded:smollm2-135m-instruct` (offline, shipped as GGUF).",
         EMBEDDED_DEFAULT_MODEL,
@@ -48,13 +64,15 @@ class ModelConfig:
         "checkpoint and share their base weights.",
         None,
     )
-    dtype: str = _help("Weights dtype: float32, bfloat16, float16 or auto (the checkpoint's own).", "float32")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _help("Weights dtype: float32, bfloat16, float16 or auto (the checkpoint's own).", "float32")
     device: str = _help("cpu, cuda, cuda:N, mps or auto (the best available).", "auto")
     trust_remote_code: bool = _help("Allow model repositories to run their own Python code. Off unless you ask.", False)
 
+    SECTION: ClassVar[str] = "model"
+
 
 @dataclass
-class DataConfig:
+class DataConfig(_Checked):
     task: str = _help("Task name (see `metatuner tasks`): gsm8k, cosmosqa, math, hotpotqa, rg:<name>, custom.", "gsm8k")
     train_path: Optional[str] = _help("Local JSONL/CSV for the training split; None loads it from the hub.", None)
     eval_path: Optional[str] = _help("Local JSONL/CSV for the evaluation split; None loads it from the hub.", None)
@@ -64,11 +82,32 @@ class DataConfig:
     eval_limit: Optional[int] = _help("Evaluate at most this many items; None evaluates the whole split.", None)
     prompt: Optional[str] = _help("The initial instruction p0; None uses the task's default.", None)
     task_options: dict[str, Any] = _help("Extra keyword options for the task (e.g. {size: 2000} for rg tasks).", factory=dict)
-    on_bad_row: str = _help("What to do with a malformed data row: error (stop, naming file and line) or skip.", "error")
+    on_bad_row: Literal["error", "skip"] = _help("What to do with a malformed data row: error (stop, naming file and line) or skip.", "error")
+
+    SECTION: ClassVar[str] = "data"
+
+    def __post_init__(self):
+        self._require(self.train_limit is None or self.train_limit >= 1, "train_limit", "must be at least 1 or null")
+        self._require(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", "must be at least 1 or null")
+        legacy = self.task_options.pop("on_bad_row", None)  # the old spelling, see the module docstring
+        if legacy is not None:
+            if legacy not in ("error", "skip"):
+                raise ConfigError("`data.task_options.on_bad_row` (read as `data.on_bad_row`) must be error or skip")
+            if legacy != self.on_bad_row and self.on_bad_row == "skip":
+                raise ConfigError("`data.on_bad_row`=skip contradicts `data.task_options.on_bad_row`")
+            self.on_bad_row = legacy
+        try:
+            check_task_options(self.task, self.task_options)
+        except ValueError as err:
+            raise ConfigError(f"`data.task_options`: {err}") from None
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """The options to build the task with: `task_options`, and on_bad_row when rows are skipped."""
+        return {**self.task_options, **({"on_bad_row": "skip"} if self.on_bad_row == "skip" else {})}
 
 
 @dataclass
-class LoraSettings:
+class LoraSettings(_Checked):
     r: int = _help("LoRA rank.", 16)
     alpha: float = _help("LoRA alpha; the update is scaled by alpha / r.", 32.0)
     dropout: float = _help("Dropout on the LoRA input.", 0.0)
@@ -77,9 +116,17 @@ class LoraSettings:
         factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     )
 
+    SECTION: ClassVar[str] = "lora"
+
+    def __post_init__(self):
+        self._require(self.r >= 1, "r", "must be at least 1")
+        self._require(self.alpha > 0, "alpha", "must be positive")
+        self._require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        self._require(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Checked):
     lr: float = _help("Peak learning rate (AdamW).", 2e-4)
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     epochs: int = _help("Passes over the (limited) training set.", 1)
@@ -94,7 +141,7 @@ class TrainConfig:
     max_length: int = _help("Truncate prompt + target to this many tokens.", 512)
     warmup_ratio: float = _help("Share of steps with linear learning-rate warm-up.", 0.05)
     grad_clip: float = _help("Clip the gradient norm to this value (0 disables).", 1.0)
-    mixed_precision: str = _help(
+    mixed_precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "fp32, bf16 or fp16 autocast. auto: bf16 on CUDA GPUs that support it (else fp16) and on CPUs with native "
         "bf16 (AVX512-BF16 or AMX); fp32 on other CPUs, where bf16 is emulated and many times slower.", "auto")
     log_every: int = _help("Log scalars every N optimiser steps.", 10)
@@ -109,12 +156,32 @@ class TrainConfig:
         "On GPU, estimate the memory the run needs before loading and stop with advice when it exceeds the free "
         "memory (false: skip the check).", True)
 
+    SECTION: ClassVar[str] = "train"
+
+    def __post_init__(self):
+        self._require(self.lr > 0, "lr", "must be positive")
+        self._require(self.epochs >= 1, "epochs", "must be at least 1")
+        self._require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be at least 1 or null")
+        self._require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        self._require(self.grad_accum >= 1, "grad_accum", "must be at least 1")
+        self._require(self.max_length >= 8, "max_length", "must be at least 8")
+        self._require(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        self._require(self.save_every >= 0, "save_every", "must be 0 (end only) or positive")
+        self._require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
+        self._require(self.max_bad_steps >= 1, "max_bad_steps", "must be at least 1")
+
 
 @dataclass
-class EvalConfig:
+class EvalConfig(_Checked):
     batch_size: int = _help("Prompts per generation batch (batches are formed by length).", 16)
     max_new_tokens: Optional[int] = _help("Generation limit; None uses the task's default.", None)
-    mc_mode: str = _help("Multiple choice: likelihood (rank options) or generate (parse the generated letter).", "likelihood")
+    mc_mode: Literal["likelihood", "generate"] = _help("Multiple choice: likelihood (rank options) or generate (parse the generated letter).", "likelihood")
+
+    SECTION: ClassVar[str] = "eval"
+
+    def __post_init__(self):
+        self._require(self.batch_size >= 1, "batch_size", "must be at least 1")
+        self._require(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens", "must be at least 1")
 
 
 DEFAULT_REWRITE_TEMPLATE = (
@@ -124,13 +191,13 @@ DEFAULT_REWRITE_TEMPLATE = (
 
 
 @dataclass
-class MetaTunerSettings:
+class MetaTunerSettings(_Checked):
     # the generator G
     share_depth: float = _help(
         "k, the layers of G shared by the prompt and parameter branches: a count (>= 1) or a fraction of G's depth "
         "(0.25 = K/4 as the paper uses for a 7B generator, 0.75 for a 3B one).", 0.25)
-    pool: str = _help("How h is pooled from layer k: last (the last request token) or mean.", "last")
-    g_finetune: str = _help(
+    pool: Literal["last", "mean"] = _help("How h is pooled from layer k: last (the last request token) or mean.", "last")
+    g_finetune: Literal["lora", "full"] = _help(
         "How G is trained: lora (adapters for phi_s and phi_p; the default, and the only choice when G and M share "
         "weights) or full (every weight of G; needs a separate actor, model.actor).", "lora")
     g_lora_r: int = _help("Rank of G's LoRA adapters (phi_s and phi_p).", 16)
@@ -146,7 +213,7 @@ class MetaTunerSettings:
     rank: int = _help("Rank r of the per-query LoRA.", 8)
     scale: float = _help("lambda: the per-query update is lambda * B (A x).", 1.0)
     hyper_hidden: int = _help("Hidden width of the hypernetwork's down/up MLP.", 256)
-    hyper_query_norm: str = _help(
+    hyper_query_norm: Literal["layer", "standard"] = _help(
         "How h is normalised for the hypernetwork: layer (LayerNorm of each h) or standard (minus the running mean "
         "of h over training queries, over its running standard deviation, so that only what differs between "
         "queries reaches the hypernetwork).", "layer")
@@ -159,12 +226,12 @@ class MetaTunerSettings:
     share: bool = _help(
         "False: the no-sharing ablation (k = 0): the parameter decoder reads a private encoder (G's first k layers "
         "with an adapter of its own) and the prompt decoder is all of G.", True)
-    prompt_objective: str = _help(
+    prompt_objective: Literal["sr", "gumbel"] = _help(
         "sr: the supervised-regularisation loss on D2 (the method); gumbel: the ablation that trains the prompt "
         "branch through the task loss with straight-through Gumbel-softmax (no rollouts, no D2).", "sr")
     gumbel_tau: float = _help("Gumbel-softmax temperature (prompt_objective=gumbel).", 1.0)
     # training
-    schedule: str = _help("J: L_task + alpha * L_SR every step; I: the two losses on alternating blocks.", "J")
+    schedule: Literal["J", "I"] = _help("J: L_task + alpha * L_SR every step; I: the two losses on alternating blocks.", "J")
     interleave_block: int = _help("Schedule I: steps per block of each loss.", 1)
     sr_weight: float = _help("alpha, the weight of the supervised-regularisation loss.", 1.0)
     sync_every: int = _help("Copy phi_p into the frozen phi_p' every N steps.", 10)
@@ -172,10 +239,10 @@ class MetaTunerSettings:
                             "d2_source=samples_and_p0).", 4)
     rollout_temperature: float = _help("Sampling temperature T of candidate prompts.", 0.8)
     rollout_every: int = _help("Run rollouts (and refresh D2) every N steps that train the SR loss.", 1)
-    reward: str = _help(
+    reward: Literal["likelihood", "exact_match"] = _help(
         "likelihood (minus the gold answer's mean NLL under M) or exact_match (the task's own checker on M's "
         "generated answer, ties broken by likelihood).", "likelihood")
-    d2_source: str = _help(
+    d2_source: Literal["samples", "samples_and_p0"] = _help(
         "What D2 may hold. samples: only prompts G sampled itself (p0 is scored as a reference but is neither a "
         "candidate nor the default SR target; the SR loss skips queries with no sample yet). samples_and_p0: p0 "
         "is a candidate in every rollout and the SR target of queries without an entry, which teaches G to copy "
@@ -201,9 +268,35 @@ class MetaTunerSettings:
         "Warm-up: run the rejection-sampling round on the first N training queries (None: all of them).", None)
     expert_prompts: Optional[str] = _help("Reuse a saved D2 (expert_prompts.json from an earlier run).", None)
 
+    SECTION: ClassVar[str] = "metatuner"
+
+    def __post_init__(self):
+        at_least_one = ("rank", "hyper_hidden", "hyper_query_dim", "g_lora_r", "n_rollouts", "rollout_every",
+                        "sync_every", "interleave_block", "max_prompt_tokens")
+        for key in at_least_one:
+            self._require(getattr(self, key) >= 1, key, "must be at least 1")
+        self._require(self.share_depth > 0, "share_depth", "must be positive (a layer count or a fraction)")
+        self._require(self.rollout_temperature > 0, "rollout_temperature", "must be positive")
+        self._require(self.gumbel_tau > 0, "gumbel_tau", "must be positive")
+        self._require(self.sr_weight >= 0, "sr_weight", "must be non-negative")
+        self._require(0 <= self.warmup_actor_sampled_prompts <= 1, "warmup_actor_sampled_prompts", "must be in [0, 1]")
+        self._require(self.warmup_generator_queries is None or self.warmup_generator_queries >= 1,
+                      "warmup_generator_queries", "must be at least 1 or null")
+        self._require("{instruction}" in self.rewrite_template and "{question}" in self.rewrite_template,
+                      "rewrite_template", "must contain {instruction} and {question}")
+        self._require(self.share or self.g_finetune == "lora", "share",
+                      "=false (no sharing) is built from LoRA adapters: use metatuner.g_finetune=lora")
+        self._require(self.use_hyper or self.use_prompt, "use_hyper",
+                      "and metatuner.use_prompt cannot both be false (nothing would be trained)")
+        # Both name M's warm-up: a trained adapter is loaded instead of training one, so the steps would be ignored.
+        self._require(not (self.warmup_actor_adapter and self.warmup_actor_steps > 0), "warmup_actor_adapter",
+                      "and metatuner.warmup_actor_steps > 0 contradict each other: M's warm-up is either loaded "
+                      "from the adapter or trained for the steps; set metatuner.warmup_actor_steps=0 or "
+                      "metatuner.warmup_actor_adapter=null")
+
 
 @dataclass
-class SearchSettings:
+class SearchSettings(_Checked):
     """Task-level instruction search: the OPRO-like baseline and both searches of BetterTogether."""
 
     rounds: int = _help("Search rounds; each builds one meta-prompt and samples `proposals_per_round` from it.", 5)
@@ -211,7 +304,7 @@ class SearchSettings:
     dev_size: int = _help(
         "Items of the training split held out to score instructions (never the test split); the other training "
         "items supply the meta-prompt's examples.", 32)
-    scorer: str = _help(
+    scorer: Literal["likelihood", "accuracy"] = _help(
         "likelihood (mean per-token log-likelihood of the gold targets; one forward pass, cheap and smooth) or "
         "accuracy (the task's primary metric through generation and its checker).", "likelihood")
     temperature: float = _help("Sampling temperature of the proposals.", 0.8)
@@ -219,9 +312,17 @@ class SearchSettings:
     meta_prompt_top: int = _help("How many of the best instructions so far the meta-prompt lists (with scores).", 20)
     examples_in_meta_prompt: int = _help("Task examples (question and gold answer) shown in the meta-prompt.", 3)
 
+    SECTION: ClassVar[str] = "search"
+
+    def __post_init__(self):
+        for key in ("rounds", "proposals_per_round", "dev_size", "max_instruction_tokens", "meta_prompt_top"):
+            self._require(getattr(self, key) >= 1, key, "must be at least 1")
+        self._require(self.temperature > 0, "temperature", "must be positive")
+        self._require(self.examples_in_meta_prompt >= 0, "examples_in_meta_prompt", "must be 0 or more")
+
 
 @dataclass
-class DPOSettings:
+class DPOSettings(_Checked):
     """The DPO baseline: LoRA preference tuning (TRL's DPOTrainer) on pairs the policy samples itself."""
 
     init_adapter: Optional[str] = _help(
@@ -236,10 +337,18 @@ class DPOSettings:
     beta: float = _help("DPO's beta: how far the policy may move from the reference.", 0.1)
     lr: float = _help("Learning rate (AdamW) of the LoRA weights.", 5.0e-5)
 
+    SECTION: ClassVar[str] = "dpo"
+
+    def __post_init__(self):
+        self._require(self.samples_per_question >= 2, "samples_per_question", "must be at least 2 (a pair needs two)")
+        self._require(self.temperature > 0, "temperature", "must be positive")
+        self._require(self.beta > 0, "beta", "must be positive")
+        self._require(self.lr > 0, "lr", "must be positive")
+
 
 @dataclass
-class RunConfig:
-    method: str = _help("Training method: metatuner, sft, opro, better_together or dpo.", "metatuner")
+class RunConfig(_Checked):
+    method: Method = _help("Training method: metatuner, sft, opro, better_together or dpo.", "metatuner")
     seed: int = _help("Seed for data order, sampling and initialisation.", 0)
     output_dir: str = _help("Run folder: config, logs, checkpoints, adapter and evaluation.", "runs/${method}-${data.task}")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -250,6 +359,12 @@ class RunConfig:
     metatuner: MetaTunerSettings = field(default_factory=MetaTunerSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
     dpo: DPOSettings = field(default_factory=DPOSettings)
+
+    def __post_init__(self):
+        """Keys of different sections that contradict each other (each section checked its own values)."""
+        self._require(self.metatuner.g_finetune == "lora" or self.model.actor not in (None, self.model.name),
+                      "metatuner.g_finetune", "=full needs a separate actor (model.actor): with shared weights it "
+                      "would change M")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -278,15 +393,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OmegaConfBaseException as err:
             raise ConfigError(f"invalid command-line override: {omegaconf_message(err)}") from None
         merged = _merge(merged, dotlist, "on the command line")
-    try:
-        cfg: RunConfig = OmegaConf.to_object(merged)  # resolves ${...} interpolations
+    try:  # builds the dataclasses: resolves ${...} interpolations and runs each section's __post_init__ checks
+        cfg: RunConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"invalid config: key `{getattr(err, 'full_key', None)}`: {omegaconf_message(err)}") from None
-    validate(cfg)
-    if cfg.data.on_bad_row == "skip":  # tasks take on_bad_row as an option; data.on_bad_row sets it run-wide
-        if cfg.data.task_options.get("on_bad_row", "skip") != "skip":
-            raise ConfigError("`data.on_bad_row`=skip contradicts `data.task_options.on_bad_row`")
-        cfg.data.task_options["on_bad_row"] = "skip"
     return cfg
 
 
@@ -329,87 +439,6 @@ def _closest_key(key: str) -> str:
     if not close:
         return ""
     return f"; did you mean `{'.'.join([*section, _KEY_SYNONYMS.get(close[0], close[0])])}`?"
-
-
-def validate(cfg: RunConfig) -> None:
-    """Checks of values that types cannot express. Raises ConfigError naming the key."""
-    checks = [
-        (cfg.lora.r >= 1, "lora.r", "must be at least 1"),
-        (cfg.lora.alpha > 0, "lora.alpha", "must be positive"),
-        (0 <= cfg.lora.dropout < 1, "lora.dropout", "must be in [0, 1)"),
-        (len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module"),
-        (cfg.train.lr > 0, "train.lr", "must be positive"),
-        (cfg.train.epochs >= 1, "train.epochs", "must be at least 1"),
-        (cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1 or null"),
-        (cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1"),
-        (cfg.train.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
-        (cfg.train.max_length >= 8, "train.max_length", "must be at least 8"),
-        (0 <= cfg.train.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)"),
-        (cfg.train.mixed_precision in ("auto", "fp32", "bf16", "fp16"), "train.mixed_precision", "must be auto, fp32, bf16 or fp16"),
-        (cfg.train.save_every >= 0, "train.save_every", "must be 0 (end only) or positive"),
-        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1"),
-        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps", "must be at least 1"),
-        (cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1"),
-        (cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be at least 1"),
-        (cfg.eval.mc_mode in ("likelihood", "generate"), "eval.mc_mode", "must be likelihood or generate"),
-        (cfg.data.train_limit is None or cfg.data.train_limit >= 1, "data.train_limit", "must be at least 1 or null"),
-        (cfg.data.eval_limit is None or cfg.data.eval_limit >= 1, "data.eval_limit", "must be at least 1 or null"),
-        (cfg.data.on_bad_row in ("error", "skip"), "data.on_bad_row", "must be error or skip"),
-        (cfg.metatuner.share_depth > 0, "metatuner.share_depth", "must be positive (a layer count or a fraction)"),
-        (cfg.metatuner.pool in ("last", "mean"), "metatuner.pool", "must be last or mean"),
-        (cfg.metatuner.g_finetune in ("lora", "full"), "metatuner.g_finetune", "must be lora or full"),
-        (cfg.metatuner.g_finetune == "lora" or (cfg.model.actor not in (None, cfg.model.name)),
-         "metatuner.g_finetune", "=full needs a separate actor (model.actor): with shared weights it would change M"),
-        (cfg.metatuner.rank >= 1, "metatuner.rank", "must be at least 1"),
-        (cfg.metatuner.hyper_hidden >= 1, "metatuner.hyper_hidden", "must be at least 1"),
-        (cfg.metatuner.hyper_query_dim >= 1, "metatuner.hyper_query_dim", "must be at least 1"),
-        (cfg.metatuner.hyper_query_norm in ("layer", "standard"), "metatuner.hyper_query_norm", "must be layer or standard"),
-        (cfg.metatuner.g_lora_r >= 1, "metatuner.g_lora_r", "must be at least 1"),
-        (cfg.metatuner.n_rollouts >= 1, "metatuner.n_rollouts", "must be at least 1"),
-        (cfg.metatuner.rollout_temperature > 0, "metatuner.rollout_temperature", "must be positive"),
-        (cfg.metatuner.rollout_every >= 1, "metatuner.rollout_every", "must be at least 1"),
-        (cfg.metatuner.sync_every >= 1, "metatuner.sync_every", "must be at least 1"),
-        (cfg.metatuner.interleave_block >= 1, "metatuner.interleave_block", "must be at least 1"),
-        (cfg.metatuner.share or cfg.metatuner.g_finetune == "lora", "metatuner.share",
-         "=false (no sharing) is built from LoRA adapters: use metatuner.g_finetune=lora"),
-        (cfg.metatuner.prompt_objective in ("sr", "gumbel"), "metatuner.prompt_objective", "must be sr or gumbel"),
-        (cfg.metatuner.gumbel_tau > 0, "metatuner.gumbel_tau", "must be positive"),
-        (cfg.metatuner.use_hyper or cfg.metatuner.use_prompt, "metatuner.use_hyper",
-         "and metatuner.use_prompt cannot both be false (nothing would be trained)"),
-        (cfg.metatuner.schedule in ("J", "I"), "metatuner.schedule", "must be J or I"),
-        (cfg.metatuner.reward in ("likelihood", "exact_match"), "metatuner.reward", "must be likelihood or exact_match"),
-        (cfg.metatuner.d2_source in ("samples", "samples_and_p0"), "metatuner.d2_source",
-         "must be samples or samples_and_p0"),
-        (0 <= cfg.metatuner.warmup_actor_sampled_prompts <= 1, "metatuner.warmup_actor_sampled_prompts",
-         "must be in [0, 1]"),
-        (cfg.metatuner.max_prompt_tokens >= 1, "metatuner.max_prompt_tokens", "must be at least 1"),
-        (cfg.metatuner.warmup_generator_queries is None or cfg.metatuner.warmup_generator_queries >= 1,
-         "metatuner.warmup_generator_queries", "must be at least 1 or null"),
-        (cfg.metatuner.sr_weight >= 0, "metatuner.sr_weight", "must be non-negative"),
-        ("{instruction}" in cfg.metatuner.rewrite_template and "{question}" in cfg.metatuner.rewrite_template,
-         "metatuner.rewrite_template", "must contain {instruction} and {question}"),
-        (cfg.search.rounds >= 1, "search.rounds", "must be at least 1"),
-        (cfg.search.proposals_per_round >= 1, "search.proposals_per_round", "must be at least 1"),
-        (cfg.search.dev_size >= 1, "search.dev_size", "must be at least 1"),
-        (cfg.search.scorer in ("likelihood", "accuracy"), "search.scorer", "must be likelihood or accuracy"),
-        (cfg.search.temperature > 0, "search.temperature", "must be positive"),
-        (cfg.search.max_instruction_tokens >= 1, "search.max_instruction_tokens", "must be at least 1"),
-        (cfg.search.meta_prompt_top >= 1, "search.meta_prompt_top", "must be at least 1"),
-        (cfg.search.examples_in_meta_prompt >= 0, "search.examples_in_meta_prompt", "must be 0 or more"),
-        (cfg.dpo.samples_per_question >= 2, "dpo.samples_per_question", "must be at least 2 (a pair needs two)"),
-        (cfg.dpo.temperature > 0, "dpo.temperature", "must be positive"),
-        (cfg.dpo.beta > 0, "dpo.beta", "must be positive"),
-        (cfg.dpo.lr > 0, "dpo.lr", "must be positive"),
-        (cfg.method in METHODS, "method", f"must be one of {', '.join(METHODS)}"),
-        (cfg.model.dtype in ("float32", "bfloat16", "float16", "auto"), "model.dtype", "must be float32, bfloat16, float16 or auto"),
-    ]
-    for ok, key, message in checks:
-        if not ok:
-            raise ConfigError(f"`{key}` {message}")
-    try:
-        check_task_options(cfg.data.task, {k: v for k, v in cfg.data.task_options.items() if k != "on_bad_row"})
-    except ValueError as err:
-        raise ConfigError(f"`data.task_options`: {err}") from None
 
 
 def to_yaml(cfg: RunConfig) -> str:

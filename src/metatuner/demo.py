@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)
     precision.announce()  # before minutes of work
     root = Path(cfg.output_dir)
-    task = get_task(cfg.data.task, **cfg.data.task_options)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     test = task.load(cfg.data.eval_split, path=cfg.data.eval_path, limit=cfg.data.eval_limit)
     rows, started = [], time.perf_counter()
 

@@ -366,7 +366,7 @@ class MetaTuner(nn.Module):
         cfg = load_config(run_dir / "config.yaml", [f"model.dtype={dtype}"] if dtype else None)
         mt = build_metatuner(cfg, device)
         mt.load(run_dir / "model")
-        mt.task = get_task(cfg.data.task, **cfg.data.task_options)
+        mt.task = get_task(cfg.data.task, **cfg.data.task_kwargs())
         mt.p0 = cfg.data.prompt or mt.task.default_prompt
         mt.eval()
         return mt

@@ -255,7 +255,7 @@ def train_metatuner(cfg: RunConfig) -> Path:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
-    task = get_task(cfg.data.task, **cfg.data.task_options)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     p0 = cfg.data.prompt or task.default_prompt
     micro = cfg.train.batch_size  # the global micro-batch: each of the N processes takes 1/N of it

@@ -46,7 +46,7 @@ def train_better_together(cfg: RunConfig) -> Path:
     # phase (or a later method in `metatuner compare`) chooses when it makes its own Accelerator.
     state = PartialState(cpu=cfg.model.device == "cpu")
     torch.manual_seed(cfg.seed)
-    task = get_task(cfg.data.task, **cfg.data.task_options)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     p0 = cfg.data.prompt or task.default_prompt
     kwargs = search_settings_kwargs(cfg)

@@ -91,7 +91,7 @@ def train_dpo(cfg: RunConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.seed)
-    task = get_task(cfg.data.task, **cfg.data.task_options)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     prompt = cfg.data.prompt or task.default_prompt
     start = time.perf_counter()

@@ -292,7 +292,7 @@ def train_opro(cfg: RunConfig) -> Path:
     # phase (or a later method in `metatuner compare`) chooses when it makes its own Accelerator.
     state = PartialState(cpu=cfg.model.device == "cpu")
     torch.manual_seed(cfg.seed)  # the proposals are sampled
-    task = get_task(cfg.data.task, **cfg.data.task_options)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     generator, actor, g_tok, m_tok = load_generator_and_actor(
         cfg.model.name, cfg.model.actor, cfg.model.dtype, search_device(cfg, state), cfg.model.trust_remote_code)

@@ -89,7 +89,7 @@ def train_sft(cfg: RunConfig) -> Path:
         (out / "config.yaml").write_text(to_yaml(cfg))
         precision.announce()
     torch.manual_seed(cfg.seed)
-    task = get_task(cfg.data.task, **cfg.data.task_options)
+    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     prompt = cfg.data.prompt or task.default_prompt
 
