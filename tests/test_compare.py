@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import shutil
 
 import pytest
 import yaml
@@ -230,3 +231,17 @@ def test_add_intervals_pairs_the_shared_items_and_subtracts_the_method_from_meta
     assert results["methods"]["sft"]["ci_vs_metatuner_j"] == [0.0, 0.75]
     assert results["methods"]["zero_shot"]["ci_vs_metatuner_j"] == [0.0, 0.0]
     assert "ci_vs_metatuner_j" not in results["methods"]["metatuner_j"]
+
+
+def test_fault_a_run_stopped_before_its_metrics_resumes_and_writes_them(tiny_dir, tmp_path):
+    """Fails if a run whose model was saved but whose train_metrics.json was not (the process stopped between the two)
+    counts as trained: its row would then lack its training budget, or it would be retrained from scratch."""
+    path = _config(tmp_path, tiny_dir, {"metatuner_j": {"train.save_every": 1, "train.resume": "auto"}})
+    compare(path)
+    run = tmp_path / "runs" / "metatuner_j"
+    weights = (run / "model" / "metatuner.safetensors").read_bytes()
+    (run / "train_metrics.json").unlink()
+    shutil.rmtree(run / "eval")
+    results = compare(path)
+    assert (run / "train_metrics.json").is_file() and results["methods"]["metatuner_j"]["train_examples"] > 0
+    assert (run / "model" / "metatuner.safetensors").read_bytes() == weights  # resumed at the end, not retrained

@@ -176,7 +176,7 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     if name in BASELINES:
         prompt, adapter = run_cfg.data.prompt, None
         if name in ("sft", "dpo"):
-            if not (out / "adapter" / "adapter_config.json").is_file():
+            if not _trained(out, out / "adapter" / "adapter_config.json"):
                 (train_sft if name == "sft" else train_dpo)(run_cfg)
             adapter = out / "adapter"
         elif name in SEARCH_METHODS:
@@ -187,13 +187,21 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
             model = PeftModel.from_pretrained(model, adapter).eval()
         result = evaluate(model, tokenizer, task, test, prompt, **kwargs)
     else:
-        if not (out / "model" / "metatuner.json").is_file():
+        if not _trained(out, out / "model" / "metatuner.json"):
             train_metatuner(run_cfg)
         mt = MetaTuner.from_pretrained(out, device=run_cfg.model.device)
         result = mt.evaluate(test, **kwargs)
     result.metrics.update(method=name, command=command_line())
     result.write(out / ("eval-full" if full else "eval"))
     return out
+
+
+def _trained(out: Path, model_file: Path) -> bool:
+    """A run is trained once its model is saved, unless it was stopped before writing train_metrics.json (the model
+    is saved first): then, if it has checkpoints, it is trained again, which resumes from the last one and only
+    writes what is missing. A model put there by hand, with no checkpoints, is used as it is."""
+    stopped = not (out / "train_metrics.json").is_file() and (out / "checkpoints").is_dir()
+    return model_file.is_file() and not stopped
 
 
 def _ensure_sft_adapter(cfg: CompareConfig, name: str) -> None:
