@@ -168,3 +168,11 @@ def test_decode_loop_matches_uncached_greedy_decoding_when_rows_finish_early(mod
     assert rows[2] == []  # the end-of-sequence token itself is not returned
     for ids, row in zip(encoded, rows):
         assert row == _greedy_without_cache(model, ids, 8, eos)
+
+
+def test_eos_ids_add_the_generation_configs_ends_only_when_the_model_is_given(model, tokenizer):
+    from metatuner.generation import eos_ids
+
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert eos_ids(tokenizer) == [tokenizer.eos_token_id]  # G's prompts end at the end-of-turn token alone
+    assert eos_ids(tokenizer, model) == [tokenizer.eos_token_id, tokenizer.pad_token_id]

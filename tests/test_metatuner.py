@@ -3,7 +3,8 @@ import torch
 
 from metatuner.config import MetaTunerSettings
 from metatuner.generation import chat_prompt
-from metatuner.model import MetaTuner, resolve_share_depth
+from metatuner.model import MetaTuner
+from metatuner.models import resolve_share_depth
 from metatuner.testing import tiny_model
 
 QUESTIONS = ["Janet has 3 apples and buys 5 more. How many?", "4 - 1 - 7 =", "What is 2 + 2?"]
@@ -242,3 +243,19 @@ def test_gumbel_prompts_keep_no_low_precision_weight_copies_under_autocast(mt):
         weights, _, h = relaxed_prompts(mt, requests, max_tokens=4, tau=1.0)
     assert saved and weights.requires_grad and h.requires_grad
     assert not [shape for shape, dtype in saved if dtype == torch.bfloat16 and shape in weight_shapes]
+
+
+@pytest.mark.parametrize("pool", ["last", "mean"])
+def test_gumbel_prompts_pool_h_as_the_encoder_does(tokenizer, pool):
+    """The Gumbel ablation computes h in its own prefill; it used to take the last token's state whatever
+    metatuner.pool said, so pool=mean trained the hypernetwork on another h than inference gives it."""
+    from metatuner.gumbel import relaxed_prompts
+
+    torch.manual_seed(0)
+    settings = MetaTunerSettings(share_depth=0.5, rank=4, hyper_hidden=32, g_lora_r=4, pool=pool)
+    mt = MetaTuner(tiny_model(tokenizer, num_layers=4), tokenizer, settings)
+    requests = mt.rewrite_requests(["Solve it.", "Solve it."], QUESTIONS[:2])  # two lengths: padding matters
+    _, _, h = relaxed_prompts(mt, requests, max_tokens=2, tau=1.0)
+    with mt.role("learner"), torch.no_grad():
+        expected = mt.encode(requests)
+    assert torch.allclose(h.detach(), expected, atol=1e-5)

@@ -260,7 +260,7 @@ def test_batch_rows_is_a_pure_function_of_the_step_and_covers_each_epoch():
     """What resume relies on: the rows of a step depend on the step alone. Fails on a shared random stream (a
     resumed run would see other batches), on one shuffle for every epoch, and on rows repeated or lost within an
     epoch."""
-    from metatuner.train import batch_rows
+    from metatuner.batching import batch_rows
 
     steps = [batch_rows(step, 10, 3, seed=7) for step in range(1, 7)]  # 3 batches an epoch; row 9's turn varies
     assert steps == [batch_rows(step, 10, 3, seed=7) for step in range(1, 7)]
@@ -271,6 +271,23 @@ def test_batch_rows_is_a_pure_function_of_the_step_and_covers_each_epoch():
     assert steps[:3] != steps[3:]  # each epoch is a fresh shuffle
     assert batch_rows(1, 10, 3, seed=8) != steps[0]
     assert sorted(batch_rows(1, 2, 4, seed=0)) == [0, 1]  # fewer rows than a batch: all of them
+
+
+def test_shuffled_batches_keep_a_short_last_batch_only_when_every_process_gets_a_row():
+    """SFT keeps an epoch's short last batch unless it would leave one of the processes without a row; the
+    warm-ups (full_batches) use whole batches only. Fails when either rule drops or keeps the wrong batch."""
+    import itertools
+    import random
+
+    from metatuner.batching import full_batches, shuffled_batches
+
+    first_epoch = lambda batches, k: list(itertools.islice(batches, k))  # noqa: E731
+    assert [len(b) for b in first_epoch(shuffled_batches(7, 3, random.Random(0), min_rows=1), 3)] == [3, 3, 1]
+    assert [len(b) for b in first_epoch(shuffled_batches(7, 3, random.Random(0), min_rows=2), 3)] == [3, 3, 3]
+    assert [len(b) for b in first_epoch(full_batches(7, 3, random.Random(0)), 3)] == [3, 3, 3]
+    assert first_epoch(full_batches(2, 4, random.Random(0)), 2)[0] in ([0, 1], [1, 0])  # fewer rows than a batch
+    one = first_epoch(shuffled_batches(7, 3, random.Random(0), min_rows=1), 3)
+    assert sorted(r for b in one for r in b) == list(range(7))
 
 
 @pytest.mark.bad_input

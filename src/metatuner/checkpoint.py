@@ -57,11 +57,23 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def host_rng_state() -> dict:
+    """Python's and NumPy's RNG states as JSON lists (checkpoints, and each rank's states under N processes)."""
+    python, np_state = random.getstate(), np.random.get_state()
+    return {"python": [python[0], list(python[1]), python[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def set_host_rng_state(state: dict) -> None:
+    """Restore what `host_rng_state` captured."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
 def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    np_state = np.random.get_state()
-    python = random.getstate()
-    state = {"python": [python[0], list(python[1]), python[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    state = host_rng_state()
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -70,10 +82,7 @@ def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    set_host_rng_state(state)
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
     if cuda and torch.cuda.is_available():
@@ -111,8 +120,8 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path) -> None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """`Path.write_text` that leaves the previous file whole if the write fails."""
-    _atomic(Path(path), lambda tmp: tmp.write_text(text))
+    """`Path.write_text` (UTF-8) that leaves the previous file whole if the write fails."""
+    _atomic(Path(path), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _atomic(path: Path, write) -> None:

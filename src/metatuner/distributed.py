@@ -20,26 +20,21 @@ from __future__ import annotations
 
 import atexit
 import logging
-import random
 from typing import Sequence, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType, gather_object
+
+from .checkpoint import host_rng_state, set_host_rng_state
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def world(accelerator) -> tuple[int, int]:
-    """(rank, number of processes)."""
-    return accelerator.process_index, accelerator.num_processes
-
-
 def shard(items: Sequence[T], accelerator) -> list[T]:
     """This rank's slice of a global batch (every rank knows the global batch, so no data moves)."""
-    rank, n = world(accelerator)
+    rank, n = accelerator.process_index, accelerator.num_processes
     return list(items[rank::n])
 
 
@@ -86,11 +81,6 @@ def merge_dicts(local: dict, accelerator) -> dict:
     return merged
 
 
-def gather_list(local: list, accelerator) -> list:
-    """Every rank's list, concatenated in rank order."""
-    return list(local) if accelerator.num_processes == 1 else gather_object(list(local))
-
-
 def warn_if_sharded(accelerator, what: str) -> None:
     """MetaTuner's loop replicates G and M on every rank (data parallel) and never hands them to FSDP or DeepSpeed:
     under such a launch config nothing is sharded, so say so rather than let the user believe otherwise."""
@@ -121,19 +111,14 @@ def _destroy_at_exit() -> None:
 
 
 def _rng_snapshot() -> dict:
-    py, npst = random.getstate(), np.random.get_state()
-    snap = {"python": [py[0], list(py[1]), py[2]], "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
-            "torch": torch.get_rng_state().tolist()}
+    snap = {**host_rng_state(), "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
         snap["cuda"] = torch.cuda.get_rng_state().tolist()
     return snap
 
 
 def _rng_restore(snap: dict) -> None:
-    version, internal, gauss = snap["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = snap["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    set_host_rng_state(snap)
     torch.set_rng_state(torch.tensor(snap["torch"], dtype=torch.uint8))
     if "cuda" in snap and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(snap["cuda"], dtype=torch.uint8))

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .generation import BatchContext, chat_prompt, generate, score_choices
+from .generation import BatchContext, generate, score_choices, task_chats
 from .tasks.base import Example, Task
 
 
@@ -58,7 +58,7 @@ def evaluate(
         prompts = [task.default_prompt if prompts is None else prompts] * len(examples)
     if len(prompts) != len(examples):
         raise ValueError(f"{len(prompts)} prompts for {len(examples)} examples")
-    chats = [chat_prompt(tokenizer, task.messages(p, ex)) for p, ex in zip(prompts, examples)]
+    chats = task_chats(tokenizer, task, prompts, examples)
     start = time.perf_counter()
     generated_tokens = 0
     if mc_mode == "likelihood" and task.choice_targets(examples[0]) is not None:

@@ -1,6 +1,6 @@
 """Batched generation and teacher-forced scoring, shared by evaluation, rollouts, training and the baselines.
 
-    prompts = [chat_prompt(tokenizer, task.messages(p0, ex)) for ex in examples]
+    prompts = task_chats(tokenizer, task, [p0] * len(examples), examples)
     out = generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, stop_strings=["\\n\\nQuestion:"])
     scores = score_targets(model, tokenizer, prompts, [ex.target for ex in examples])   # [(sum_logprob, n_tokens)]
 
@@ -36,6 +36,11 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def task_chats(tokenizer: PreTrainedTokenizerBase, task, prompts: Sequence[str], examples) -> list[str]:
+    """Each example's question under its instruction: the task's messages through the chat template."""
+    return [chat_prompt(tokenizer, task.messages(p, ex)) for p, ex in zip(prompts, examples)]
+
+
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, longest first (so an out-of-memory error shows early)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -68,10 +73,6 @@ class GenerationOutput:
     new_tokens: list[int]
     seconds: float
 
-    @property
-    def tokens_per_second(self) -> float:
-        return sum(self.new_tokens) / max(self.seconds, 1e-9)
-
 
 @torch.no_grad()
 def generate(
@@ -98,14 +99,14 @@ def generate(
     encoded = _encode(tokenizer, prompts)
     texts: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos = eos_ids(tokenizer, model)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="item")
     for batch in length_batches([len(e) for e in encoded], batch_size):
         prefilled = DecodeBatch.prefill(model, [encoded[i] for i in batch], tokenizer.pad_token_id,
                                         batch_context(batch) if batch_context else None)
         rows = decode_loop(
             model, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos, max_new_tokens=max_new_tokens,
-            eos_ids=eos_ids,
+            eos_ids=eos,
             temperature=temperature if do_sample else 0.0, top_p=top_p, tokenizer=tokenizer,
             stop_strings=stop_strings, row_context=(lambda live: batch_context([batch[k] for k in live]))
             if batch_context else None,
@@ -118,8 +119,10 @@ def generate(
     return GenerationOutput(texts, counts, time.perf_counter() - start)
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    ids = model.generation_config.eos_token_id
+def eos_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
+    """The tokens that end a completion: the model's generation config's (when `model` is given) and the
+    tokenizer's. G's prompt writing passes no model: a prompt ends at the tokenizer's end-of-turn token alone."""
+    ids = model.generation_config.eos_token_id if model is not None else None
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
@@ -167,9 +170,11 @@ def target_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return (logprobs * mask).sum(-1), mask.sum(-1)
 
 
-def _unwrap(model):
-    base = getattr(model, "module", model)  # DDP / FSDP wrappers
-    return base.get_base_model() if hasattr(base, "get_base_model") else base
+def base_model(model):
+    """The transformers model under DDP / FSDP / DeepSpeed wrappers (`.module`) and a PEFT model."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,7 +185,7 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
 def last_logits_only(model) -> dict:
     """`logits_to_keep=1` where the model takes it: a prefill needs the last position's logits only, and the LM
     head over every position of a 49k vocabulary is about a fifth of a small model's prefill."""
-    return {"logits_to_keep": 1} if _accepts_logits_to_keep(type(_unwrap(model))) else {}
+    return {"logits_to_keep": 1} if _accepts_logits_to_keep(type(base_model(model))) else {}
 
 
 def _head_only_at_targets(model) -> bool:
@@ -196,7 +201,7 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     The LM head runs only at target positions: with a 49k-token vocabulary, logits over every position are most
     of the memory of a training step and a good part of its time.
     """
-    base = _unwrap(model)
+    base = base_model(model)
     labels = batch["labels"][:, 1:]
     if not _head_only_at_targets(base):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -265,7 +270,7 @@ def score_choices(
     options-times less work. Tokens are those of `lm_batch` (prompt and option tokenised separately).
     `batch_context(indices)` gets prompt indices, repeated once per option for the options' forward.
     """
-    base = _unwrap(model)
+    base = base_model(model)
     if not _head_only_at_targets(base) or not hasattr(base, "get_decoder"):
         flat = [(i, c) for i, options in enumerate(choices) for c in options]
         ctx = (lambda rows: batch_context([flat[r][0] for r in rows])) if batch_context else None
@@ -332,8 +337,7 @@ def _cache_argument(model_class: type) -> str:
 
 def cache_argument(model) -> str:
     """The KV-cache keyword of `model.forward`: transformers renamed `past_key_values` to `cache` in 5.x."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _cache_argument(type(base))
+    return _cache_argument(type(base_model(model)))
 
 
 def output_cache(output):

@@ -38,7 +38,7 @@ def relaxed_prompts(mt, requests: Sequence[str], max_tokens: int, tau: float):
     with mt.role("learner"), torch.autocast(mt.g.device.type, enabled=False):
         batch = left_padded_batch(mt.g_tok, requests, mt.g.device)
         out = mt.g(**batch, use_cache=True, output_hidden_states=True)
-        h = out.hidden_states[mt.k][:, -1]
+        h = mt.pool_h(out.hidden_states[mt.k], batch)  # as write_prompts pools it (pool=last or mean)
         cache, logits = output_cache(out), out.logits[:, -1]
         mask, pos = batch["attention_mask"], batch["position_ids"][:, -1:]
         embed = mt.g.get_input_embeddings().weight

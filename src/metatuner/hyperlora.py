@@ -1,7 +1,8 @@
 """Per-example LoRA for the actor M, the hypernetwork that writes it, and its export to a PEFT adapter.
 
 MetaTuner gives every query its own LoRA: each target linear of M computes ``W0 x + lambda * B_i (A_i x)`` with the
-factors (A_i, B_i) of example i (DESIGN.md sections 1 and 7). Three pieces:
+factors (A_i, B_i) of example i, written by the parameter decoder from the query's pooled state h (the
+method's parameter branch, arXiv 2509.24245). Three pieces:
 
 - :class:`PerExampleLoRA` hooks M's target linears once. Outside ``actor.apply(...)`` the hooks do nothing; inside,
   every forward and every ``model.generate`` call adds the per-example low-rank update, batched over examples.
@@ -45,6 +46,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from .generation import base_model
 
 __all__ = [
     "HyperLoraConfig",
@@ -515,8 +518,7 @@ def export_peft_adapter(
 
     if isinstance(base_model_name_or_path, nn.Module):
         base = base_model_name_or_path
-        if hasattr(base, "get_base_model"):  # a PeftModel: export against the model under it
-            base = base.get_base_model()
+        base = base_model(base)  # a PeftModel: export against the model under it
         model_config, name_or_path = base.config, getattr(base, "name_or_path", None) or None
     else:
         name_or_path = str(base_model_name_or_path)

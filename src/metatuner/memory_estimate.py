@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from .config import load_config
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, PerExampleLoRA
-from .models import resolve_model_path, resolve_share_depth
+from .models import load_config_only, resolve_share_depth
 
 GIB = 1024**3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
@@ -70,7 +70,7 @@ class _ModelShape:
 
 
 def _shape(name: str, trust_remote_code: bool, hyper_settings=None) -> _ModelShape:
-    config = AutoConfig.from_pretrained(resolve_model_path(name), trust_remote_code=trust_remote_code)
+    config = load_config_only(name, trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     model.tie_weights()  # on the meta device the tied LM head is otherwise counted twice

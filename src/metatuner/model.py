@@ -35,9 +35,9 @@ from .adapter_card import write_adapter_card
 from .checkpoint import atomic_save_file, atomic_write_text
 from .config import MetaTunerSettings, RunConfig, load_config
 from .evaluate import evaluate
-from .generation import (chat_prompt, decode_loop, generate, last_logits_only, left_padded_batch, lm_batch, lm_loss,
-                         output_cache, score_targets)
 from .diagnostics import lora_diversity, prompt_diagnostics
+from .generation import (base_model, chat_prompt, decode_loop, eos_ids, generate, last_logits_only, left_padded_batch,
+                         lm_batch, lm_loss, output_cache, score_targets, task_chats)
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 from .models import load_generator_and_actor, resolve_share_depth
 from .tasks import get_task
@@ -234,9 +234,10 @@ class MetaTuner(nn.Module):
     def _prefill(self, requests: Sequence[str]):
         batch = left_padded_batch(self.g_tok, requests, self.g.device)
         out = self.g(**batch, use_cache=True, output_hidden_states=True, **last_logits_only(self.g))
-        return self._pool(out.hidden_states[self.k], batch), out, batch
+        return self.pool_h(out.hidden_states[self.k], batch), out, batch
 
-    def _pool(self, states: torch.Tensor, batch) -> torch.Tensor:
+    def pool_h(self, states: torch.Tensor, batch) -> torch.Tensor:
+        """h from layer k's states of a left-padded batch: the last request token's, or the mean (`pool`)."""
         return states[:, -1] if self.settings.pool == "last" else _masked_mean(states, batch["attention_mask"])
 
     def encode(self, requests: Sequence[str]) -> torch.Tensor:
@@ -247,7 +248,7 @@ class MetaTuner(nn.Module):
         The active role's adapters apply; gradients follow torch's grad mode.
         """
         batch = left_padded_batch(self.g_tok, requests, self.g.device)
-        base = self.g.get_base_model() if hasattr(self.g, "get_base_model") else self.g
+        base = base_model(self.g)
         captured: list[torch.Tensor] = []
 
         def stop_after_layer_k(module, args, output):
@@ -263,7 +264,7 @@ class MetaTuner(nn.Module):
             handle.remove()
         if not captured:
             raise RuntimeError(f"layer {self.k - 1} of the generator did not run; cannot read the meta encoder's state")
-        return self._pool(captured[0], batch)
+        return self.pool_h(captured[0], batch)
 
     def _decode(self, out, batch, temperature: float, repeats: int = 1) -> list[str]:
         cache, logits = output_cache(out), out.logits[:, -1]
@@ -274,7 +275,7 @@ class MetaTuner(nn.Module):
             logits, mask, pos = (t.repeat_interleave(repeats, 0) for t in (logits, mask, pos))
         rows = decode_loop(
             self.g, cache, logits.detach(), mask, pos, max_new_tokens=self.settings.max_prompt_tokens,
-            eos_ids=_eos_ids(self.g_tok), temperature=temperature,
+            eos_ids=eos_ids(self.g_tok), temperature=temperature,
         )
         return [self.g_tok.decode(r, skip_special_tokens=True).strip() for r in rows]
 
@@ -392,7 +393,7 @@ class MetaTuner(nn.Module):
         """M's chat-formatted input for each question with its written prompt, as the task lays them out."""
         task = self._require_task()
         examples = [Example(id=str(i), question=q, answer="", target="") for i, q in enumerate(questions)]
-        return [chat_prompt(self.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, examples)]
+        return task_chats(self.m_tok, task, prompts, examples)
 
     @torch.no_grad()
     def generate(self, questions: Sequence[str], *, return_lora: bool = False, max_new_tokens: int | None = None,
@@ -581,6 +582,3 @@ def _masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(h.dtype)
     return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
-
-def _eos_ids(tokenizer) -> list[int]:
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []

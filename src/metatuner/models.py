@@ -197,12 +197,7 @@ def load_model(
     if dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     source = resolve_model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise _hub_hint(name, err) from err
-    except ValueError as err:
-        raise ModelLoadError(f"{name!r} is not a model transformers can read: {err}") from err
+    config = load_config_only(name, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source, config=config, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
@@ -255,6 +250,7 @@ def linear_module_names(config, trust_remote_code: bool = False) -> list[str]:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return [name for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)]
+
 
 def resolve_share_depth(share_depth: float, num_layers: int) -> int:
     """k from a layer count (>= 1) or a fraction of the generator's depth (0 < x < 1)."""

@@ -13,14 +13,13 @@ on. p0 is always scored, as the reference of the diagnostics (how far the best s
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .checkpoint import atomic_write_text
 from .diagnostics import is_p0
-from .generation import chat_prompt
+from .generation import task_chats
 from .hyperlora import LoraFactors
 from .tasks.base import Example, Task
 
@@ -57,11 +56,8 @@ class ExpertPromptStore:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: a crash mid-write leaves the previous file whole.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".d2-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.entries, f, ensure_ascii=False, indent=1)
-        os.replace(tmp, path)
+        # Written beside the file, synced, then renamed: a crash mid-write leaves the previous file whole.
+        atomic_write_text(path, json.dumps(self.entries, ensure_ascii=False, indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpertPromptStore":
@@ -142,7 +138,7 @@ def run_rollouts(
         candidates.append(pool)
     owners = [i for i, pool in enumerate(candidates) for _ in pool]
     flat = [p for pool in candidates for p in pool]
-    chats = [chat_prompt(mt.m_tok, task.messages(p, examples[i])) for p, i in zip(flat, owners)]
+    chats = task_chats(mt.m_tok, task, flat, [examples[i] for i in owners])
     row_factors = factors.detach().index_select(owners) if factors is not None else None
     scores = candidate_scores(mt, task, [examples[i] for i in owners], chats, row_factors, reward, batch_size)
 

@@ -41,12 +41,13 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .batching import batch_rows, full_batches
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, to_yaml
 from .diagnostics import d2_diagnostics, flat_scalars, is_p0, run_diagnostics
 from .distributed import (average_gradients, broadcast_parameters, end_training, merge_dicts, rank_rng_states,
                           restore_rank_rng, shard, sum_across, warn_if_sharded)
-from .generation import chat_prompt, lm_batch, lm_loss
+from .generation import base_model, lm_batch, lm_loss, task_chats
 from .gumbel import gumbel_task_loss
 from .memory_estimate import check_memory
 from .model import MetaTuner, build_metatuner
@@ -61,7 +62,7 @@ def enable_gradient_checkpointing(mt: MetaTuner) -> None:
     """Checkpoint G's and M's decoder layers. transformers checkpoints a layer only in training mode, so the models
     stay in eval mode (KV-cached decoding keeps its cache) and `_training` switches them for the loss forwards."""
     for model in {id(mt.g): mt.g, id(mt.m): mt.m}.values():
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         # Non-reentrant: the inputs of a checkpointed layer need not require grad (the base weights are frozen).
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.eval()
@@ -176,24 +177,6 @@ class _Timer:
         return _Span()
 
 
-def batch_rows(step: int, n_examples: int, batch_size: int, seed: int) -> list[int]:
-    """The training rows of optimiser step `step` (1-based): a pure function of the step, so a resumed run sees
-    exactly the batches the uninterrupted run would have seen. Each epoch is a fresh seeded shuffle."""
-    per_epoch = max(1, n_examples // batch_size)
-    epoch, index = divmod(step - 1, per_epoch)
-    order = list(range(n_examples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[index * batch_size : (index + 1) * batch_size]
-
-
-def _batches(n_examples: int, batch_size: int, rng: random.Random):
-    while True:
-        order = list(range(n_examples))
-        rng.shuffle(order)
-        for i in range(0, n_examples - batch_size + 1 if n_examples >= batch_size else 1, batch_size):
-            yield order[i : i + batch_size]
-
-
 def warm_up_actor(mt: MetaTuner, cfg: RunConfig, task, examples, p0, accelerator, rng) -> dict:
     """LoRA SFT of M on (p0, x) -> y as the static adapter `actor` (active only when the model acts as M)."""
     steps = cfg.metatuner.warmup_actor_steps
@@ -203,13 +186,13 @@ def warm_up_actor(mt: MetaTuner, cfg: RunConfig, task, examples, p0, accelerator
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
     # The SFT baseline's schedule, so that a warm-up of M here and the SFT adapter differ only in what they see.
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * steps), steps)
-    batches = _batches(len(examples), cfg.train.batch_size, rng)
+    batches = full_batches(len(examples), cfg.train.batch_size, rng)
     choose = random.Random(cfg.seed + 1)  # its own stream: the batches stay those of a p0-only warm-up
     losses = []
     for _ in tqdm(range(steps), desc="warm-up M (SFT)", unit="step", disable=not accelerator.is_main_process):
         rows = shard([examples[i] for i in next(batches)], accelerator)
         prompts = _warmup_prompts(mt, rows, p0, cfg.metatuner, choose)
-        chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]
+        chats = task_chats(mt.m_tok, task, prompts, rows)
         batch = lm_batch(mt.m_tok, chats, [ex.target for ex in rows], cfg.train.max_length, device=mt.m.device)
         with mt.role("actor"):
             with accelerator.autocast(), _training(mt, cfg.train.gradient_checkpointing):
@@ -474,7 +457,7 @@ def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: Exp
         prompts = written.prompts or [p0] * len(rows)
     if do_task:
         with timer("task_loss"):
-            chats = [chat_prompt(mt.m_tok, task.messages(p, ex)) for p, ex in zip(prompts, rows)]
+            chats = task_chats(mt.m_tok, task, prompts, rows)
             targets = [ex.target for ex in rows]
             with _training(mt, checkpointed):
                 task_loss = mt.task_loss(chats, targets, factors, cfg.train.max_length)
@@ -567,7 +550,7 @@ def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator
     optimizer = torch.optim.AdamW(g_params, lr=s.lr_generator)
     if s.d2_source == "samples":  # SR targets are G's own samples: only queries that have one
         queries = [ex for ex in queries if ex.id in store.entries]
-    batches = _batches(len(queries), bs, rng)
+    batches = full_batches(len(queries), bs, rng)
     losses = []
     for _ in tqdm(range(s.warmup_generator_steps if queries else 0), desc="warm-up G (SFT on best prompts)",
                   unit="step", disable=not main):

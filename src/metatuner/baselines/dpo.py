@@ -28,7 +28,7 @@ from trl import DPOConfig, DPOTrainer
 
 from ..config import RunConfig, to_yaml
 from ..evaluate import option_means
-from ..generation import chat_prompt, generate, score_choices
+from ..generation import generate, score_choices, task_chats
 from ..models import load_model
 from ..runtime import command_line, peak_rss_mb, resolve_precision
 from ..tasks import check_lengths, get_task, token_counter
@@ -64,7 +64,7 @@ def pair_from_choices(task: Task, example: Example, options: list[str], option_s
 @torch.no_grad()
 def preference_pairs(model, tokenizer, task: Task, examples: list[Example], prompt: str, cfg: RunConfig) -> list[dict]:
     """One preference pair per training question where the policy's own answers (or options) tell one apart."""
-    chats = [chat_prompt(tokenizer, task.messages(prompt, ex)) for ex in examples]
+    chats = task_chats(tokenizer, task, [prompt] * len(examples), examples)
     model.eval()
     pairs = []
     if task.choice_targets(examples[0]) is not None:

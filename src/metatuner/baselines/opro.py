@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, SearchSettings, to_yaml
 from ..distributed import sum_across
 from ..evaluate import evaluate
-from ..generation import chat_prompt, generate, score_targets
+from ..generation import chat_prompt, generate, score_targets, task_chats
 from ..models import load_generator_and_actor
 from ..runtime import command_line, peak_rss_mb
 from ..tasks import get_task
@@ -161,7 +161,7 @@ class DevScorer:
             result = evaluate(self.actor, self.tokenizer, self.task, dev, instruction, batch_size=self.batch_size,
                               max_new_tokens=self.max_new_tokens, mc_mode=self.mc_mode, progress=False)
             return float(result.metrics[self.task.primary_metric])
-        chats = [chat_prompt(self.tokenizer, self.task.messages(instruction, ex)) for ex in dev]
+        chats = task_chats(self.tokenizer, self.task, [instruction] * len(dev), dev)
         scores = score_targets(self.actor, self.tokenizer, chats, [ex.target for ex in dev],
                                batch_size=self.batch_size, max_length=self.max_length)
         # The same quantity as MetaTuner's likelihood reward: minus the mean NLL of the gold target, per item.

@@ -36,10 +36,11 @@ from peft.utils.other import fsdp_auto_wrap_policy
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from ..batching import shuffled_batches
 from ..checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from ..config import RunConfig, to_yaml
 from ..distributed import end_training, rank_rng_states, restore_rank_rng
-from ..generation import chat_prompt, lm_batch
+from ..generation import base_model, lm_batch, task_chats
 from ..memory_estimate import check_memory
 from ..models import load_model
 from ..runtime import command_line, peak_rss_mb, resolve_precision
@@ -48,7 +49,7 @@ from ..tasks import check_lengths, get_task, token_counter
 
 def sft_pairs(task, examples, prompt: str, tokenizer) -> list[tuple[str, str]]:
     """(chat prompt, target) pairs: the model sees p0 and x and learns to write y."""
-    return [(chat_prompt(tokenizer, task.messages(prompt, ex)), ex.target) for ex in examples]
+    return list(zip(task_chats(tokenizer, task, [prompt] * len(examples), examples), [ex.target for ex in examples]))
 
 
 def forward_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -60,10 +61,7 @@ def forward_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     labels = batch["labels"][:, 1:]
     columns = (labels != -100).any(0).nonzero().squeeze(1)
-    inner = model
-    while hasattr(inner, "module"):  # DDP / FSDP / DeepSpeed engine
-        inner = inner.module
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base = base_model(model)  # under the DDP / FSDP / DeepSpeed engine and PEFT
     if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        logits_to_keep=columns).logits
@@ -128,7 +126,9 @@ def train_sft(cfg: RunConfig) -> Path:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} with {len(pairs)} training examples leaves some of "
                          f"the {accelerator.num_processes} processes without a row: raise train.batch_size or launch "
                          "fewer processes")
-    batches = _global_batches(len(pairs), cfg.train.batch_size, accelerator.num_processes, cfg.seed)
+    # An epoch's short last batch is kept unless it would leave a process without a row.
+    batches = shuffled_batches(len(pairs), cfg.train.batch_size, random.Random(cfg.seed),
+                               min_rows=accelerator.num_processes)
     step, seen, tokens, losses, start = 0, 0, 0, [], time.perf_counter()
     resume_from = find_checkpoint(out, cfg.train.resume) if cfg.train.resume else None
     if (cfg.train.save_every or resume_from) and accelerator.distributed_type in (DistributedType.FSDP,
@@ -212,20 +212,6 @@ def train_sft(cfg: RunConfig) -> Path:
     accelerator.wait_for_everyone()  # callers (BetterTogether) read adapter/ next, on every process
     end_training(accelerator)
     return out
-
-
-def _global_batches(n: int, batch_size: int, processes: int, seed: int):
-    """Row indices of every micro-batch, forever: a seeded shuffle per epoch, cut into batches of `batch_size`. An
-    epoch's last batch is dropped only when it is shorter than the process count (a process would get no row). The
-    sequence depends on the seed alone, so a resumed run skips the batches it already trained on."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for first in range(0, n, batch_size):
-            rows = order[first : first + batch_size]
-            if len(rows) >= processes:
-                yield rows
 
 
 def _wrap_lora_separately(accelerator, model) -> None:

@@ -19,7 +19,7 @@ from typing import Callable, ContextManager, Sequence
 
 import torch
 
-from ..generation import DecodeBatch, _cut_at_stop, _encode, _eos_ids, _next_tokens, chat_prompt
+from ..generation import DecodeBatch, _cut_at_stop, _encode, _next_tokens, chat_prompt, eos_ids
 from ..hyperlora import LoraFactors
 from .prefix import PromptWriter
 from .protocol import RequestError
@@ -206,7 +206,7 @@ class Engine:
         self.rows: list[Row] = []
         self.batch: DecodeBatch | None = None
         self.factors: LoraFactors | None = None
-        self.eos = torch.tensor(_eos_ids(backend.model, backend.tokenizer), dtype=torch.long)
+        self.eos = torch.tensor(eos_ids(backend.tokenizer, backend.model), dtype=torch.long)
         # M's role is held from step to step and left only when G writes: switching PEFT adapters costs about a
         # fifth of a decoding step of a 135M model.
         self._actor: contextlib.ExitStack | None = None

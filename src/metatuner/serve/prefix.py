@@ -111,6 +111,6 @@ class PromptWriter:
             out = mt.g(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                        output_hidden_states=True, **{cache_argument(mt.g): cache}, **last_logits_only(mt.g))
             states = torch.cat([self.states.expand(n, -1, -1), out.hidden_states[mt.k]], dim=1)
-            h = mt._pool(states, {"attention_mask": mask})
+            h = mt.pool_h(states, {"attention_mask": mask})
             prompts = mt._decode(out, {"attention_mask": mask, "position_ids": pos}, temperature=0.0)
         return prompts, h.float()
