@@ -142,7 +142,8 @@ def test_fault_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_dir, tmp_path
 def test_fault_non_finite_losses_skip_updates_then_stop_with_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
     from metatuner.config import load_config
     from metatuner.model import MetaTuner
-    from metatuner.train import TrainingStopped, train_metatuner
+    from metatuner.train import train_metatuner
+    from metatuner.trainer import TrainingStopped
 
     monkeypatch.setattr(MetaTuner, "task_loss", lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True))
     cfg = load_config(_config(tmp_path, tiny_dir, tmp_path / "nan"), ["train.max_bad_steps=3",
@@ -158,7 +159,8 @@ def test_fault_non_finite_gradients_skip_updates_and_leave_the_weights_finite(ti
     """A finite loss with an inf/NaN gradient (a bf16 overflow in the backward pass) must not reach the weights."""
     from metatuner.config import load_config
     from metatuner.model import MetaTuner
-    from metatuner.train import TrainingStopped, train_metatuner
+    from metatuner.train import train_metatuner
+    from metatuner.trainer import TrainingStopped
 
     def finite_loss_bad_gradient(self, *args, **kwargs):
         weight = next(self.hyper.parameters())
@@ -197,5 +199,5 @@ def test_resume_sft_from_a_mid_run_checkpoint_ends_like_the_uninterrupted_run(ti
     b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    curves = [json.loads((d / "train_metrics.json").read_text())["loss_curve"] for d in (straight, resumed)]
+    curves = [json.loads((d / "train_metrics.json").read_text())["history"]["train/loss"] for d in (straight, resumed)]
     assert curves[0] == curves[1] and len(curves[0]) == 10  # 5 steps x 2 micro-batches

@@ -114,14 +114,14 @@ def test_ddp_two_processes_train_the_same_sft_adapter_as_one(tiny_dir, tmp_path)
     assert a and all(t.numel() > 0 for t in b.values())  # no empty (size-0) tensors in the saved adapter
     assert any(k.endswith("lora_B.weight") and a[k].abs().max() > 0 for k in a)
     assert _max_diff(a, b) < 1e-4
-    losses = [json.loads((d / "train_metrics.json").read_text())["loss_curve"] for d in (one, two)]
+    losses = [json.loads((d / "train_metrics.json").read_text())["history"]["train/loss"] for d in (one, two)]
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
 
 
 def test_ddp_batch_smaller_than_the_process_count_is_refused(tiny_dir, tmp_path, monkeypatch):
     from accelerate.utils import DistributedType
 
-    from metatuner import distributed, train
+    from metatuner import distributed, train, trainer
 
     class RankOneOfTwo:  # the part of an Accelerator the trainer reads before any collective call
         process_index, num_processes, is_main_process = 1, 2, False
@@ -134,7 +134,7 @@ def test_ddp_batch_smaller_than_the_process_count_is_refused(tiny_dir, tmp_path,
             pass
 
     assert distributed.shard(list(range(5)), RankOneOfTwo()) == [1, 3]
-    monkeypatch.setattr(train, "Accelerator", RankOneOfTwo)
+    monkeypatch.setattr(trainer, "Accelerator", RankOneOfTwo)
     cfg = _metatuner_config(tiny_dir, tmp_path / "small")
     cfg["train"]["batch_size"] = 1
     with pytest.raises(ValueError, match="train.batch_size=1 .* 2 processes"):

@@ -70,7 +70,7 @@ def test_dpo_trains_from_an_adapter_that_is_also_its_reference(tiny_dir, tmp_pat
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["pairs"] == len((out / "pairs.jsonl").read_text().splitlines()) > 0
     # At the first step the policy is the reference (the initial adapter, not the base model): loss = ln 2.
-    assert metrics["loss_curve"][0] == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics["history"]["train/loss"][0] == pytest.approx(math.log(2), abs=1e-4)
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     start = load_file(tmp_path / "init" / "adapter_model.safetensors")
     assert saved.keys() == start.keys()  # only the trained adapter, not TRL's frozen reference copy

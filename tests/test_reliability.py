@@ -527,16 +527,13 @@ def test_fault_sigint_and_sigterm_are_recorded_not_fatal():
     import os
     import signal
 
-    from metatuner.train import _Interrupt
+    from metatuner.trainer import StepControl
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         before = signal.getsignal(sig)
-        interrupt = _Interrupt()
-        try:
+        with StepControl(0, None, save=lambda step: None) as control:
             os.kill(os.getpid(), sig)  # without the handler: KeyboardInterrupt / the process ends
-            assert interrupt.signal == sig
-        finally:
-            interrupt.uninstall()
+            assert control.signal == sig
         assert signal.getsignal(sig) == before
 
 

@@ -88,7 +88,8 @@ def train_cmd(
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:  # DataError is a ValueError
         _fail(str(err))
     if cfg.method == "metatuner":
-        from .train import TrainingStopped, train_metatuner
+        from .train import train_metatuner
+        from .trainer import TrainingStopped
 
         try:
             out = train_metatuner(cfg)
@@ -342,7 +343,7 @@ def compare_cmd(
 ) -> None:
     """Run every method of a comparison under one budget (skipping finished ones) and write the results table."""
     from .compare import compare, load_compare_config, method_config
-    from .train import TrainingStopped
+    from .trainer import TrainingStopped
 
     try:
         cmp = load_compare_config(config, overrides)

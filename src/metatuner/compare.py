@@ -416,6 +416,8 @@ def training_curves(train_metrics: dict) -> dict[str, list[float]]:
     if isinstance(train_metrics.get("loss_curve"), list):
         curves[LOSS_PANEL] = train_metrics["loss_curve"]
     if isinstance(history, dict):
+        if history.get("train/loss"):  # SFT, DPO
+            curves[LOSS_PANEL] = history["train/loss"]
         if history.get("train/task_loss"):
             curves[LOSS_PANEL] = history["train/task_loss"]
         if history.get("train/sr_loss"):

@@ -24,26 +24,22 @@ weights of every trainable part) with expert_prompts.json (D2) beside it.
 from __future__ import annotations
 
 import contextlib
-import json
+import functools
 import logging
 import random
-import signal
-import threading
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from .batching import batch_rows, full_batches
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from .config import RunConfig, to_yaml
+from .checkpoint import find_checkpoint, save_checkpoint
+from .config import RunConfig
 from .diagnostics import d2_diagnostics, flat_scalars, is_p0, run_diagnostics
 from .distributed import (average_gradients, broadcast_parameters, end_training, merge_dicts, rank_rng_states,
                           restore_rank_rng, shard, sum_across, warn_if_sharded)
@@ -52,8 +48,9 @@ from .gumbel import gumbel_task_loss
 from .memory_estimate import check_memory
 from .model import MetaTuner, build_metatuner
 from .rollouts import ExpertPromptStore, run_rollouts
-from .runtime import command_line, peak_rss_mb, resolve_precision
-from .tasks import check_lengths, get_task, token_counter
+from .tasks import check_lengths, token_counter
+from .trainer import (Run, StepControl, TrainingStopped, find_resume, make_accelerator, open_run_folder, run_metrics,
+                      start_run, write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -131,33 +128,6 @@ def _backward(terms: list[_Term], scales: list[float]) -> None:
             (term.loss * (term.weight * scale)).backward()
 
 
-class TrainingStopped(RuntimeError):
-    """Training stopped early on purpose (a signal, or diverging losses) after saving a checkpoint."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class _Interrupt:
-    """Records SIGINT/SIGTERM instead of dying mid-step, so the loop can save a checkpoint first."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._record)
-
-    def _record(self, signum, frame):
-        self.signal = signum
-
-    def uninstall(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-
 class _Timer:
     """Seconds spent per phase, for the logs."""
 
@@ -223,268 +193,296 @@ def _warmup_prompts(mt: MetaTuner, rows, p0: str, s, choose: random.Random) -> l
 
 
 def train_metatuner(cfg: RunConfig) -> Path:
-    s = cfg.metatuner
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)
-    accelerator = Accelerator(mixed_precision=precision.mixed_precision,
-                              log_with="tensorboard", project_dir=str(out), cpu=cfg.model.device == "cpu")
-    main = accelerator.is_main_process
-    if main:
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        precision.announce()
+    """Train MetaTuner as `cfg` says; returns the run folder. Resumes from `train.resume`; a SIGINT or SIGTERM
+    finishes the current step, saves a checkpoint and raises TrainingStopped."""
+    out = open_run_folder(cfg)
+    accelerator, precision = make_accelerator(cfg, out)
+    run = start_run(cfg, out, accelerator.is_main_process, precision)
     accelerator.init_trackers("tb")
     warn_if_sharded(accelerator, "MetaTuner training")
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-
-    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
-    examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
-    p0 = cfg.data.prompt or task.default_prompt
-    micro = cfg.train.batch_size  # the global micro-batch: each of the N processes takes 1/N of it
-    per_step = micro * cfg.train.grad_accum  # examples per optimiser step
-    if min(micro, len(examples)) < accelerator.num_processes:
-        raise ValueError(f"train.batch_size={micro} with {len(examples)} training examples leaves some of the "
-                         f"{accelerator.num_processes} processes without a row: raise train.batch_size to at least "
-                         f"{accelerator.num_processes} or launch fewer processes")
-    if cfg.train.grad_accum > 1 and len(examples) < per_step:
-        raise ValueError(f"train.batch_size * train.grad_accum = {per_step} is more than the {len(examples)} "
-                         "training examples: lower train.grad_accum")
+    rng = random.Random(cfg.seed)  # the warm-ups' batches
+    examples = run.task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
+    _check_batch_sizes(cfg, len(examples), accelerator.num_processes)
     if cfg.train.check_memory:
-        check_memory(cfg, accelerator.device, num_processes=accelerator.num_processes, verbose=main)
+        check_memory(cfg, accelerator.device, num_processes=accelerator.num_processes,
+                     verbose=accelerator.is_main_process)
     mt = build_metatuner(cfg, str(accelerator.device))
-    mt.task, mt.p0 = task, p0
+    mt.task, mt.p0 = run.task, run.p0
     # Over-long examples stop the run (naming file and line) or, with on_bad_row=skip, are left out: cut to
     # max_length they would train on a question without its answer.
     examples = check_lengths(examples, token_counter(mt.m_tok), cfg.train.max_length, cfg.data.on_bad_row)
-    p0_tokens = token_counter(mt.g_tok)(p0)
-    if s.use_prompt and p0_tokens > s.max_prompt_tokens:
-        # G's prompts are cut at max_prompt_tokens, so it could not even write p0 back.
-        log.warning("p0 is %d tokens, longer than metatuner.max_prompt_tokens=%d: every prompt G writes is cut "
-                    "short; raise metatuner.max_prompt_tokens", p0_tokens, s.max_prompt_tokens)
+    _warn_if_p0_is_cut(mt, cfg.metatuner, run.p0)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(mt)
-    store = ExpertPromptStore.load(s.expert_prompts) if s.expert_prompts else ExpertPromptStore()
-    timer, summary = _Timer(), {"method": "metatuner", "schedule": s.schedule, "share_depth_layers": mt.k,
-                                "processes": accelerator.num_processes, "precision": precision.as_dict()}
-    start = time.perf_counter()
-    resume_from = find_checkpoint(out, cfg.train.resume) if cfg.train.resume else None
-    ckpt = load_checkpoint(resume_from) if resume_from else None
-
-    # ----- warm-up (its results are in the checkpoint when resuming) ------------------------------------------
-    if ckpt is not None:
-        mt.load_state(ckpt.tensors, ckpt.state["meta"], source=str(ckpt.path))
-        store = ExpertPromptStore(ckpt.state["expert_prompts"])
-        summary = {**ckpt.state["summary"], "precision": precision.as_dict()}  # this sitting's machine
-        timer.seconds.update(ckpt.state["seconds"])
-    elif s.warmup_actor_adapter:
-        mt.load_actor_adapter(s.warmup_actor_adapter)
-    elif s.warmup_actor_steps > 0:
-        with timer("warmup_actor"):
-            summary.update(warm_up_actor(mt, cfg, task, examples, p0, accelerator, rng))
-    g_params = mt.generator_parameters()
-    h_params = list(mt.hyper.parameters()) if s.use_hyper else []
-    # Every rank built the same weights from the same seed; rank 0's are broadcast anyway, as DDP does. Full
-    # fine-tuning loads G from the same checkpoint on every rank, so its billions of weights need no broadcast.
-    broadcast_parameters(([] if mt.full else g_params) + list(mt.hyper.parameters()), accelerator)
-    if accelerator.num_processes > 1:
-        # Ranks sample different rollouts for their different queries; the weights above are identical.
-        torch.manual_seed(cfg.seed + 1_000_003 * accelerator.process_index)
-    if ckpt is None and s.warmup_generator and s.use_prompt:
-        with timer("warmup_generator"):
-            summary.update(_warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator, rng))
-
-    # ----- joint training ------------------------------------------------------------------------------------
-    total_steps = cfg.train.max_steps or -(-len(examples) // per_step) * cfg.train.epochs
-    optimizer = torch.optim.AdamW(
-        [{"params": g_params, "lr": s.lr_generator}] + ([{"params": h_params, "lr": s.lr_hyper}] if h_params else []),
-        weight_decay=cfg.train.weight_decay,
-    )
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
-    history, seen, tokens, first = defaultdict(list), 0, 0, 1
-    if ckpt is not None:
-        ckpt.restore(optimizer, scheduler)
-        restore_rank_rng(ckpt.state.get("rank_rng"), accelerator, str(ckpt.path))
-        history.update(ckpt.state["history"])
-        seen, tokens, first = ckpt.state["seen"], ckpt.state["tokens"], ckpt.step + 1
-        start -= ckpt.state["elapsed"]
-    bar = tqdm(range(first, total_steps + 1), desc=f"MetaTuner-{s.schedule}", unit="step",
-               initial=first - 1, total=total_steps, disable=not main)
-
-    def checkpoint(step: int) -> Path | None:
-        ranks = rank_rng_states(accelerator)  # collective: every rank sends its RNG states, the main one writes
-        path = None
-        if main:
-            path = save_checkpoint(out, step, tensors=mt.trainable_state(), optimizer=optimizer, scheduler=scheduler,
-                                   keep=cfg.train.keep_checkpoints, state={
-                                       "meta": mt.meta(), "expert_prompts": store.entries, "summary": summary,
-                                       "history": dict(history), "seen": seen, "tokens": tokens,
-                                       "seconds": dict(timer.seconds), "elapsed": time.perf_counter() - start,
-                                       "processes": accelerator.num_processes, "config": asdict(cfg),
-                                       **({"rank_rng": ranks} if ranks else {})})
-        accelerator.wait_for_everyone()
-        return path or find_checkpoint(out, "auto")
-
-    bad_steps = 0
-
-    def skip(step: int, what: str):
-        # Skip the update: the weights stay those of the last good step.
-        nonlocal bad_steps
-        bad_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-        log.warning("step %d: %s, update skipped (%d in a row)", step, what, bad_steps)
-        if bad_steps >= cfg.train.max_bad_steps:
-            path = checkpoint(step - 1)
-            raise TrainingStopped(f"{bad_steps} non-finite losses or gradients in a row at step {step}; the "
-                                  f"last good state is saved in {path}. Lower the learning rates or check "
-                                  "the data.")
-
-    means: dict[str, float] = {}  # the step's global loss means, filled as each loss is released
-    n_micro = cfg.train.grad_accum
-
-    def release(term: _Term) -> None:
-        # Backward as soon as a loss exists, so that its graph is freed before the step's next phase (rollouts,
-        # the SR loss, the next micro-batch) runs and a step holds one graph at a time. The terms' graphs are
-        # disjoint, so the gradients equal one backward of their sum. Micro-batches weigh equally, as in SFT.
-        term_means, (scale,) = _combine([term], accelerator)
-        means[term.name] = means.get(term.name, 0.0) + term_means[term.name] / n_micro
-        if np.isfinite(term_means[term.name]):  # a non-finite loss skips the whole update below
-            with timer("backward"), torch.autocast(accelerator.device.type, enabled=False):
-                _backward([term], [scale / n_micro])
-
-    interrupt = _Interrupt()  # SIGINT/SIGTERM finish the current step, save a checkpoint and stop
-    try:
+    training = JointTraining(cfg, mt, run, examples, accelerator, precision)
+    ckpt = find_resume(cfg, out)
+    training.warm_up(ckpt, rng)  # or, when resuming, the warm-ups' results from the checkpoint
+    total_steps = cfg.train.max_steps or -(-len(examples) // training.per_step) * cfg.train.epochs
+    training.prepare_optimizer(total_steps, ckpt)
+    with StepControl(cfg.train.save_every, accelerator, save=training.save_checkpoint) as control:
+        bar = tqdm(range(training.first_step, total_steps + 1), desc=f"MetaTuner-{cfg.metatuner.schedule}",
+                   unit="step", initial=training.first_step - 1, total=total_steps,
+                   disable=not accelerator.is_main_process)
         for step in bar:
-            rows_global = [examples[i] for i in batch_rows(step, len(examples), per_step, cfg.seed)]
-            means.clear()
-            logs: dict[str, float] = {}
-            for start_row in range(0, len(rows_global), micro):
-                rows = shard(rows_global[start_row : start_row + micro], accelerator)
-                with accelerator.autocast():
-                    terms, micro_logs = _step_forward(mt, cfg, task, rows, p0, store, step, timer, accelerator,
-                                                      release)
-                for key, value in micro_logs.items():
-                    logs[key] = logs.get(key, 0.0) + value / n_micro
-            if not terms:
-                continue
-            total = sum(t.weight * means[t.name] for t in terms)
-            if not np.isfinite(total):  # the same on every rank: the means are global
-                skip(step, f"non-finite loss ({total})")
-                continue
-            with timer("backward"):
-                average_gradients([p for p in g_params + h_params if p.grad is not None], accelerator)
-                # A finite loss can still give an inf/NaN gradient (an overflow in bf16); one such update would
-                # turn every weight into NaN, so it is skipped like a non-finite loss.
-                norm = torch.nn.utils.clip_grad_norm_(g_params + h_params, cfg.train.grad_clip or float("inf"))
-                if not torch.isfinite(norm):
-                    skip(step, f"non-finite gradient norm ({norm.item()})")
-                    continue
-                bad_steps = 0
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if step % s.sync_every == 0:
-                mt.sync_frozen()
-            seen += len(rows_global)
-            tokens += sum(len(mt.m_tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in rows_global)
-            elapsed = time.perf_counter() - start
-            logs.update({f"train/{name}_loss": value for name, value in means.items()})
-            logs.update({"train/examples_seen": seen, "train/target_tokens_per_s": tokens / elapsed,
-                         "train/d2_size": len(store)})
-            for key, value in logs.items():
-                history[key].append(value)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                accelerator.log({**logs, **{f"seconds/{k}": v for k, v in timer.seconds.items()}}, step=step)
+            logs = training.step(step, total_steps)
             bar.set_postfix({k.split("/")[-1]: f"{v:.3f}" for k, v in logs.items() if k.endswith("loss")})
-            if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total_steps):
-                checkpoint(step)
-            stop = sum_across([interrupt.signal or 0], accelerator)[0]  # a signal on any rank stops them all
-            if stop:
-                path = checkpoint(step)
-                signum = interrupt.signal or signal.SIGTERM  # a rank that got none stops as if terminated
-                raise TrainingStopped(f"stopped by signal {signum} after step {step}; saved {path}.",
-                                      exit_code=128 + signum)
-    finally:
-        interrupt.uninstall()
-    bar.close()
-
-    if main:
-        save_run(mt, store, out)
-        summary.update({
-            "command": command_line(), "steps": total_steps, "train_examples": seen,
-            "unique_train_examples": len(examples), "train_seconds": round(time.perf_counter() - start, 1),
-            "peak_rss_mb": peak_rss_mb(), "seconds_per_phase": {k: round(v, 1) for k, v in timer.seconds.items()},
-            "history": dict(history),
-        })
-        # Is G writing anything but p0, and does the LoRA differ between queries? (64 training queries)
-        mt.hyper.eval()  # as it will be used: running statistics (hyper_query_norm=standard) no longer move
-        summary["diagnostics"] = {**d2_diagnostics(store, p0), **run_diagnostics(
-            mt, [ex.question for ex in examples[:64]], p0, cfg.eval.batch_size)}
-        accelerator.log(flat_scalars(summary["diagnostics"]), step=total_steps)
-        (out / "train_metrics.json").write_text(json.dumps(summary, indent=1) + "\n")
+            control.after_step(step, total_steps)
+        bar.close()
+    training.finish(total_steps)
     accelerator.wait_for_everyone()
     end_training(accelerator)
     return out
 
 
-def _step_forward(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, store: ExpertPromptStore, step: int, timer,
-                  accelerator, release: Callable[[_Term], None]) -> tuple[list[_Term], dict[str, float]]:
-    """One step's forward on this rank's rows under the configured schedule (J: task + alpha * SR; I: alternating
-    blocks), with rollouts refreshing D2 every `rollout_every` SR steps. Each loss goes to `release` (its backward)
-    as soon as it is computed; returns the loss terms (none when nothing trains in this step) and scalars to log."""
-    s = cfg.metatuner
-    logs: dict[str, float] = {}
-    n = accelerator.num_processes
-    checkpointed = cfg.train.gradient_checkpointing
-    if s.prompt_objective == "gumbel":
+def _check_batch_sizes(cfg: RunConfig, n_examples: int, processes: int) -> None:
+    micro, per_step = cfg.train.batch_size, cfg.train.batch_size * cfg.train.grad_accum
+    if min(micro, n_examples) < processes:
+        raise ValueError(f"train.batch_size={micro} with {n_examples} training examples leaves some of the "
+                         f"{processes} processes without a row: raise train.batch_size to at least "
+                         f"{processes} or launch fewer processes")
+    if cfg.train.grad_accum > 1 and n_examples < per_step:
+        raise ValueError(f"train.batch_size * train.grad_accum = {per_step} is more than the {n_examples} "
+                         "training examples: lower train.grad_accum")
+
+
+def _warn_if_p0_is_cut(mt: MetaTuner, s, p0: str) -> None:
+    p0_tokens = token_counter(mt.g_tok)(p0)
+    if s.use_prompt and p0_tokens > s.max_prompt_tokens:
+        # G's prompts are cut at max_prompt_tokens, so it could not even write p0 back.
+        log.warning("p0 is %d tokens, longer than metatuner.max_prompt_tokens=%d: every prompt G writes is cut "
+                    "short; raise metatuner.max_prompt_tokens", p0_tokens, s.max_prompt_tokens)
+
+
+class JointTraining:
+    """Schedules J and I after the warm-ups: the optimiser and what one step carries to the next (D2, the
+    history, the count of non-finite updates in a row), and the step itself in numbered phases (`step`)."""
+
+    def __init__(self, cfg: RunConfig, mt: MetaTuner, run: Run, examples, accelerator, precision):
+        self.cfg, self.s, self.mt, self.accelerator = cfg, cfg.metatuner, mt, accelerator
+        self.out, self.task, self.p0, self.examples = run.out, run.task, run.p0, examples
+        self.micro = cfg.train.batch_size  # the global micro-batch: each of the N processes takes 1/N of it
+        self.per_step = self.micro * cfg.train.grad_accum  # examples per optimiser step
+        self.store = ExpertPromptStore.load(self.s.expert_prompts) if self.s.expert_prompts else ExpertPromptStore()
+        self.timer = _Timer()
+        self.summary = {"method": "metatuner", "schedule": self.s.schedule, "share_depth_layers": mt.k,
+                        "processes": accelerator.num_processes, "precision": precision.as_dict()}
+        self.precision = precision
+        self.history: defaultdict[str, list] = defaultdict(list)
+        self.seen, self.tokens, self.first_step, self.bad_steps = 0, 0, 1, 0
+        self.means: dict[str, float] = {}  # the step's global loss means, filled as each loss is released
+        self.start = time.perf_counter()
+
+    # ----- before the first step ---------------------------------------------------------------------------
+    def warm_up(self, ckpt, rng: random.Random) -> None:
+        mt, s, cfg, accelerator = self.mt, self.s, self.cfg, self.accelerator
+        if ckpt is not None:
+            mt.load_state(ckpt.tensors, ckpt.state["meta"], source=str(ckpt.path))
+            self.store = ExpertPromptStore(ckpt.state["expert_prompts"])
+            self.summary = {**ckpt.state["summary"], "precision": self.precision.as_dict()}  # this sitting's machine
+            self.timer.seconds.update(ckpt.state["seconds"])
+        elif s.warmup_actor_adapter:
+            mt.load_actor_adapter(s.warmup_actor_adapter)
+        elif s.warmup_actor_steps > 0:
+            with self.timer("warmup_actor"):
+                self.summary.update(warm_up_actor(mt, cfg, self.task, self.examples, self.p0, accelerator, rng))
+        self.g_params = mt.generator_parameters()
+        self.h_params = list(mt.hyper.parameters()) if s.use_hyper else []
+        # Every rank built the same weights from the same seed; rank 0's are broadcast anyway, as DDP does. Full
+        # fine-tuning loads G from the same checkpoint on every rank, so its billions of weights need no broadcast.
+        broadcast_parameters(([] if mt.full else self.g_params) + list(mt.hyper.parameters()), accelerator)
+        if accelerator.num_processes > 1:
+            # Ranks sample different rollouts for their different queries; the weights above are identical.
+            torch.manual_seed(cfg.seed + 1_000_003 * accelerator.process_index)
+        if ckpt is None and s.warmup_generator and s.use_prompt:
+            with self.timer("warmup_generator"):
+                self.summary.update(warm_up_generator(mt, cfg, self.task, self.examples, self.p0, self.store,
+                                                      self.g_params, accelerator, rng))
+
+    def prepare_optimizer(self, total_steps: int, ckpt) -> None:
+        s, cfg = self.s, self.cfg
+        groups = [{"params": self.g_params, "lr": s.lr_generator}]
+        groups += [{"params": self.h_params, "lr": s.lr_hyper}] if self.h_params else []
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(cfg.train.warmup_ratio * total_steps),
+                                                         total_steps)
+        if ckpt is not None:
+            ckpt.restore(self.optimizer, self.scheduler)
+            restore_rank_rng(ckpt.state.get("rank_rng"), self.accelerator, str(ckpt.path))
+            self.history.update(ckpt.state["history"])
+            self.seen, self.tokens, self.first_step = ckpt.state["seen"], ckpt.state["tokens"], ckpt.step + 1
+            self.start -= ckpt.state["elapsed"]
+
+    # ----- one step -------------------------------------------------------------------------------------------
+    def step(self, step: int, total_steps: int) -> dict[str, float]:
+        """One optimiser step over its batch (a pure function of the step): per micro-batch 1. G writes the
+        prompts and h, 2. the task loss, 3. rollouts, 4. the SR loss (each loss's backward as soon as it exists),
+        then 5. the update, skipped when a loss or the gradient is not finite. Returns the step's scalars."""
+        rows_global = [self.examples[i] for i in batch_rows(step, len(self.examples), self.per_step, self.cfg.seed)]
+        self.means, logs, terms = {}, {}, []
+        for first in range(0, len(rows_global), self.micro):
+            rows = shard(rows_global[first : first + self.micro], self.accelerator)
+            with self.accelerator.autocast():
+                terms, micro_logs = self._forward(step, rows)
+            for key, value in micro_logs.items():
+                logs[key] = logs.get(key, 0.0) + value / self.cfg.train.grad_accum
+        if terms and self._update(step, terms):  # no terms: schedule I with that block's branch switched off
+            logs = self._record(step, total_steps, rows_global, logs)
+        return logs
+
+    def _forward(self, step: int, rows) -> tuple[list[_Term], dict[str, float]]:
+        """Phases 1-4 on this rank's rows under the schedule (J: task + alpha * SR; I: alternating blocks)."""
+        s, mt, p0 = self.s, self.mt, self.p0
+        if s.prompt_objective == "gumbel":
+            return self._gumbel_forward(rows)
+        block = (step - 1) // s.interleave_block
+        do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
+        do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
+        if not (do_task or do_sr):  # schedule I with one branch switched off: this block has nothing to train
+            return [], {}
+        terms, logs = [], {}
+        requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
+        with self.timer("write_prompts"):  # 1. write: G's prompts and h, and M's per-query LoRA
+            written = mt.write_prompts(requests, with_grad=do_task)
+            factors = mt.factors(written.h)
+            prompts = written.prompts or [p0] * len(rows)
+        if do_task:  # 2. task loss
+            terms.append(self._release(self._task_term(rows, prompts, factors)))
+        if do_sr and sr_steps_before(step, s.schedule, s.interleave_block) % s.rollout_every == 0:
+            logs.update(self._rollout_phase(rows, factors))  # 3. rollouts: D2's best prompts
+        if do_sr:  # 4. SR loss
+            with self.timer("sr_loss"):
+                sr_term = _sr_term(mt, self.cfg, requests, rows, p0, self.store, s.sr_weight, self.accelerator)
+            if sr_term is not None:
+                terms.append(self._release(sr_term))
+        if written.prompts is not None:
+            logs["prompts/p0_share"] = sum(is_p0(p, p0) for p in written.prompts) / len(rows)
+        return terms, logs
+
+    def _gumbel_forward(self, rows) -> tuple[list[_Term], dict[str, float]]:
         # Its graph mixes G's learner role and M in one backward, so its layers are not checkpointed; across ranks
         # its examples (not tokens) weight the mean.
-        with timer("task_loss"):
-            loss, _ = gumbel_task_loss(mt, task, rows, p0, s.max_prompt_tokens, s.gumbel_tau, cfg.train.max_length)
-        terms = [_Term("task", loss, 1.0, len(rows), contextlib.nullcontext)]
-        release(terms[0])
-        return terms, logs
-    block = (step - 1) // s.interleave_block
-    do_task = s.use_hyper and (s.schedule == "J" or block % 2 == 0)
-    do_sr = s.use_prompt and s.sr_weight > 0 and (s.schedule == "J" or block % 2 == 1)
-    if not (do_task or do_sr):  # schedule I with one branch switched off: this block has nothing to train
-        return [], logs
-    requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
-    terms: list[_Term] = []
-    with timer("write_prompts"):
-        written = mt.write_prompts(requests, with_grad=do_task)
-        factors = mt.factors(written.h)
-        prompts = written.prompts or [p0] * len(rows)
-    if do_task:
-        with timer("task_loss"):
-            chats = task_chats(mt.m_tok, task, prompts, rows)
+        s = self.s
+        with self.timer("task_loss"):
+            loss, _ = gumbel_task_loss(self.mt, self.task, rows, self.p0, s.max_prompt_tokens, s.gumbel_tau,
+                                       self.cfg.train.max_length)
+        return [self._release(_Term("task", loss, 1.0, len(rows), contextlib.nullcontext))], {}
+
+    def _task_term(self, rows, prompts, factors) -> _Term:
+        mt, max_length = self.mt, self.cfg.train.max_length
+        with self.timer("task_loss"):
+            chats = task_chats(mt.m_tok, self.task, prompts, rows)
             targets = [ex.target for ex in rows]
-            with _training(mt, checkpointed):
-                task_loss = mt.task_loss(chats, targets, factors, cfg.train.max_length)
-        count = _target_tokens(mt.m_tok, chats, targets, cfg.train.max_length) if n > 1 else 1
-        terms.append(_Term("task", task_loss, 1.0, count, lambda: _actor_with(mt, factors)))
-        release(terms[-1])
-    if do_sr and sr_steps_before(step, s.schedule, s.interleave_block) % s.rollout_every == 0:
-        with timer("rollouts"):
-            result = _rollouts(mt, cfg, task, rows, p0, factors, store)
-            _merge_d2(store, rows, accelerator)
+            with _training(mt, self.cfg.train.gradient_checkpointing):
+                task_loss = mt.task_loss(chats, targets, factors, max_length)
+        count = _target_tokens(mt.m_tok, chats, targets, max_length) if self.accelerator.num_processes > 1 else 1
+        return _Term("task", task_loss, 1.0, count, functools.partial(_actor_with, mt, factors))
+
+    def _rollout_phase(self, rows, factors) -> dict[str, float]:
+        with self.timer("rollouts"):
+            result = _rollouts(self.mt, self.cfg, self.task, rows, self.p0, factors, self.store)
+            _merge_d2(self.store, rows, self.accelerator)
         scored, mean_sum, best_sum, improved, beats, gap_sum, queries, leaks, sampled = sum_across(
             [result.scored, result.mean_reward * result.scored, result.best_reward * len(rows), result.improved,
-             result.beats_p0, result.gap_over_p0 * len(rows), len(rows), result.leaks, result.sampled], accelerator)
-        logs.update({"rollouts/mean_reward": mean_sum / scored, "rollouts/best_reward": best_sum / queries,
-                     "rollouts/d2_improved_share": improved / queries, "rollouts/beats_p0_share": beats / queries,
-                     "rollouts/gap_over_p0": gap_sum / queries,
-                     "rollouts/answer_leak_share": leaks / max(sampled, 1),
-                     "d2/from_samples_share": store.from_samples_share(p0)})
-    if do_sr:
-        with timer("sr_loss"):
-            sr_term = _sr_term(mt, cfg, requests, rows, p0, store, s.sr_weight, accelerator)
-        if sr_term is not None:
-            terms.append(sr_term)
-            release(sr_term)
-    if written.prompts is not None:
-        logs["prompts/p0_share"] = sum(is_p0(p, p0) for p in written.prompts) / len(rows)
-    return terms, logs
+             result.beats_p0, result.gap_over_p0 * len(rows), len(rows), result.leaks, result.sampled],
+            self.accelerator)
+        return {"rollouts/mean_reward": mean_sum / scored, "rollouts/best_reward": best_sum / queries,
+                "rollouts/d2_improved_share": improved / queries, "rollouts/beats_p0_share": beats / queries,
+                "rollouts/gap_over_p0": gap_sum / queries, "rollouts/answer_leak_share": leaks / max(sampled, 1),
+                "d2/from_samples_share": self.store.from_samples_share(self.p0)}
+
+    def _release(self, term: _Term) -> _Term:
+        """Backward as soon as a loss exists, so that its graph is freed before the step's next phase (rollouts,
+        the SR loss, the next micro-batch) runs and a step holds one graph at a time. The terms' graphs are
+        disjoint, so the gradients equal one backward of their sum. Micro-batches weigh equally, as in SFT."""
+        n_micro = self.cfg.train.grad_accum
+        term_means, (scale,) = _combine([term], self.accelerator)
+        self.means[term.name] = self.means.get(term.name, 0.0) + term_means[term.name] / n_micro
+        if np.isfinite(term_means[term.name]):  # a non-finite loss skips the whole update
+            with self.timer("backward"), torch.autocast(self.accelerator.device.type, enabled=False):
+                _backward([term], [scale / n_micro])
+        return term
+
+    def _update(self, step: int, terms: list[_Term]) -> bool:
+        """5. update: average the gradients over the ranks, clip, step. False when the update was skipped."""
+        total = sum(t.weight * self.means[t.name] for t in terms)
+        if not np.isfinite(total):  # the same on every rank: the means are global
+            self._skip(step, f"non-finite loss ({total})")
+            return False
+        params = self.g_params + self.h_params
+        with self.timer("backward"):
+            average_gradients([p for p in params if p.grad is not None], self.accelerator)
+            # A finite loss can still give an inf/NaN gradient (an overflow in bf16); one such update would turn
+            # every weight into NaN, so it is skipped like a non-finite loss.
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip or float("inf"))
+            if not torch.isfinite(norm):
+                self._skip(step, f"non-finite gradient norm ({norm.item()})")
+                return False
+            self.bad_steps = 0
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if step % self.s.sync_every == 0:
+            self.mt.sync_frozen()
+        return True
+
+    def _skip(self, step: int, what: str) -> None:
+        """Skip the update: the weights stay those of the last good step; too many in a row stop the run."""
+        self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        log.warning("step %d: %s, update skipped (%d in a row)", step, what, self.bad_steps)
+        if self.bad_steps >= self.cfg.train.max_bad_steps:
+            path = self.save_checkpoint(step - 1)
+            raise TrainingStopped(f"{self.bad_steps} non-finite losses or gradients in a row at step {step}; the "
+                                  f"last good state is saved in {path}. Lower the learning rates or check the data.")
+
+    def _record(self, step: int, total_steps: int, rows_global, logs: dict[str, float]) -> dict[str, float]:
+        """The step's scalars into the history and, every `log_every` steps, the trackers."""
+        self.seen += len(rows_global)
+        self.tokens += sum(len(self.mt.m_tok(ex.target, add_special_tokens=False)["input_ids"]) for ex in rows_global)
+        logs = {**logs, **{f"train/{name}_loss": value for name, value in self.means.items()},
+                "train/examples_seen": self.seen,
+                "train/target_tokens_per_s": self.tokens / (time.perf_counter() - self.start),
+                "train/d2_size": len(self.store)}
+        for key, value in logs.items():
+            self.history[key].append(value)
+        if step % self.cfg.train.log_every == 0 or step == total_steps:
+            self.accelerator.log({**logs, **{f"seconds/{k}": v for k, v in self.timer.seconds.items()}}, step=step)
+        return logs
+
+    # ----- checkpoints and the end ----------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path | None:
+        """A resumable checkpoint (collective: every rank sends its RNG states, the main one writes)."""
+        ranks = rank_rng_states(self.accelerator)
+        path = None
+        if self.accelerator.is_main_process:
+            path = save_checkpoint(
+                self.out, step, tensors=self.mt.trainable_state(), optimizer=self.optimizer, scheduler=self.scheduler,
+                keep=self.cfg.train.keep_checkpoints, state={
+                    "meta": self.mt.meta(), "expert_prompts": self.store.entries, "summary": self.summary,
+                    "history": dict(self.history), "seen": self.seen, "tokens": self.tokens,
+                    "seconds": dict(self.timer.seconds), "elapsed": time.perf_counter() - self.start,
+                    "processes": self.accelerator.num_processes, "config": asdict(self.cfg),
+                    **({"rank_rng": ranks} if ranks else {})})
+        self.accelerator.wait_for_everyone()
+        return path or find_checkpoint(self.out, "auto")
+
+    def finish(self, total_steps: int) -> None:
+        """The trained model and D2 in model/, and train_metrics.json with the run's diagnostics (main process)."""
+        if not self.accelerator.is_main_process:
+            return
+        mt, p0 = self.mt, self.p0
+        save_run(mt, self.store, self.out)
+        metrics = run_metrics(
+            "metatuner", **{k: v for k, v in self.summary.items() if k != "method"}, steps=total_steps,
+            train_examples=self.seen, unique_train_examples=len(self.examples),
+            train_seconds=round(time.perf_counter() - self.start, 1),
+            seconds_per_phase={k: round(v, 1) for k, v in self.timer.seconds.items()}, history=dict(self.history))
+        # Is G writing anything but p0, and does the LoRA differ between queries? (64 training queries)
+        mt.hyper.eval()  # as it will be used: running statistics (hyper_query_norm=standard) no longer move
+        metrics["diagnostics"] = {**d2_diagnostics(self.store, p0), **run_diagnostics(
+            mt, [ex.question for ex in self.examples[:64]], p0, self.cfg.eval.batch_size)}
+        self.accelerator.log(flat_scalars(metrics["diagnostics"]), step=total_steps)
+        write_metrics(self.out, metrics, self.accelerator, step=total_steps)
 
 
 def _rollouts(mt: MetaTuner, cfg: RunConfig, task, rows, p0: str, factors, store: ExpertPromptStore):
@@ -531,7 +529,7 @@ def sr_steps_before(step: int, schedule: str, block: int) -> int:
     return ((step - 1) // (2 * block)) * block + max(0, (step - 1) % (2 * block) - block)
 
 
-def _warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator, rng) -> dict:
+def warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator, rng) -> dict:
     """One rejection-sampling round for G: rollouts over the training queries, then SR-only steps on the best."""
     s = cfg.metatuner
     bs = cfg.train.batch_size

@@ -32,23 +32,20 @@ from peft import PeftModel
 
 from ..config import RunConfig, to_yaml
 from ..models import load_generator_and_actor
-from ..runtime import command_line, peak_rss_mb
-from ..tasks import get_task
+from ..trainer import open_run_folder, run_metrics, start_run, write_metrics
 from .opro import search_device, search_instructions, search_metrics, search_settings_kwargs
 from .sft import train_sft
 
 
 def train_better_together(cfg: RunConfig) -> Path:
     """Search, SFT under the found instruction, search again; returns the run folder."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run_folder(cfg)
     # PartialState, not Accelerator: it sets up the processes without fixing a mixed precision, which the SFT
     # phase (or a later method in `metatuner compare`) chooses when it makes its own Accelerator.
     state = PartialState(cpu=cfg.model.device == "cpu")
-    torch.manual_seed(cfg.seed)
-    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
+    run = start_run(cfg, out, state.is_main_process)
+    task, p0 = run.task, run.p0
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
-    p0 = cfg.data.prompt or task.default_prompt
     kwargs = search_settings_kwargs(cfg)
 
     generator, actor, g_tok, m_tok = _load(cfg, state)
@@ -82,14 +79,11 @@ def train_better_together(cfg: RunConfig) -> Path:
     (out / "best_prompt.txt").write_text(second.best + "\n")
     phases = {"search_before_sft": search_metrics(first, len(first.dev_ids)), "sft": sft_metrics,
               "search_after_sft": search_metrics(second, len(second.dev_ids))}
-    metrics = {
-        "method": "better_together", "command": command_line(),
-        "train_seconds": round(sum(p["train_seconds"] for p in phases.values()), 1),
-        "train_examples": sum(p["train_examples"] for p in phases.values()),
-        "unique_train_examples": len(examples), "peak_rss_mb": peak_rss_mb(),
-        "best_prompt": second.best, "sft_prompt": first.best, "phases": phases,
-    }
-    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_metrics(out, run_metrics(
+        "better_together", train_seconds=round(sum(p["train_seconds"] for p in phases.values()), 1),
+        train_examples=sum(p["train_examples"] for p in phases.values()), unique_train_examples=len(examples),
+        history={f"sft/{k}": v for k, v in sft_metrics["history"].items()}, best_prompt=second.best,
+        sft_prompt=first.best, phases=phases))
     state.wait_for_everyone()
     return out
 

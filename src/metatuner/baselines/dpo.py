@@ -26,13 +26,14 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from trl import DPOConfig, DPOTrainer
 
-from ..config import RunConfig, to_yaml
+from ..config import RunConfig
 from ..evaluate import option_means
 from ..generation import generate, score_choices, task_chats
 from ..models import load_model
-from ..runtime import command_line, peak_rss_mb, resolve_precision
-from ..tasks import check_lengths, get_task, token_counter
+from ..runtime import resolve_precision
+from ..tasks import check_lengths, token_counter
 from ..tasks.base import Example, Task
+from ..trainer import open_run_folder, run_metrics, start_run, write_metrics
 
 
 def pair_from_samples(task: Task, example: Example, samples: list[str], gold_fallback: bool) -> dict | None:
@@ -87,13 +88,10 @@ def preference_pairs(model, tokenizer, task: Task, examples: list[Example], prom
 
 def train_dpo(cfg: RunConfig) -> Path:
     """Sample preference pairs with the policy, then DPO-tune its LoRA weights; returns the run folder."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
-    torch.manual_seed(cfg.seed)
-    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
+    out = open_run_folder(cfg)
+    run = start_run(cfg, out)
+    task, prompt = run.task, run.p0
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
-    prompt = cfg.data.prompt or task.default_prompt
     start = time.perf_counter()
 
     model, tokenizer = load_model(cfg.model.actor or cfg.model.name, cfg.model.dtype, cfg.model.device,
@@ -137,13 +135,11 @@ def train_dpo(cfg: RunConfig) -> Path:
     trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
 
     logged = [row for row in trainer.state.log_history if "loss" in row]
-    metrics = {
-        "method": "dpo", "command": command_line(), "train_examples": len(examples), "pairs": len(pairs),
-        "train_steps": trainer.state.global_step, "sampling_seconds": round(sampling_seconds, 1),
-        "train_seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": peak_rss_mb(),
-        "loss_curve": [row["loss"] for row in logged],
-        "reward_accuracy_curve": [row.get("rewards/accuracies") for row in logged],
-        "precision": precision.as_dict(),
-    }
-    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # TRL logs every `train.log_every` steps: one history value per logging interval.
+    write_metrics(out, run_metrics(
+        "dpo", train_examples=len(examples), unique_train_examples=len(examples), pairs=len(pairs),
+        steps=trainer.state.global_step, sampling_seconds=round(sampling_seconds, 1),
+        train_seconds=round(time.perf_counter() - start, 1), precision=precision.as_dict(),
+        history={"train/loss": [row["loss"] for row in logged],
+                 "train/reward_accuracy": [row.get("rewards/accuracies") for row in logged]}))
     return out

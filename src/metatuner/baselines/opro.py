@@ -35,19 +35,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Sequence
 
-import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, SearchSettings, to_yaml
+from ..config import RunConfig, SearchSettings
 from ..distributed import sum_across
 from ..evaluate import evaluate
 from ..generation import chat_prompt, generate, score_targets, task_chats
 from ..models import load_generator_and_actor
-from ..runtime import command_line, peak_rss_mb
-from ..tasks import get_task
 from ..tasks.base import Example, Task
+from ..trainer import open_run_folder, run_metrics, start_run, write_metrics
 
 # OPRO's meta-prompt for GSM8K (its Figure 3), worded for a chat model. The assistant turn is opened with <INS>
 # and generation stops at </INS>, so even a small generator answers with the instruction alone.
@@ -276,7 +274,7 @@ def search_metrics(result: SearchResult, n_dev: int) -> dict:
     return {"train_seconds": round(result.seconds, 1), "train_examples": result.examples_scored,
             "unique_train_examples": n_dev, "instructions_scored": result.instructions_scored,
             "generated_tokens": result.generated_tokens, "scorer": result.scorer,
-            "p0_dev_score": result.p0_score, "best_dev_score": result.best_score}
+            "p0_dev_score": result.p0_score, "best_dev_score": result.best_score, "history": {}}
 
 
 def search_device(cfg: RunConfig, state) -> str:
@@ -286,24 +284,20 @@ def search_device(cfg: RunConfig, state) -> str:
 
 def train_opro(cfg: RunConfig) -> Path:
     """Run the OPRO-like search described by `cfg`; returns the run folder (best instruction in best_prompt.txt)."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_run_folder(cfg)
     # PartialState, not Accelerator: it sets up the processes without fixing a mixed precision, which the SFT
     # phase (or a later method in `metatuner compare`) chooses when it makes its own Accelerator.
     state = PartialState(cpu=cfg.model.device == "cpu")
-    torch.manual_seed(cfg.seed)  # the proposals are sampled
-    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
+    run = start_run(cfg, out, state.is_main_process)  # the seed: the proposals are sampled
+    task = run.task
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     generator, actor, g_tok, m_tok = load_generator_and_actor(
         cfg.model.name, cfg.model.actor, cfg.model.dtype, search_device(cfg, state), cfg.model.trust_remote_code)
-    result = search_instructions(actor, m_tok, task, examples, [cfg.data.prompt or task.default_prompt], cfg.search,
+    result = search_instructions(actor, m_tok, task, examples, [run.p0], cfg.search,
                                  generator=generator, g_tokenizer=g_tok, accelerator=state,
                                  **search_settings_kwargs(cfg))
     if state.is_main_process:
-        (out / "config.yaml").write_text(to_yaml(cfg))
         result.write(out)
-        metrics = {"method": "opro", "command": command_line(), **search_metrics(result, len(result.dev_ids)),
-                   "peak_rss_mb": peak_rss_mb(), "best_prompt": result.best}
-        (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+        write_metrics(out, run_metrics("opro", **search_metrics(result, len(result.dev_ids)), best_prompt=result.best))
     state.wait_for_everyone()
     return out

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.utils.other import fsdp_auto_wrap_policy
@@ -37,14 +36,15 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from ..batching import shuffled_batches
-from ..checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from ..config import RunConfig, to_yaml
+from ..checkpoint import CheckpointError, find_checkpoint, save_checkpoint
+from ..config import RunConfig
 from ..distributed import end_training, rank_rng_states, restore_rank_rng
 from ..generation import base_model, lm_batch, task_chats
 from ..memory_estimate import check_memory
 from ..models import load_model
-from ..runtime import command_line, peak_rss_mb, resolve_precision
-from ..tasks import check_lengths, get_task, token_counter
+from ..tasks import check_lengths, token_counter
+from ..trainer import (StepControl, find_resume, make_accelerator, open_run_folder, run_metrics, start_run,
+                       write_metrics)
 
 
 def sft_pairs(task, examples, prompt: str, tokenizer) -> list[tuple[str, str]]:
@@ -73,23 +73,11 @@ def forward_lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def train_sft(cfg: RunConfig) -> Path:
     """Train the LoRA SFT baseline described by `cfg`; returns the run folder."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)
-    accelerator = Accelerator(
-        mixed_precision=precision.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with="tensorboard",
-        project_dir=str(out),
-        cpu=cfg.model.device == "cpu",
-    )
-    if accelerator.is_main_process:
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        precision.announce()
-    torch.manual_seed(cfg.seed)
-    task = get_task(cfg.data.task, **cfg.data.task_kwargs())
+    out = open_run_folder(cfg)
+    accelerator, precision = make_accelerator(cfg, out, gradient_accumulation_steps=cfg.train.grad_accum)
+    run = start_run(cfg, out, accelerator.is_main_process, precision)
+    task, prompt = run.task, run.p0
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
-    prompt = cfg.data.prompt or task.default_prompt
 
     if cfg.train.check_memory:
         check_memory(cfg, accelerator.device, accelerator.num_processes, verbose=accelerator.is_main_process)
@@ -130,14 +118,13 @@ def train_sft(cfg: RunConfig) -> Path:
     batches = shuffled_batches(len(pairs), cfg.train.batch_size, random.Random(cfg.seed),
                                min_rows=accelerator.num_processes)
     step, seen, tokens, losses, start = 0, 0, 0, [], time.perf_counter()
-    resume_from = find_checkpoint(out, cfg.train.resume) if cfg.train.resume else None
-    if (cfg.train.save_every or resume_from) and accelerator.distributed_type in (DistributedType.FSDP,
+    ckpt = find_resume(cfg, out)
+    if (cfg.train.save_every or ckpt is not None) and accelerator.distributed_type in (DistributedType.FSDP,
                                                                                DistributedType.DEEPSPEED):
         raise ValueError(f"train.save_every and --resume for the SFT baseline work under one process or DDP; "
                          f"{accelerator.distributed_type} shards the optimizer state across processes. Set "
                          "train.save_every=0 or launch with configs/accelerate/ddp.yaml.")
-    if resume_from:
-        ckpt = load_checkpoint(resume_from)
+    if ckpt is not None:
         result = set_peft_model_state_dict(accelerator.unwrap_model(model), ckpt.tensors)
         if getattr(result, "unexpected_keys", None):
             raise CheckpointError(f"{ckpt.path}: weights do not fit this adapter: {result.unexpected_keys[:3]}")
@@ -148,51 +135,53 @@ def train_sft(cfg: RunConfig) -> Path:
         for _ in range(step * cfg.train.grad_accum):  # the data position: the batches already trained on
             next(batches)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> Path | None:
         ranks = rank_rng_states(accelerator)  # collective: every rank sends its RNG states
+        path = None
         if accelerator.is_main_process:
-            save_checkpoint(out, step, tensors=get_peft_model_state_dict(accelerator.unwrap_model(model)),
+            path = save_checkpoint(out, step, tensors=get_peft_model_state_dict(accelerator.unwrap_model(model)),
                             optimizer=optimizer, scheduler=scheduler, keep=cfg.train.keep_checkpoints, state={
                                 "seen": seen, "tokens": tokens, "losses": losses, "config": asdict(cfg),
                                 "elapsed": time.perf_counter() - start, **({"rank_rng": ranks} if ranks else {})})
         accelerator.wait_for_everyone()
+        return path or find_checkpoint(out, "auto")
 
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=not accelerator.is_main_process, unit="step")
-    while step < total_steps:
-        batch_rows = next(batches)
-        rows = batch_rows[accelerator.process_index :: accelerator.num_processes]
-        batch = lm_batch(
-            tokenizer, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
-            cfg.train.max_length, device=accelerator.device,
-        )
-        with accelerator.accumulate(model):
-            loss = forward_lm_loss(model, batch)
-            # The loss is a mean over this rank's target tokens and DDP/FSDP/ZeRO average gradients over
-            # ranks; weighting by this rank's share of the batch's tokens makes that average the gradient of
-            # the batch's token mean, the same as one process computing the whole batch.
-            local = (batch["labels"] != -100).sum().float()
-            total, loss_sum = accelerator.reduce(torch.stack([local, loss.detach() * local]), "sum").tolist()
-            accelerator.backward(loss * (local / total * accelerator.num_processes))
-            if accelerator.sync_gradients and cfg.train.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
+    with StepControl(cfg.train.save_every, accelerator, save=checkpoint) as control:
+        while step < total_steps:
+            batch_rows = next(batches)
+            rows = batch_rows[accelerator.process_index :: accelerator.num_processes]
+            batch = lm_batch(
+                tokenizer, [pairs[i][0] for i in rows], [pairs[i][1] for i in rows],
+                cfg.train.max_length, device=accelerator.device,
+            )
+            with accelerator.accumulate(model):
+                loss = forward_lm_loss(model, batch)
+                # The loss is a mean over this rank's target tokens and DDP/FSDP/ZeRO average gradients over
+                # ranks; weighting by this rank's share of the batch's tokens makes that average the gradient of
+                # the batch's token mean, the same as one process computing the whole batch.
+                local = (batch["labels"] != -100).sum().float()
+                total, loss_sum = accelerator.reduce(torch.stack([local, loss.detach() * local]), "sum").tolist()
+                accelerator.backward(loss * (local / total * accelerator.num_processes))
+                if accelerator.sync_gradients and cfg.train.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            seen += len(batch_rows)
+            tokens += int(total)
+            losses.append(loss_sum / total)
             if accelerator.sync_gradients:
-                scheduler.step()
-            optimizer.zero_grad()
-        seen += len(batch_rows)
-        tokens += int(total)
-        losses.append(loss_sum / total)
-        if accelerator.sync_gradients:
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                recent = losses[-cfg.train.log_every * cfg.train.grad_accum :]
-                accelerator.log({"train/loss": sum(recent) / len(recent),
-                                 "train/lr": scheduler.get_last_lr()[0],
-                                 "train/examples_seen": seen}, step=step)
-            if cfg.train.save_every and (step % cfg.train.save_every == 0 or step == total_steps):
-                checkpoint(step)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    recent = losses[-cfg.train.log_every * cfg.train.grad_accum :]
+                    accelerator.log({"train/loss": sum(recent) / len(recent),
+                                     "train/lr": scheduler.get_last_lr()[0],
+                                     "train/examples_seen": seen}, step=step)
+                control.after_step(step, total_steps)  # periodic checkpoint; SIGINT/SIGTERM: save and stop
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -203,12 +192,11 @@ def train_sft(cfg: RunConfig) -> Path:
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(out / "adapter", state_dict=state)
         tokenizer.save_pretrained(out / "adapter")
-        (out / "train_metrics.json").write_text(json.dumps({
-            "method": "sft", "command": command_line(), "steps": step, "train_examples": seen, "unique_train_examples": len(pairs),
-            "target_tokens": tokens, "train_seconds": round(seconds, 1), "peak_rss_mb": peak_rss_mb(),
-            "target_tokens_per_s": round(tokens / seconds, 1), "first_loss": losses[0], "final_loss": losses[-1],
-            "loss_curve": losses, "precision": precision.as_dict(),
-        }, indent=2) + "\n")
+        write_metrics(out, run_metrics(
+            "sft", steps=step, train_examples=seen, unique_train_examples=len(pairs), target_tokens=tokens,
+            train_seconds=round(seconds, 1), target_tokens_per_s=round(tokens / seconds, 1), first_loss=losses[0],
+            final_loss=losses[-1], precision=precision.as_dict(), history={"train/loss": losses}),
+            accelerator, step=step)
     accelerator.wait_for_everyone()  # callers (BetterTogether) read adapter/ next, on every process
     end_training(accelerator)
     return out
