@@ -233,6 +233,7 @@ def test_add_intervals_pairs_the_shared_items_and_subtracts_the_method_from_meta
     assert "ci_vs_metatuner_j" not in results["methods"]["metatuner_j"]
 
 
+@pytest.mark.fault
 def test_fault_a_run_stopped_before_its_metrics_resumes_and_writes_them(tiny_dir, tmp_path):
     """Fails if a run whose model was saved but whose train_metrics.json was not (the process stopped between the two)
     counts as trained: its row would then lack its training budget, or it would be retrained from scratch."""

@@ -135,3 +135,22 @@ def test_from_metatuner_import_metatuner_loads_the_model_and_not_the_trainer():
             "from metatuner import MetaTuner\nfrom metatuner.model import MetaTuner as M\nassert MetaTuner is M\n"
             "assert 'metatuner.train' not in sys.modules, 'inference imported the trainer'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tests_named_for_a_reliability_group_carry_its_marker():
+    """`-m "bad_input or fault or trust"` selects the reliability tests (docs/reliability.md); a new test named
+    test_fault_... without its marker would silently drop out of that selection."""
+    tests = Path(__file__).resolve().parent
+    missing = []
+    for path in sorted(tests.glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        module_marks = {ast.unparse(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                        and any(isinstance(t, ast.Name) and t.id == "pytestmark" for t in n.targets)}
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            marks = module_marks | {ast.unparse(d) for d in node.decorator_list}
+            for group, prefix in (("bad_input", "bad_input"), ("fault", "test_fault"), ("trust", "test_trust")):
+                if prefix in node.name and f"pytest.mark.{group}" not in marks:
+                    missing.append(f"{path.name}::{node.name} ({group})")
+    assert missing == [], missing

@@ -5,20 +5,23 @@
     accelerate launch --config_file configs/accelerate/ddp.yaml -m metatuner train --config ...   # N GPUs
     torchrun --standalone --nproc_per_node 2 -m metatuner train --config ... model.device=cpu   # 2 CPU processes
 
-Each step, for a batch of training queries x with initial instruction p0:
-1. G encodes the rewrite request (p0, x) once with {phi_s, phi_p'}: h for the hypernetwork, and a greedy prompt p.
+Each step (`JointTraining.step`), for a batch of training queries x with initial instruction p0:
+1. Write: G encodes the rewrite request (p0, x) once with {phi_s, phi_p'}: h for the hypernetwork, and a greedy
+   prompt p.
 2. Task loss: NLL of y under M with LoRA F(h) given (p, x). Reaches phi_q and phi_s (through h).
 3. Rollouts (every `rollout_every` SR steps): n sampled prompts + p0 + the stored best, scored through M with the
    query's LoRA; the best goes to D2 when it beats the stored one.
 4. SR loss: NLL of D2's prompt for x under {phi_s, phi_p}, weighted by alpha. Reaches phi_s and phi_p.
+5. Update: gradients averaged over the ranks, clipped, AdamW; skipped when a loss or the gradient is not finite.
 J adds both losses every step; I alternates blocks of `interleave_block` steps. phi_p' <- phi_p every `sync_every`.
+Between steps, whatever the step did, `trainer.StepControl` writes the periodic checkpoint and stops on a signal.
 
 Under N processes each takes 1/N of every step's batch (the batch is a pure function of the step), rollouts run on
 each rank's own queries and the D2 updates are merged on every rank, the trainable gradients are averaged, and only
 the main process writes (`distributed.py` says why the gradients are averaged by hand rather than by DDP).
 
-The run folder gets config.yaml, TensorBoard scalars under tb/, train_metrics.json, and model/ (safetensors
-weights of every trainable part) with expert_prompts.json (D2) beside it.
+The run folder gets config.yaml, TensorBoard scalars under tb/, train_metrics.json (the schema in `trainer.py`),
+and model/ (safetensors weights of every trainable part) with expert_prompts.json (D2) beside it.
 """
 
 from __future__ import annotations

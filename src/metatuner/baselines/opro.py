@@ -221,16 +221,9 @@ def search_instructions(
         demos = rng.sample(demo_pool, min(settings.examples_in_meta_prompt, len(demo_pool)))
         request = chat_prompt(g_tokenizer, [{"role": "user", "content": meta_prompt(
             [(i, scores[i]) for i in top], demos, settings.scorer)}]) + OPEN_TAG
-        texts, new_tokens = [None] * settings.proposals_per_round, [0]
-        if main:  # one process samples, so N processes propose what one would; the others receive the texts
-            with generator_context() if generator_context else contextlib.nullcontext():
-                out = generate(generator, g_tokenizer, [request] * settings.proposals_per_round,
-                               max_new_tokens=settings.max_instruction_tokens, do_sample=True,
-                               temperature=settings.temperature, stop_strings=[CLOSE_TAG], batch_size=batch_size)
-            texts, new_tokens = list(out.texts), [sum(out.new_tokens)]
-        if accelerator is not None and accelerator.num_processes > 1:
-            texts, new_tokens = broadcast_object_list([texts, new_tokens])
-        generated_tokens += new_tokens[0]
+        texts, new_tokens = _propose(generator, g_tokenizer, request, settings, batch_size, generator_context,
+                                     accelerator)
+        generated_tokens += new_tokens
         for raw in texts:
             ins = clean_instruction(raw)
             entry = {"round": round_, "source": "proposal", "instruction": ins, "raw": raw}
@@ -254,6 +247,22 @@ def search_instructions(
         examples_scored=score.examples_scored, generated_tokens=generated_tokens,
         seconds=time.perf_counter() - start,
     )
+
+
+def _propose(generator, g_tokenizer, request: str, settings: SearchSettings, batch_size: int,
+             generator_context: Callable[[], ContextManager] | None, accelerator) -> tuple[list[str], int]:
+    """A round's proposals and their generated tokens. One process samples, so N processes propose what one
+    would; the others receive the texts."""
+    texts, new_tokens = [None] * settings.proposals_per_round, [0]
+    if accelerator is None or accelerator.is_main_process:
+        with generator_context() if generator_context else contextlib.nullcontext():
+            out = generate(generator, g_tokenizer, [request] * settings.proposals_per_round,
+                           max_new_tokens=settings.max_instruction_tokens, do_sample=True,
+                           temperature=settings.temperature, stop_strings=[CLOSE_TAG], batch_size=batch_size)
+        texts, new_tokens = list(out.texts), [sum(out.new_tokens)]
+    if accelerator is not None and accelerator.num_processes > 1:
+        texts, new_tokens = broadcast_object_list([texts, new_tokens])
+    return texts, new_tokens[0]
 
 
 def _ranked(scores: dict[str, float]) -> list[str]:

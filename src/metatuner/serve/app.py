@@ -37,6 +37,12 @@ log = logging.getLogger("metatuner.serve")
 
 
 def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app: routes, error handlers and the scheduler's lifespan.
+
+    Longer than a screen on purpose: FastAPI routes are closures over the app's scheduler, metrics and settings,
+    and keeping them in this one function keeps every route beside the others it shares them with (moving them
+    out would need a module-level app or a dependency for each of the three).
+    """
     metrics = ServeMetrics()
     scheduler = Scheduler(Engine(backend), settings, metrics)
 
@@ -91,6 +97,8 @@ def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
         return await _answer(request, "completion", body, body.text(), body.requested_tokens())
 
     async def _answer(request: Request, kind: str, body, text: str, requested: int | None):
+        """Both completion routes: check, queue, then stream or collect. One function (about 85 lines) because
+        the streamed and the collected answer share every check and the cancellation of a disconnected client."""
         start = time.monotonic()
         if body.model != backend.name:
             raise RequestError(f"model: {body.model!r} is not served here; this server serves {backend.name!r}",
