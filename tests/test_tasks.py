@@ -9,6 +9,7 @@ import pytest
 import metatuner.tasks.cosmosqa as cosmosqa_module
 import metatuner.tasks.gsm8k as gsm8k_module
 import metatuner.tasks.hotpotqa as hotpotqa_module
+import metatuner.tasks.hub as hub_module
 import metatuner.tasks.math as math_module
 from metatuner.tasks import (
     CosmosQATask,
@@ -148,7 +149,7 @@ def test_bad_input_hub_rows_are_checked_like_files(monkeypatch):
         seen.append((repo, config, split))
         return rows
 
-    monkeypatch.setattr(gsm8k_module, "load_hub_rows", fake_hub)
+    monkeypatch.setattr(hub_module, "load_hub_rows", fake_hub)
     with pytest.raises(DataError, match=r"hf://openai/gsm8k\[main\]:test, row 2, field 'answer'"):
         GSM8KTask().load("test")
     assert seen == [("openai/gsm8k", "main", "test")]
@@ -274,7 +275,7 @@ def test_cosmosqa_row_split_and_examples():
 def test_cosmosqa_hub_uses_validation_as_test(monkeypatch):
     row = {"id": "x", "context": "c", "question": "q", "label": 3} | {f"answer{i}": f"option {i}" for i in range(4)}
     calls = []
-    monkeypatch.setattr(cosmosqa_module, "load_hub_rows", lambda repo, config, split: calls.append(split) or [row])
+    monkeypatch.setattr(hub_module, "load_hub_rows", lambda repo, config, split: calls.append(split) or [row])
     assert CosmosQATask().load("test")[0].answer == "D" and calls == ["validation"]
 
 
@@ -362,12 +363,12 @@ def test_hotpotqa_fixture_both_context_forms():
 def test_hotpotqa_and_math_hub_splits(monkeypatch):
     hotpot_row = json.loads(fixture_path("hotpotqa.jsonl").read_text().splitlines()[0])
     calls = []
-    monkeypatch.setattr(hotpotqa_module, "load_hub_rows", lambda *args: calls.append(args) or [hotpot_row])
+    monkeypatch.setattr(hub_module, "load_hub_rows", lambda *args: calls.append(args) or [hotpot_row])
     assert get_task("hotpotqa").load("test")[0].answer == "Paris"
     assert calls == [("hotpotqa/hotpot_qa", "distractor", "validation")]
     math_row = {"problem": "p", "solution": "so \\boxed{2}", "level": "Level 1", "type": "Algebra"}
     calls.clear()
-    monkeypatch.setattr(math_module, "load_hub_rows", lambda *args: calls.append(args) or [math_row])
+    monkeypatch.setattr(hub_module, "load_hub_rows", lambda *args: calls.append(args) or [math_row])
     assert len(get_task("math").load("train")) == 7 and {c[1] for c in calls} == set(math_module.HENDRYCKS_SUBJECTS)
     calls.clear()
     assert get_task("math").load("test")[0].answer == "2" and calls == [("HuggingFaceH4/MATH-500", None, "test")]

@@ -293,8 +293,6 @@ class MetaTuner(nn.Module):
         else:
             with self.role("writer"), torch.set_grad_enabled(with_grad):
                 h, out, batch = self._prefill(requests)
-        if not self.settings.use_prompt:
-            return WrittenPrompts(None, h)
         with self.role("writer"):
             prompts = self._decode(out, batch, temperature=0.0)
         return WrittenPrompts(prompts, h)

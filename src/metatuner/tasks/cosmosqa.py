@@ -26,8 +26,8 @@ import re
 from typing import Any
 
 from .base import Example, Task
-from .data_io import OnBadRow, RowError, check_rows, read_table
-from .hub import check_split, hub_source, load_hub_rows, number_rows
+from .data_io import OnBadRow, RowError, read_table
+from .hub import check_split, hub_split_rows
 
 LETTERS = "ABCD"
 FIELDS = ("id", "context", "question", "answer0", "answer1", "answer2", "answer3", "label")
@@ -72,15 +72,8 @@ class CosmosQATask(Task):
             rows = self._row_split(rows, split, path)
         else:
             hub_split = self.HUB_SPLITS[split]
-            rows = check_rows(
-                number_rows(load_hub_rows(self.HUB_ID, None, hub_split)),
-                hub_source(self.HUB_ID, None, hub_split),
-                FIELDS,
-                self.on_bad_row,
-                id_field="id",
-                validate=_validate,
-                unit="row",
-            )
+            rows = hub_split_rows(self.HUB_ID, None, hub_split, FIELDS, self.on_bad_row, id_field="id",
+                                  validate=_validate)
         return [_example(row) for row in rows[:limit]]
 
     def _row_split(self, rows: list[dict[str, Any]], split: str, path: str) -> list[dict[str, Any]]:

@@ -22,8 +22,8 @@ import re
 
 from .answers import is_number, last_number, normalize_number
 from .base import Example, Task
-from .data_io import OnBadRow, RowError, check_rows, read_table
-from .hub import check_split, hub_source, load_hub_rows, number_rows
+from .data_io import OnBadRow, RowError, read_table
+from .hub import check_split, hub_split_rows
 
 # lm-eval's strict-match patterns (the cot one without its final wildcard, see the module docstring).
 STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)|The answer is (\-?[0-9\.\,]+)")
@@ -71,14 +71,8 @@ class GSM8KTask(Task):
             rows = read_table(path, ("question", "answer"), self.on_bad_row, validate=_validate)
         else:
             check_split(split)
-            rows = check_rows(
-                number_rows(load_hub_rows(self.HUB_ID, self.HUB_CONFIG, split)),
-                hub_source(self.HUB_ID, self.HUB_CONFIG, split),
-                ("question", "answer"),
-                self.on_bad_row,
-                validate=_validate,
-                unit="row",
-            )
+            rows = hub_split_rows(self.HUB_ID, self.HUB_CONFIG, split, ("question", "answer"), self.on_bad_row,
+                                  validate=_validate)
         examples = []
         for index, row in enumerate(rows[:limit]):
             target, answer = rationale_to_target(row["answer"])

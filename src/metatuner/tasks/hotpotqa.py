@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from .answers import answer_span, first_line
 from .base import Example, Task
-from .data_io import OnBadRow, RowError, check_rows, read_table
-from .hub import check_split, hub_source, load_hub_rows, number_rows
+from .data_io import OnBadRow, RowError, read_table
+from .hub import check_split, hub_split_rows
 
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
@@ -91,15 +91,8 @@ class HotpotQATask(Task):
             rows = read_table(path, ("question", "answer"), self.on_bad_row, id_field="id", validate=_validate)
         else:
             hub_split = self.HUB_SPLITS[check_split(split)]
-            rows = check_rows(
-                number_rows(load_hub_rows(self.HUB_ID, self.HUB_CONFIG, hub_split)),
-                hub_source(self.HUB_ID, self.HUB_CONFIG, hub_split),
-                ("question", "answer"),
-                self.on_bad_row,
-                id_field="id",
-                validate=_validate,
-                unit="row",
-            )
+            rows = hub_split_rows(self.HUB_ID, self.HUB_CONFIG, hub_split, ("question", "answer"), self.on_bad_row,
+                                  id_field="id", validate=_validate)
         return [self._example(row) for row in rows[:limit]]
 
     def _example(self, row: dict[str, Any]) -> Example:

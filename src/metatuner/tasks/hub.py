@@ -1,6 +1,7 @@
 """Loading a split from the Hugging Face hub, and the split names tasks accept.
 
     rows = load_hub_rows("openai/gsm8k", "main", "test")     # list of plain dicts
+    rows = hub_split_rows("openai/gsm8k", "main", "test", ("question", "answer"), "error")   # checked, as files are
 
 `datasets` is imported only here and only when a hub split is actually loaded, so local-file use and the tests
 never touch the network. Hub rows then go through `data_io.check_rows`, the same checks as local files.
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from .data_io import OnBadRow, Validator, check_rows
 
 #: The split names every task understands; tasks map them to the hub's own split names.
 SPLITS = ("train", "test")
@@ -43,3 +46,10 @@ def load_hub_rows(repo: str, config: str | None, split: str) -> list[dict[str, A
 def number_rows(rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
     """Hub rows numbered from 1, the shape `check_rows` takes."""
     return list(enumerate(rows, start=1))
+
+
+def hub_split_rows(repo: str, config: str | None, split: str, fields: Sequence[str], on_bad_row: OnBadRow, *,
+                   id_field: str | None = None, validate: Validator | None = None) -> list[dict[str, Any]]:
+    """A hub split's rows through the checks a local file gets (`data_io.check_rows`); errors name the row."""
+    return check_rows(number_rows(load_hub_rows(repo, config, split)), hub_source(repo, config, split), fields,
+                      on_bad_row, id_field=id_field, validate=validate, unit="row")

@@ -23,8 +23,8 @@ from typing import Any
 
 from .answers import answer_span, last_boxed
 from .base import Example, Task
-from .data_io import OnBadRow, RowError, check_rows, read_table
-from .hub import check_split, hub_source, load_hub_rows, number_rows
+from .data_io import OnBadRow, RowError, read_table
+from .hub import check_split, hub_split_rows
 
 logger = logging.getLogger(__name__)
 
@@ -112,14 +112,7 @@ class MATHTask(Task):
         return [_example(row, split, index) for index, row in enumerate(rows[:limit])]
 
     def _hub_rows(self, repo: str, config: str | None, split: str) -> list[dict[str, Any]]:
-        return check_rows(
-            number_rows(load_hub_rows(repo, config, split)),
-            hub_source(repo, config, split),
-            ("problem", "solution"),
-            self.on_bad_row,
-            validate=_validate,
-            unit="row",
-        )
+        return hub_split_rows(repo, config, split, ("problem", "solution"), self.on_bad_row, validate=_validate)
 
     def extract(self, output: str) -> dict[str, str | None]:
         return {"accuracy": extract_math_answer(output)}
