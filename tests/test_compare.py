@@ -200,6 +200,25 @@ def test_a_method_can_set_an_option_to_null(tiny_dir, tmp_path):
     assert cfg.metatuner.warmup_actor_adapter is None and cfg.metatuner.warmup_actor_steps == 2
 
 
+def test_only_runs_started_from_the_sft_adapter_count_its_budget(tiny_dir, tmp_path):
+    """A variant that trains its own warm-up of M (`warmup_actor_adapter: null`) never used the SFT adapter: its
+    budget is its own run's, not SFT's added on top; MetaTuner-J, started from the adapter, counts SFT's."""
+    path = _config(tmp_path, tiny_dir, {"sft": {}, "metatuner_j": {},
+                                        "own_warmup": {"metatuner.warmup_actor_adapter": None,
+                                                       "metatuner.warmup_actor_steps": 1}})
+    results = compare(path)
+    sft, runs = results["methods"]["sft"], tmp_path / "runs"
+    own = results["methods"]["own_warmup"]
+    assert "warmup_train_examples" not in own
+    assert own["train_examples"] == json.loads((runs / "own_warmup" / "train_metrics.json").read_text())["train_examples"]
+    j = results["methods"]["metatuner_j"]
+    j_run = json.loads((runs / "metatuner_j" / "train_metrics.json").read_text())
+    assert j["warmup_train_examples"] == sft["train_examples"]
+    assert j["train_examples"] == j_run["train_examples"] + sft["train_examples"]
+    (tmp_path / "results" / "toy.json").unlink()
+    assert compare(path, report_only=True) == results  # read from the run folders alike
+
+
 def test_paired_bootstrap_against_hand_computed_intervals():
     """Cases whose 95% interval follows from the resampling distribution by hand. Fails on a sign flip (b - a),
     on resampling a and b independently (identical systems would get a wide interval, not [0, 0]) and on other

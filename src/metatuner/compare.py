@@ -370,15 +370,34 @@ def _published_rows(path: Path, samples: Path, names: list[str], results: dict) 
     return kept
 
 
+def _started_from_sft(name: str, runs: Path) -> bool:
+    """Whether the run of `name` started from the SFT run's adapter, as its run folder's config.yaml says (a MetaTuner
+    variant whose overrides set `metatuner.warmup_actor_adapter: null` trains its own warm-up of M instead); a
+    published row kept without a run folder goes by its method name."""
+    config = runs / name / "config.yaml"
+    if not config.is_file():
+        return starts_from_sft(name)
+    if name in BASELINES and name != "dpo":
+        return False
+    key = "dpo.init_adapter" if name == "dpo" else "metatuner.warmup_actor_adapter"
+    adapter = OmegaConf.select(OmegaConf.load(config), key)
+    if not adapter:
+        return False
+    # The SFT run's adapter, also when the runs folder was moved since (config.yaml keeps the path it ran with).
+    return (Path(adapter).resolve() == (runs / "sft" / "adapter").resolve()
+            or Path(adapter).parts[-2:] == ("sft", "adapter"))
+
+
 def _add_warmup_budget(results: dict, runs: Path) -> None:
-    """MetaTuner variants and DPO start from the SFT run's adapter: count that run's examples and seconds in their
-    budget (once: a published row kept as it is has them already)."""
+    """Runs that started from the SFT run's adapter (MetaTuner variants and DPO, unless their overrides say
+    otherwise): count that run's examples and seconds in their budget (once: a published row kept as it is has
+    them already)."""
     sft_run = runs / "sft" / "train_metrics.json"
     sft = json.loads(sft_run.read_text()) if sft_run.is_file() else results["methods"].get("sft")
     if not sft:
         return
     for name, entry in results["methods"].items():
-        if starts_from_sft(name) and "warmup_train_examples" not in entry:
+        if "warmup_train_examples" not in entry and _started_from_sft(name, runs):
             entry["warmup_train_examples"] = sft["train_examples"]
             entry["train_examples"] += sft["train_examples"]
             entry["train_seconds"] = round(entry["train_seconds"] + sft["train_seconds"], 1)
