@@ -217,6 +217,14 @@ def test_only_runs_started_from_the_sft_adapter_count_its_budget(tiny_dir, tmp_p
     assert j["train_examples"] == j_run["train_examples"] + sft["train_examples"]
     (tmp_path / "results" / "toy.json").unlink()
     assert compare(path, report_only=True) == results  # read from the run folders alike
+    (tmp_path / "results" / "toy.json").unlink()
+    from typer.testing import CliRunner
+
+    from metatuner.cli import app
+
+    reported = CliRunner().invoke(app, ["compare", "-c", str(path), "--report-only"])
+    assert reported.exit_code == 0, reported.output
+    assert json.loads((tmp_path / "results" / "toy.json").read_text()) == results
 
 
 def test_paired_bootstrap_against_hand_computed_intervals():

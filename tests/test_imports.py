@@ -137,6 +137,15 @@ def test_from_metatuner_import_metatuner_loads_the_model_and_not_the_trainer():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_compare_report_only_does_not_load_torch():
+    """`metatuner compare --report-only` rewrites the results from the run folders: it took ~8 s importing torch and
+    the training machinery, which it never uses."""
+    code = ("import sys\nimport metatuner.cli, metatuner.compare_report\n"
+            "heavy = [m for m in ('torch', 'peft', 'transformers', 'metatuner.evaluate') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_tests_named_for_a_reliability_group_carry_its_marker():
     """`-m "bad_input or fault or trust"` selects the reliability tests (docs/reliability.md); a new test named
     test_fault_... without its marker would silently drop out of that selection."""

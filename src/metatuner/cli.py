@@ -342,6 +342,14 @@ def compare_cmd(
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing; rewrite the results from the runs."),
 ) -> None:
     """Run every method of a comparison under one budget (skipping finished ones) and write the results table."""
+    if report_only:  # runs nothing: the report side alone, without torch and the training machinery
+        from .compare_report import load_compare_config, write_results
+
+        try:
+            write_results(load_compare_config(config, overrides), config)
+        except ConfigError as err:
+            _fail(str(err))
+        return
     from .compare import compare, load_compare_config, method_config
     from .trainer import TrainingStopped
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
 from .generation import BatchContext, generate, score_choices, task_chats
+from .stats import paired_bootstrap  # noqa: F401 (re-exported: its home before stats.py)
 from .tasks.base import Example, Task
 
 
@@ -114,13 +113,3 @@ def _rank_choices(model, tokenizer, task, examples, chats, batch_size, batch_con
 def option_means(option_scores: list[tuple[float, int]]) -> list[float]:
     """Mean token log-likelihood of each option from `score_choices`' (sum, count): the rule options are ranked by."""
     return [logprob / max(count, 1) for logprob, count in option_scores]
-
-
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_resamples: int = 10_000, seed: int = 0) -> list[float]:
-    """95% interval of mean(a) - mean(b) over items resampled with replacement (a and b scored on the same items)."""
-    if len(a) != len(b) or not a:
-        raise ValueError("paired bootstrap needs two equally long, non-empty score lists")
-    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(n_resamples, len(diffs)))].mean(axis=1)
-    return [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]

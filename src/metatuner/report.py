@@ -17,7 +17,7 @@ import gzip
 import json
 from pathlib import Path
 
-from .evaluate import paired_bootstrap
+from .stats import paired_bootstrap
 
 NOT_SCORES = {"eval_seconds", "train_seconds", "peak_rss_mb"}  # the non-score floats of a results entry
 
