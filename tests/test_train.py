@@ -371,3 +371,14 @@ def test_standardised_hypernetwork_input_keeps_its_statistics_across_save_and_lo
     mt = MetaTuner.from_pretrained(out)
     assert int(mt.hyper.query_norm.count) > 0 and not mt.hyper.training
     assert json.loads((out / "train_metrics.json").read_text())["diagnostics"]["lora_diversity"]["queries"] == 4
+
+
+@pytest.mark.fault
+def test_fault_warm_up_share_is_of_the_visited_queries_when_g_samples_nothing(tiny_dir, tmp_path, monkeypatch):
+    """Fails if the warm-up's improved share is divided by the queries left after narrowing them to D2's entries:
+    when G samples nothing usable, D2 stays empty and that division was by zero."""
+    monkeypatch.setattr(MetaTuner, "sample_prompts", lambda self, requests, n, temperature: [[""] * n for _ in requests])
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "run", "train.max_steps=1", "metatuner.d2_source=samples",
+                               "metatuner.warmup_generator_steps=1"))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["warmup_generator_improved_share"] == 0.0 and metrics["warmup_generator_answer_leak_share"] == 0.0

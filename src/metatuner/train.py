@@ -548,6 +548,7 @@ def warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator,
             improved, leaks, sampled = improved + result.improved, leaks + result.leaks, sampled + result.sampled
         _merge_d2(store, rows, accelerator)
     improved, leaks, sampled = (int(v) for v in sum_across([improved, leaks, sampled], accelerator))
+    improved_share = improved / len(queries)  # of the visited queries, before they are narrowed to D2's below
     optimizer = torch.optim.AdamW(g_params, lr=s.lr_generator)
     if s.d2_source == "samples":  # SR targets are G's own samples: only queries that have one
         queries = [ex for ex in queries if ex.id in store.entries]
@@ -568,7 +569,7 @@ def warm_up_generator(mt, cfg, task, examples, p0, store, g_params, accelerator,
         optimizer.zero_grad(set_to_none=True)
         losses.append(means["sr"])
     mt.sync_frozen()
-    return {"warmup_generator_improved_share": improved / len(queries),
+    return {"warmup_generator_improved_share": improved_share,
             "warmup_generator_answer_leak_share": leaks / max(sampled, 1),
             **({"warmup_generator_sr_loss": [losses[0], losses[-1]]} if losses else {})}
 
