@@ -250,9 +250,9 @@ def _started_from_sft(name: str, runs: Path) -> bool:
     adapter = OmegaConf.select(OmegaConf.load(config), key)
     if not adapter:
         return False
-    # The SFT run's adapter, also when the runs folder was moved since (config.yaml keeps the path it ran with).
-    return (Path(adapter).resolve() == (runs / "sft" / "adapter").resolve()
-            or Path(adapter).parts[-2:] == ("sft", "adapter"))
+    # The SFT run's adapter, matched by its last two parts: config.yaml keeps the path it ran with, which is no longer
+    # this folder's once the runs folder has moved.
+    return Path(adapter).parts[-2:] == ("sft", "adapter")
 
 
 def _add_warmup_budget(results: dict, runs: Path) -> None:
