@@ -87,12 +87,13 @@ def train_cmd(
         _check_train_lengths(cfg)
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as err:  # DataError is a ValueError
         _fail(str(err))
-    if cfg.method == "metatuner":
+    if cfg.method in ("metatuner", "bpo"):  # BPO's run folder is one of MetaTuner's prompt branch alone
+        from .baselines.bpo import train_bpo
         from .train import train_metatuner
         from .trainer import TrainingStopped
 
         try:
-            out = train_metatuner(cfg)
+            out = (train_metatuner if cfg.method == "metatuner" else train_bpo)(cfg)
         except TrainingStopped as err:
             _stopped(err, "Continue with --resume auto.")
         typer.echo(f"trained: {out}")
@@ -100,9 +101,11 @@ def train_cmd(
             _evaluate_run_folder(out, cfg.data.eval_path, cfg.data.eval_split, cfg.data.eval_limit, out / "eval",
                                  cfg.eval.batch_size, cfg.eval.max_new_tokens, cfg.eval.mc_mode, cfg.model.device)
         return
-    if cfg.method in ("opro", "better_together"):
+    if cfg.method in ("opro", "better_together", "rlprompt"):
         if cfg.method == "opro":
             from .baselines.opro import train_opro as train_search
+        elif cfg.method == "rlprompt":
+            from .baselines.rlprompt import train_rlprompt as train_search
         else:
             from .baselines.better_together import train_better_together as train_search
 
@@ -121,6 +124,8 @@ def train_cmd(
         return
     if cfg.method == "dpo":
         from .baselines.dpo import train_dpo as train_adapter
+    elif cfg.method == "grpo":
+        from .baselines.grpo import train_grpo as train_adapter
     else:
         from .baselines.sft import train_sft as train_adapter
 

@@ -6,8 +6,9 @@
 
 The config has a `base` run config shared by all methods and a `methods` map from a method name to its overrides
 (`key: value` in the run config's dotted form). A method's kind comes from its name: `zero_shot`, `sft`, `opro`,
-`better_together`, `dpo`, and everything else is MetaTuner with the given overrides (`metatuner_j`, `metatuner_i`,
-`prompt_only`, `params_only`, `no_share`). A method whose `eval/metrics.json` exists is skipped, so a long
+`better_together`, `dpo`, `grpo`, `bpo` (frozen SFT M), `bpo_zero_shot` (frozen base M), `rlprompt`, and
+everything else is MetaTuner with the given overrides (`metatuner_j`, `metatuner_i`, `prompt_only`, `params_only`,
+`no_share`). A method whose `eval/metrics.json` exists is skipped, so a long
 comparison can span several sittings; a method that starts from the SFT adapter trains it first when it is
 missing. `key=value` overrides after the config apply to `base`, so to every method.
 
@@ -33,8 +34,11 @@ from pathlib import Path
 from peft import PeftModel
 
 from .baselines.better_together import train_better_together
+from .baselines.bpo import train_bpo
 from .baselines.dpo import train_dpo
+from .baselines.grpo import train_grpo
 from .baselines.opro import train_opro
+from .baselines.rlprompt import train_rlprompt
 from .baselines.sft import train_sft
 from .compare_report import (  # noqa: F401 (load_compare_config, method_config: used from here by the CLI and tests)
     BASELINES,
@@ -43,9 +47,13 @@ from .compare_report import (  # noqa: F401 (load_compare_config, method_config:
     for_seed,
     load_compare_config,
     method_config,
+    method_kind,
     starts_from_sft,
     write_results,
 )
+
+ADAPTER_TRAINERS = {"sft": train_sft, "dpo": train_dpo, "grpo": train_grpo}  # each writes <run>/adapter/
+SEARCH_TRAINERS = {"opro": train_opro, "better_together": train_better_together, "rlprompt": train_rlprompt}
 from .config import ConfigError, RunConfig
 from .evaluate import evaluate
 from .model import MetaTuner
@@ -76,11 +84,11 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
     test = eval_items(cfg, run_cfg, task, full)
     kwargs = dict(batch_size=run_cfg.eval.batch_size, max_new_tokens=run_cfg.eval.max_new_tokens,
                   mc_mode=run_cfg.eval.mc_mode)
-    if name in BASELINES:
+    if name in BASELINES and method_kind(name) != "bpo":
         prompt, adapter = run_cfg.data.prompt, None
-        if name in ("sft", "dpo"):
+        if name in ADAPTER_TRAINERS:
             if not _trained(out, out / "adapter" / "adapter_config.json"):
-                (train_sft if name == "sft" else train_dpo)(run_cfg)
+                ADAPTER_TRAINERS[name](run_cfg)
             adapter = out / "adapter"
         elif name in SEARCH_METHODS:
             prompt, adapter = _train_search(run_cfg, name, out)
@@ -89,9 +97,9 @@ def run_method(cfg: CompareConfig, name: str, full: bool = False) -> Path:
         if adapter is not None:
             model = PeftModel.from_pretrained(model, adapter).eval()
         result = evaluate(model, tokenizer, task, test, prompt, **kwargs)
-    else:
+    else:  # MetaTuner variants, and BPO, whose run folder is one of MetaTuner's prompt branch alone
         if not _trained(out, out / "model" / "metatuner.json"):
-            train_metatuner(run_cfg)
+            (train_bpo if method_kind(name) == "bpo" else train_metatuner)(run_cfg)
         mt = MetaTuner.from_pretrained(out, device=run_cfg.model.device)
         result = mt.evaluate(test, **kwargs)
     result.metrics.update(method=name, command=command_line())
@@ -118,10 +126,9 @@ def _ensure_sft_adapter(cfg: CompareConfig, name: str) -> None:
 
 
 def _train_search(run_cfg: RunConfig, name: str, out: Path):
-    """OPRO-like search or BetterTogether; returns the found instruction and the adapter (BetterTogether)."""
-    train = train_opro if name == "opro" else train_better_together
+    """OPRO-like search, BetterTogether or RLPrompt; returns the found instruction and the adapter (BetterTogether)."""
     if not (out / "best_prompt.txt").is_file():
-        train(run_cfg)
+        SEARCH_TRAINERS[name](run_cfg)
     adapter = out / "adapter" if (out / "adapter" / "adapter_config.json").is_file() else None
     return (out / "best_prompt.txt").read_text().strip(), adapter
 

@@ -21,15 +21,26 @@ from .config import ConfigError, RunConfig, load_config, omegaconf_message
 from .report import add_intervals, collect, markdown, per_item_scores, primary_metric
 from .seed_report import seed_markdown, seed_results
 
-SEARCH_METHODS = ("opro", "better_together")
-# Methods that are not MetaTuner variants: each is its own kind of run, named by its method name.
-BASELINES = ("zero_shot", "sft", "dpo", *SEARCH_METHODS)
+# Methods whose result is one task-level instruction (best_prompt.txt), with BetterTogether's adapter.
+SEARCH_METHODS = ("opro", "better_together", "rlprompt")
+# Methods that are not MetaTuner variants: each is its own kind of run, named by its method name, except those in
+# KINDS (`bpo_zero_shot` is a BPO run whose M is the base model).
+BASELINES = ("zero_shot", "sft", "dpo", "grpo", "bpo", "bpo_zero_shot", *SEARCH_METHODS)
+KINDS = {"bpo_zero_shot": "bpo"}
+# The key through which a baseline starts from the SFT run's adapter (its start, or its frozen M); the others do not.
+SFT_ADAPTER_KEYS = {"dpo": "dpo.init_adapter", "grpo": "grpo.init_adapter", "bpo": "bpo.actor_adapter"}
 LOSS_PANEL = "task / SFT loss"
 
 
+def method_kind(name: str) -> str:
+    """What kind of run a comparison's method is: a baseline's own kind, else `metatuner` (a variant)."""
+    return KINDS.get(name, name) if name in BASELINES else "metatuner"
+
+
 def starts_from_sft(name: str) -> bool:
-    """MetaTuner variants and DPO start from the SFT baseline's adapter (zero-shot and the searches do not)."""
-    return name not in ("zero_shot", "sft", *SEARCH_METHODS)
+    """MetaTuner variants, DPO, GRPO and BPO (its frozen M) start from the SFT baseline's adapter (zero-shot, the
+    searches, RLPrompt and `bpo_zero_shot` do not)."""
+    return method_kind(name) == "metatuner" or name in SFT_ADAPTER_KEYS
 
 
 @dataclass
@@ -97,14 +108,15 @@ def _dotlist(overrides: dict[str, Any] | None) -> list[str]:
 
 def method_config(cfg: CompareConfig, name: str) -> RunConfig:
     base = OmegaConf.create(cfg.base)
-    kind = name if name in BASELINES else "metatuner"
+    kind = method_kind(name)
     overrides = [f"method={'sft' if kind == 'zero_shot' else kind}", f"output_dir={Path(cfg.runs_dir) / name}"]
     sft_adapter = Path(cfg.runs_dir) / "sft" / "adapter"
     if kind == "metatuner" and "sft" in cfg.methods:
         # MetaTuner's warm-up of M is the SFT baseline's adapter: the same run, not a second one.
         overrides.append(f"metatuner.warmup_actor_adapter={sft_adapter}")
-    if kind == "dpo" and "sft" in cfg.methods:
-        overrides.append(f"dpo.init_adapter={sft_adapter}")  # DPO starts from (and is anchored to) the SFT policy
+    if name in SFT_ADAPTER_KEYS and "sft" in cfg.methods:
+        # DPO and GRPO start from (and are anchored to) the SFT policy; BPO's frozen M is the SFT model.
+        overrides.append(f"{SFT_ADAPTER_KEYS[name]}={sft_adapter}")
     # A private file per call: comparisons of one config may run as several processes (`--only`) at once.
     fd, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".yaml")
     os.close(fd)
@@ -244,9 +256,9 @@ def _started_from_sft(name: str, runs: Path) -> bool:
     config = runs / name / "config.yaml"
     if not config.is_file():
         return starts_from_sft(name)
-    if name in BASELINES and name != "dpo":
+    if name in BASELINES and name not in SFT_ADAPTER_KEYS:
         return False
-    key = "dpo.init_adapter" if name == "dpo" else "metatuner.warmup_actor_adapter"
+    key = SFT_ADAPTER_KEYS.get(name, "metatuner.warmup_actor_adapter")
     adapter = OmegaConf.select(OmegaConf.load(config), key)
     if not adapter:
         return False
@@ -256,8 +268,8 @@ def _started_from_sft(name: str, runs: Path) -> bool:
 
 
 def _add_warmup_budget(results: dict, runs: Path) -> None:
-    """Runs that started from the SFT run's adapter (MetaTuner variants and DPO, unless their overrides say
-    otherwise): count that run's examples and seconds in their budget (once: a published row kept as it is has
+    """Runs that started from the SFT run's adapter (MetaTuner variants, DPO, GRPO and BPO, unless their overrides
+    say otherwise): count that run's examples and seconds in their budget (once: a published row kept as it is has
     them already)."""
     sft_run = runs / "sft" / "train_metrics.json"
     sft = json.loads(sft_run.read_text()) if sft_run.is_file() else results["methods"].get("sft")

@@ -29,7 +29,7 @@ from .tasks import check_task_options  # light: the task modules import their he
 EMBEDDED_DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
-Method = Literal["sft", "metatuner", "opro", "better_together", "dpo"]
+Method = Literal["sft", "metatuner", "opro", "better_together", "dpo", "grpo", "bpo", "rlprompt"]
 METHODS = Method.__args__
 
 
@@ -45,6 +45,10 @@ class _Checked:
     def _require(self, ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ConfigError(f"`{self.SECTION + '.' if self.SECTION else ''}{key}` {message}")
+
+    def _require_positive(self, *keys: str) -> None:
+        for key in keys:
+            self._require(getattr(self, key) > 0, key, "must be positive")
 
 
 def _help(text: str, default: Any = None, factory: Any = None):
@@ -346,9 +350,116 @@ class DPOSettings(_Checked):
         self._require(self.lr > 0, "lr", "must be positive")
 
 
+# The rewards the RL baselines can train on: the task's checker on M's answer (exact_match) or the gold answer's
+# likelihood under M, as MetaTuner's rollouts score candidates (`rollouts.candidate_scores`).
+RewardKind = Literal["exact_match", "likelihood"]
+
+
+@dataclass
+class GRPOSettings(_Checked):
+    """The PPO-family baseline: RL fine-tuning of M's LoRA (lora.*) with the task's checker as the reward, through
+    TRL's GRPOTrainer (TRL 1.16 has no PPOTrainer; `baselines/grpo.py` says why GRPO stands in for PPO)."""
+
+    init_adapter: Optional[str] = _help(
+        "A PEFT adapter (the comparison passes its SFT run's) to start from; with beta > 0 it is also the KL "
+        "reference. None: a fresh LoRA (lora.*) on the base model, which is then the reference.", None)
+    num_generations: int = _help(
+        "Answers sampled per training question: the group whose rewards are normalised into advantages.", 4)
+    temperature: float = _help("Sampling temperature of those answers.", 1.0)
+    beta: float = _help("Weight of the KL penalty to the reference policy (0: no penalty, no reference pass).", 0.04)
+    epsilon: float = _help("PPO's clipping range of the probability ratio.", 0.2)
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = _help(
+        "How token losses are averaged: grpo (per answer, then over answers), dapo (over all tokens of the batch; "
+        "TRL's default, no length bias) or dr_grpo (by a constant, max_completion_length).", "dapo")
+    scale_rewards: Literal["group", "batch", "none"] = _help(
+        "Rewards are centred on their group's mean and divided by the standard deviation of the group, of the "
+        "batch, or not at all (none).", "group")
+    lr: float = _help("Learning rate (AdamW) of the LoRA weights.", 5.0e-5)
+
+    SECTION: ClassVar[str] = "grpo"
+
+    def __post_init__(self):
+        self._require(self.num_generations >= 2, "num_generations", "must be at least 2 (a group needs two)")
+        self._require(self.beta >= 0, "beta", "must be 0 or more")
+        self._require_positive("temperature", "epsilon", "lr")
+
+
+@dataclass
+class BPOSettings(_Checked):
+    """The BPO-like baseline: G (LoRA shaped by metatuner.g_*) learns to rewrite each query's prompt from the rollouts
+    where its rewrite beat p0 under a frozen M; G's request and prompt length are metatuner.rewrite_template and
+    metatuner.max_prompt_tokens."""
+
+    actor_adapter: Optional[str] = _help(
+        "M's PEFT adapter, frozen (the comparison passes its SFT run's for `bpo`; `bpo_zero_shot` has none). None: "
+        "the base M.", None)
+    samples_per_query: int = _help("Prompts G samples per training query, each scored through M against p0.", 4)
+    temperature: float = _help("Sampling temperature of those prompts.", 0.8)
+    reward: RewardKind = _help(
+        "What judges a prompt: exact_match (the task's checker on M's answer; a sample must score strictly above "
+        "p0 on it, the gold answer's likelihood only breaks ties between samples) or likelihood (minus the gold "
+        "answer's mean NLL under M).", "exact_match")
+    reject_answer_leaks: bool = _help(
+        "Drop sampled prompts that the task's checker scores as a correct answer (they state the gold answer).", True)
+    epochs: int = _help("Passes of G's supervised training over the (query, better prompt) pairs.", 3)
+    lr: float = _help("Learning rate (AdamW) of G's LoRA.", 1.0e-4)
+
+    SECTION: ClassVar[str] = "bpo"
+
+    def __post_init__(self):
+        self._require(self.samples_per_query >= 1, "samples_per_query", "must be at least 1")
+        self._require(self.epochs >= 1, "epochs", "must be at least 1")
+        self._require_positive("temperature", "lr")
+
+
+DEFAULT_RLPROMPT_REQUEST = (
+    "Write a short instruction that helps to answer problems like the examples below. Reply with the instruction "
+    "only.\n\nA first instruction: {instruction}\n\nExamples:\n{question}"
+)
+
+
+@dataclass
+class RLPromptSettings(_Checked):
+    """The RLPrompt-like baseline: G (LoRA shaped by metatuner.g_*) writes one short task-level prompt, trained with
+    REINFORCE on M's reward over training batches (`train.batch_size` questions per step); M stays frozen."""
+
+    samples_per_step: int = _help("Prompts sampled per step, all scored on the step's questions.", 4)
+    temperature: float = _help("Sampling temperature of those prompts.", 1.0)
+    max_prompt_tokens: int = _help("Longest prompt the policy may write, in tokens.", 16)
+    reward: RewardKind = _help(
+        "A prompt's reward on a question: exact_match (the task's checker on M's answer) or likelihood (minus the "
+        "gold answer's mean NLL under M); averaged over the step's questions.", "exact_match")
+    advantage: Literal["zscore", "mean"] = _help(
+        "The step's rewards minus their mean (the baseline), divided by their standard deviation (zscore) or not "
+        "(mean).", "zscore")
+    lr: float = _help("Learning rate (AdamW) of the policy's LoRA.", 1.0e-4)
+    request_template: str = _help(
+        "The policy's request, with {instruction} (p0) and {question} (a few training questions).",
+        DEFAULT_RLPROMPT_REQUEST)
+    examples_in_request: int = _help("Training questions shown in the request (drawn once, outside the dev set).", 2)
+    dev_size: int = _help(
+        "Training items held out to choose the final prompt (never the test split); the policy trains on the rest.",
+        32)
+    finalists: int = _help(
+        "Prompts with the best mean training reward that are scored on the dev set, beside p0 and the policy's "
+        "final greedy prompt.", 4)
+
+    SECTION: ClassVar[str] = "rlprompt"
+
+    def __post_init__(self):
+        self._require(self.samples_per_step >= 2, "samples_per_step", "must be at least 2 (the baseline is their mean)")
+        for key in ("max_prompt_tokens", "dev_size", "finalists"):
+            self._require(getattr(self, key) >= 1, key, "must be at least 1")
+        self._require(self.examples_in_request >= 0, "examples_in_request", "must be 0 or more")
+        self._require_positive("temperature", "lr")
+        self._require("{instruction}" in self.request_template and "{question}" in self.request_template,
+                      "request_template", "must contain {instruction} and {question}")
+
+
 @dataclass
 class RunConfig(_Checked):
-    method: Method = _help("Training method: metatuner, sft, opro, better_together or dpo.", "metatuner")
+    method: Method = _help(
+        "Training method: metatuner, sft, opro, better_together, dpo, grpo, bpo or rlprompt.", "metatuner")
     seed: int = _help("Seed for data order, sampling and initialisation.", 0)
     output_dir: str = _help("Run folder: config, logs, checkpoints, adapter and evaluation.", "runs/${method}-${data.task}")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -359,6 +470,9 @@ class RunConfig(_Checked):
     metatuner: MetaTunerSettings = field(default_factory=MetaTunerSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    bpo: BPOSettings = field(default_factory=BPOSettings)
+    rlprompt: RLPromptSettings = field(default_factory=RLPromptSettings)
 
     def __post_init__(self):
         """Keys of different sections that contradict each other (each section checked its own values)."""

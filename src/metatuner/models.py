@@ -281,8 +281,11 @@ def check_model_settings(cfg) -> None:
     m_linears = g_linears if m_config is g_config else linear_module_names(m_config, trust)
     s = cfg.metatuner
     checks: list[tuple[str, list[str], list[str], str]] = []  # (key, modules, linear names, which model)
-    if cfg.method in ("sft", "better_together", "dpo") or (cfg.method == "metatuner" and s.warmup_actor_steps > 0):
+    if cfg.method in ("sft", "better_together", "dpo", "grpo") or (cfg.method == "metatuner" and
+                                                                   s.warmup_actor_steps > 0):
         checks.append(("lora.target_modules", cfg.lora.target_modules, m_linears, "the actor M"))
+    if cfg.method in ("bpo", "rlprompt"):  # G's prompt branch alone (baselines/prompt_writer.py)
+        checks.append(("metatuner.g_target_modules", s.g_target_modules, g_linears, "the generator G"))
     if cfg.method == "metatuner":
         try:
             resolve_share_depth(s.share_depth, g_config.num_hidden_layers)
