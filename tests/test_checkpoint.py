@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,3 +202,79 @@ def test_resume_sft_from_a_mid_run_checkpoint_ends_like_the_uninterrupted_run(ti
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     curves = [json.loads((d / "train_metrics.json").read_text())["history"]["train/loss"] for d in (straight, resumed)]
     assert curves[0] == curves[1] and len(curves[0]) == 10  # 5 steps x 2 micro-batches
+
+
+# ----- RNG states: one JSON format; checkpoints of the old format (torch's part in rng.safetensors) still load ----
+
+
+def _draws():
+    import random
+
+    import numpy as np
+
+    return torch.rand(4).tolist(), np.random.rand(4).tolist(), [random.random() for _ in range(4)]
+
+
+def _seed_everything(seed):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+
+
+def _rewrite_in_the_old_rng_format(path):
+    """Turn a checkpoint into what checkpoint.py wrote before the one RNG format: torch's CPU state (and
+    "cuda.<device>" states) as tensors in rng.safetensors, only Python's and NumPy's in state.json, and the
+    SHA-256 of rng.safetensors beside the others."""
+    from safetensors.torch import save_file
+
+    state = json.loads((path / "state.json").read_text())
+    rng = state["rng"]
+    tensors = {"torch": torch.tensor(rng.pop("torch"), dtype=torch.uint8)}
+    tensors.update({f"cuda.{d}": torch.tensor(s, dtype=torch.uint8) for d, s in rng.pop("cuda").items()})
+    save_file(tensors, str(path / "rng.safetensors"))
+    state["sha256"]["rng.safetensors"] = ckpt_module._sha256(path / "rng.safetensors")
+    (path / "state.json").write_text(json.dumps(state))
+
+
+def test_rng_states_are_json_in_state_json_and_nothing_else_holds_them(tmp_path):
+    param, optimizer = optimizer_with_state()
+    _seed_everything(3)
+    path = save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "optimizer.json", "optimizer.safetensors", "state.json", "weights.safetensors"]
+    rng = json.loads((path / "state.json").read_text())["rng"]
+    assert rng == ckpt_module.capture_rng_state()  # the same format as every rank's entry under N processes
+    assert set(rng) == {"python", "numpy", "torch", "cuda"} and len(rng["torch"]) == torch.get_rng_state().numel()
+
+
+def test_resume_reads_a_checkpoint_written_in_the_old_rng_format(tmp_path):
+    param, optimizer = optimizer_with_state()
+    _seed_everything(7)
+    path = save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer, state={"x": 1})
+    expected = _draws()
+    _rewrite_in_the_old_rng_format(path)
+    assert "torch" not in json.loads((path / "state.json").read_text())["rng"]
+
+    _seed_everything(0)
+    loaded = load_checkpoint(path)
+    loaded.restore(optimizer_with_state()[1])
+    assert loaded.state == {"x": 1} and _draws() == expected  # torch's stream too, read from rng.safetensors
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("damage", ["missing", "flipped"])
+def test_fault_old_format_checkpoint_with_a_damaged_rng_file_is_named(tmp_path, damage):
+    param, optimizer = optimizer_with_state()
+    path = save_checkpoint(tmp_path, 1, tensors={"p": param}, optimizer=optimizer)
+    _rewrite_in_the_old_rng_format(path)
+    rng_file = path / "rng.safetensors"
+    if damage == "missing":
+        rng_file.unlink()
+    else:  # a byte of tensor data: safetensors reads it without complaint, the checksum does not
+        data = bytearray(rng_file.read_bytes())
+        data[-5] ^= 0xFF
+        rng_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=re.escape(str(rng_file))):
+        load_checkpoint(path)

@@ -85,6 +85,7 @@ def test_ddp_two_processes_train_the_same_metatuner_weights_and_d2_as_one_and_re
     # Checkpoints carry each rank's RNG states, so a resumed DDP run continues each rank's own random stream.
     state = json.loads((two / "checkpoints" / "step-00000004" / "state.json").read_text())
     assert len(state["trainer"]["rank_rng"]) == 2
+    assert all(rank.keys() == state["rng"].keys() for rank in state["trainer"]["rank_rng"])  # one RNG format
     assert state["trainer"]["config"]["train"]["batch_size"] == 4  # the run's config travels with its checkpoint
 
     # Resuming the two-process run from its step-2 checkpoint ends where the uninterrupted run ended.
@@ -208,3 +209,63 @@ def test_fsdp_policy_wraps_trainable_lora_leaves_apart_from_frozen_weights(tiny_
     plugin2 = SimpleNamespace(fsdp_version=2, auto_wrap_policy="TRANSFORMER_BASED_WRAP")
     _wrap_lora_separately(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin2)), model)
     assert plugin2.auto_wrap_policy == "TRANSFORMER_BASED_WRAP"  # FSDP 2 shards per parameter: left alone
+
+
+class _RankOf:
+    """The part of an Accelerator that the per-rank RNG helpers read."""
+
+    def __init__(self, index, processes=2):
+        self.process_index, self.num_processes = index, processes
+
+
+def _draws():
+    import random
+
+    import numpy as np
+
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def _states_of_seeds(*seeds) -> list[dict]:
+    import random
+
+    import numpy as np
+
+    from metatuner.checkpoint import capture_rng_state
+
+    states = []
+    for seed in seeds:
+        torch.manual_seed(seed), np.random.seed(seed), random.seed(seed)
+        states.append(capture_rng_state())
+    return states
+
+
+def test_rank_rng_states_are_the_checkpoints_format_and_each_rank_gets_its_own_back(monkeypatch):
+    """One format: what every rank sends (gathered here without a process group) is `capture_rng_state`'s, the
+    format of a checkpoint's own `rng`; restoring gives rank 1 rank 1's streams, not rank 0's."""
+    from metatuner import distributed
+    from metatuner.checkpoint import capture_rng_state
+
+    monkeypatch.setattr(distributed, "gather_object", lambda objects: objects * 2)
+    sent = distributed.rank_rng_states(_RankOf(0))
+    assert sent == [capture_rng_state()] * 2
+
+    states = _states_of_seeds(1, 2)
+    rank_one_draws = _draws()  # the stream rank 1 saved (seed 2), continued
+    distributed.restore_rank_rng(states, _RankOf(1))
+    assert _draws() == rank_one_draws
+
+
+def test_rank_rng_of_the_old_format_restores_its_gpu_state_onto_the_current_device(monkeypatch):
+    """Before the one format a rank kept only its current GPU's CUDA state, as a flat list: it still goes back
+    there (torch.cuda stood in for, so the branch runs on a CPU-only machine)."""
+    from metatuner import distributed
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state.tolist(), device)))
+    old = [{**state, "cuda": [7] * 16} for state in _states_of_seeds(1, 2)]
+    distributed.restore_rank_rng(old, _RankOf(1))
+    assert restored == [([7] * 16, 1)]

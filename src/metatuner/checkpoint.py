@@ -5,9 +5,12 @@
     ckpt = load_checkpoint(path)                     # .step, .tensors, .state; then .restore(opt, sched)
 
 A checkpoint is a folder `checkpoints/step-00000040/` holding `weights.safetensors` (the caller's trainable
-tensors), `optimizer.safetensors` + `optimizer.json` (the optimizer's tensors and the rest of its state),
-`state.json` (step, scheduler, Python/NumPy RNG states, anything else the trainer wants back) and `rng.safetensors`
-(torch's RNG state). Nothing is pickled. The folder is written under a temporary name, flushed to disk and renamed
+tensors), `optimizer.safetensors` + `optimizer.json` (the optimizer's tensors and the rest of its state) and
+`state.json` (step, scheduler, the RNG states, anything else the trainer wants back). Nothing is pickled: loading a
+checkpoint someone else wrote never runs code. RNG states have one format, `capture_rng_state`'s JSON (Python,
+NumPy, torch CPU and CUDA), in state.json's `rng` and, under N processes, in each rank's entry of the trainer's
+`rank_rng` (`distributed.rank_rng_states`); checkpoints written before it kept torch's part in `rng.safetensors`,
+which `load_checkpoint` still reads. The folder is written under a temporary name, flushed to disk and renamed
 when complete, so a crash or a full disk mid-save leaves the previous checkpoint whole and never a half-written
 one. state.json, written last, records the SHA-256 of every other file: a truncated or corrupted file (even one
 whose damage the safetensors header does not show) is reported by name on load instead of being trained on.
@@ -30,7 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINTS = "checkpoints"
-FILES = ("weights.safetensors", "optimizer.safetensors", "optimizer.json", "state.json", "rng.safetensors")
+FILES = ("weights.safetensors", "optimizer.safetensors", "optimizer.json", "state.json")
+OLD_RNG_FILE = "rng.safetensors"  # torch's RNG state in checkpoints written before the one RNG format
 
 
 class CheckpointError(ValueError):
@@ -57,36 +61,28 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def host_rng_state() -> dict:
-    """Python's and NumPy's RNG states as JSON lists (checkpoints, and each rank's states under N processes)."""
+def capture_rng_state() -> dict:
+    """This process's Python, NumPy, torch CPU and CUDA (every visible device) RNG states as JSON lists: the one
+    format of every RNG state a checkpoint holds. JSON rather than pickle, so reading one back runs no code."""
     python, np_state = random.getstate(), np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {"python": [python[0], list(python[1]), python[2]],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": {str(device): state.tolist() for device, state in enumerate(cuda)}}
 
 
-def set_host_rng_state(state: dict) -> None:
-    """Restore what `host_rng_state` captured."""
+def restore_rng_state(state: dict) -> None:
+    """Restore what `capture_rng_state` captured (CUDA states only onto devices this machine has)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-
-
-def _rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
-    state = host_rng_state()
-    tensors = {"torch": torch.get_rng_state()}
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{i}"] = s
-    return state, tensors
-
-
-def _set_rng_state(state: dict, tensors: dict[str, torch.Tensor]) -> None:
-    set_host_rng_state(state)
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+        for device, cuda in state.get("cuda", {}).items():
+            if int(device) < torch.cuda.device_count():
+                torch.cuda.set_rng_state(torch.tensor(cuda, dtype=torch.uint8), int(device))
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -149,14 +145,12 @@ def save_checkpoint(run_dir: str | Path, step: int, *, tensors: dict[str, torch.
         opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", opt_rest)
-        rng_json, rng_tensors = _rng_state()
-        save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        for name in FILES[:-1]:
+        for name in FILES:
             if name.endswith(".safetensors"):
                 _fsync(tmp / name)
         _write_json(tmp / "state.json", {
             "step": step, "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_json, "trainer": state or {},
+            "rng": capture_rng_state(), "trainer": state or {},
             "sha256": {name: _sha256(tmp / name) for name in FILES if name != "state.json"},
         })
         _fsync(tmp)
@@ -194,45 +188,73 @@ class Checkpoint:
     state: dict  # the trainer's own state
     _optimizer: dict
     _scheduler: dict | None
-    _rng: tuple[dict, dict]
+    _rng: dict  # capture_rng_state's format
 
     def restore(self, optimizer, scheduler=None) -> None:
         """Load the optimizer and scheduler states and the RNG states (call after the model's tensors)."""
         optimizer.load_state_dict(self._optimizer)
         if scheduler is not None and self._scheduler is not None:
             scheduler.load_state_dict(self._scheduler)
-        _set_rng_state(*self._rng)
+        restore_rng_state(self._rng)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint in folder `path`, its files verified against the checksums saved with it; a missing, damaged
+    or corrupted file is a CheckpointError that names it."""
     path = Path(path)
-    for name in FILES:
-        if not (path / name).is_file():
-            raise CheckpointError(f"incomplete checkpoint: {path / name} is missing")
-
-    def read(name, reader):
-        try:
-            return reader(str(path / name))
-        except Exception as err:  # truncated or corrupted: name the file, never guess
-            raise CheckpointError(f"cannot read checkpoint file {path / name}: {err}") from err
-
-    def read_json(p):
-        with open(p) as f:
-            return json.load(f)
-
-    state = read("state.json", read_json)
+    _require(path, FILES)
+    state = _read(path, "state.json", _read_json)
     keys = state if isinstance(state, dict) else {}
     missing = [key for key in ("step", "scheduler", "rng", "trainer") if key not in keys]
-    if missing:
-        raise CheckpointError(f"checkpoint file {path / 'state.json'} is damaged: it lacks {', '.join(missing)}")
-    for name, expected in (state.get("sha256") or {}).items():  # checkpoints from before checksums have none
-        if name in FILES and _sha256(path / name) != expected:
-            raise CheckpointError(f"checkpoint file {path / name} is corrupted (its SHA-256 differs from the one "
-                                  "recorded when it was saved)")
+    if missing or not isinstance(state["rng"], dict):
+        raise CheckpointError(f"checkpoint file {path / 'state.json'} is damaged: it lacks "
+                              f"{', '.join(missing) or 'a readable rng'}")
+    _verify_checksums(path, state.get("sha256") or {})  # checkpoints from before checksums have none
     try:
-        optimizer = _join_optimizer(read("optimizer.safetensors", load_file), read("optimizer.json", read_json))
+        optimizer = _join_optimizer(_read(path, "optimizer.safetensors", load_file),
+                                    _read(path, "optimizer.json", _read_json))
     except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise CheckpointError(f"checkpoint file {path / 'optimizer.json'} does not match "
                               f"{path / 'optimizer.safetensors'}: {err!r}") from err
-    return Checkpoint(path, int(state["step"]), read("weights.safetensors", load_file), state["trainer"], optimizer,
-                      state["scheduler"], (state["rng"], read("rng.safetensors", load_file)))
+    rng = state["rng"] if "torch" in state["rng"] else _rng_of_old_checkpoint(path, state["rng"])
+    return Checkpoint(path, int(state["step"]), _read(path, "weights.safetensors", load_file), state["trainer"],
+                      optimizer, state["scheduler"], rng)
+
+
+def _rng_of_old_checkpoint(path: Path, host_rng: dict) -> dict:
+    """Compatibility with checkpoints written before the one RNG format: their state.json's `rng` held Python's
+    and NumPy's states only, and torch's were tensors in rng.safetensors ("torch", and "cuda.<device>" per GPU).
+    Read as safetensors (nothing unpickled) and returned in `capture_rng_state`'s format."""
+    _require(path, (OLD_RNG_FILE,))
+    tensors = _read(path, OLD_RNG_FILE, load_file)
+    if "torch" not in tensors:
+        raise CheckpointError(f"checkpoint file {path / OLD_RNG_FILE} is damaged: it lacks torch's RNG state")
+    cuda = {key.removeprefix("cuda."): value.tolist() for key, value in tensors.items() if key.startswith("cuda.")}
+    return {**host_rng, "torch": tensors["torch"].tolist(), "cuda": cuda}
+
+
+def _require(path: Path, names) -> None:
+    for name in names:
+        if not (path / name).is_file():
+            raise CheckpointError(f"incomplete checkpoint: {path / name} is missing")
+
+
+def _read(path: Path, name: str, reader):
+    try:
+        return reader(str(path / name))
+    except Exception as err:  # truncated or corrupted: name the file, never guess
+        raise CheckpointError(f"cannot read checkpoint file {path / name}: {err}") from err
+
+
+def _read_json(file: str):
+    with open(file) as f:
+        return json.load(f)
+
+
+def _verify_checksums(path: Path, sha256: dict[str, str]) -> None:
+    for name, expected in sha256.items():
+        if name in (*FILES, OLD_RNG_FILE):
+            _require(path, (name,))
+            if _sha256(path / name) != expected:
+                raise CheckpointError(f"checkpoint file {path / name} is corrupted (its SHA-256 differs from the "
+                                      "one recorded when it was saved)")

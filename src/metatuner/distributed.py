@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType, gather_object
 
-from .checkpoint import host_rng_state, set_host_rng_state
+from .checkpoint import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -110,26 +110,12 @@ def _destroy_at_exit() -> None:
         atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
 
 
-def _rng_snapshot() -> dict:
-    snap = {**host_rng_state(), "torch": torch.get_rng_state().tolist()}
-    if torch.cuda.is_available():
-        snap["cuda"] = torch.cuda.get_rng_state().tolist()
-    return snap
-
-
-def _rng_restore(snap: dict) -> None:
-    set_host_rng_state(snap)
-    torch.set_rng_state(torch.tensor(snap["torch"], dtype=torch.uint8))
-    if "cuda" in snap and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.tensor(snap["cuda"], dtype=torch.uint8))
-
-
 def rank_rng_states(accelerator) -> list[dict] | None:
-    """Every process's Python, NumPy and torch RNG states, for the main process to put in a checkpoint (collective).
-    None in one process: the checkpoint's own RNG states are that process's."""
+    """Every process's RNG states (`checkpoint.capture_rng_state`'s format), for the main process to put in a
+    checkpoint (collective). None in one process: the checkpoint's own RNG states are that process's."""
     if accelerator.num_processes == 1:
         return None
-    return gather_object([_rng_snapshot()])
+    return gather_object([capture_rng_state()])
 
 
 def restore_rank_rng(states: list[dict] | None, accelerator, source: str = "checkpoint") -> None:
@@ -137,7 +123,17 @@ def restore_rank_rng(states: list[dict] | None, accelerator, source: str = "chec
     if accelerator.num_processes == 1 and not states:
         return
     if states and len(states) == accelerator.num_processes:
-        _rng_restore(states[accelerator.process_index])
+        restore_rng_state(_from_old_rank_state(states[accelerator.process_index]))
     else:
         log.warning("%s was written by %d process(es), this run has %d: random sampling will differ from an "
                     "uninterrupted run", source, len(states or [0]), accelerator.num_processes)
+
+
+def _from_old_rank_state(state: dict) -> dict:
+    """Compatibility with checkpoints written before the one RNG format: a rank's `cuda` was the state of its
+    current GPU alone, one flat list, rather than a state per device. Python, NumPy and torch's CPU state were
+    already in today's format."""
+    cuda = state.get("cuda")
+    if isinstance(cuda, list) and torch.cuda.is_available():
+        return {**state, "cuda": {str(torch.cuda.current_device()): cuda}}
+    return state
