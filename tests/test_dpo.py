@@ -13,6 +13,7 @@ from metatuner.baselines.dpo import pair_from_choices, pair_from_samples, train_
 from metatuner.config import load_config
 from metatuner.tasks import get_task
 from metatuner.tasks.base import Example
+from metatuner.testing import tensorboard_scalars
 
 
 @pytest.fixture()
@@ -71,6 +72,11 @@ def test_dpo_trains_from_an_adapter_that_is_also_its_reference(tiny_dir, tmp_pat
     assert metrics["pairs"] == len((out / "pairs.jsonl").read_text().splitlines()) > 0
     # At the first step the policy is the reference (the initial adapter, not the base model): loss = ln 2.
     assert metrics["history"]["train/loss"][0] == pytest.approx(math.log(2), abs=1e-4)
+    # TRL's logs (train.log_every=1, two steps) reach the run's TensorBoard folder, as SFT's and MetaTuner's do.
+    logged = tensorboard_scalars(out / "tb")
+    assert [step for step, _ in logged["train/loss"]] == [1, 2] and len(metrics["history"]["train/loss"]) == 2
+    assert [v for _, v in logged["train/loss"]] == pytest.approx(metrics["history"]["train/loss"], abs=1e-6)
+    assert {"train/rewards/accuracies", "train/learning_rate", "run/train_seconds"} <= logged.keys()
     saved = load_file(out / "adapter" / "adapter_model.safetensors")
     start = load_file(tmp_path / "init" / "adapter_model.safetensors")
     assert saved.keys() == start.keys()  # only the trained adapter, not TRL's frozen reference copy

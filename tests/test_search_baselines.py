@@ -6,12 +6,13 @@ import pytest
 from typer.testing import CliRunner
 
 from metatuner.baselines.better_together import train_better_together
-from metatuner.baselines.opro import clean_instruction, meta_prompt, search_instructions, split_dev
+from metatuner.baselines.opro import clean_instruction, meta_prompt, search_instructions, search_metrics, split_dev
 from metatuner.cli import app
 from metatuner.config import ConfigError, SearchSettings, load_config
 from metatuner.generation import chat_prompt, score_targets
 from metatuner.models import load_model
 from metatuner.tasks import get_task
+from metatuner.testing import tensorboard_scalars
 
 TASK = ["data.task=rg:chain_sum", "data.task_options={size: 8, test_size: 4}"]
 SMALL_SEARCH = ["search.rounds=2", "search.proposals_per_round=3", "search.dev_size=4",
@@ -43,8 +44,15 @@ def test_search_keeps_the_best_instruction_and_never_loses_to_p0(tiny_dir, task)
 
     import contextlib
 
+    class Tracker:  # what the search sends to an accelerate tracker
+        logged = []
+
+        def log(self, values, step=None):
+            self.logged.append((step, values))
+
     result = search_instructions(model, tokenizer, task, train, [task.default_prompt], settings, seed=1,
-                                 generator_context=lambda: rounds_entered.append(1) or contextlib.nullcontext())
+                                 generator_context=lambda: rounds_entered.append(1) or contextlib.nullcontext(),
+                                 tracker=Tracker(), tag_prefix="s/")
     proposals = [h for h in result.history if h["source"] == "proposal"]
     assert result.history[0] == {"round": 0, "source": "initial", "instruction": task.default_prompt,
                                  "score": result.p0_score}
@@ -64,6 +72,22 @@ def test_search_keeps_the_best_instruction_and_never_loses_to_p0(tiny_dir, task)
     assert best_again >= p0_again
     assert result.best_score == max(h["score"] for h in result.history if h["score"] is not None)
     assert result.examples_scored == 4 * result.instructions_scored
+
+    # One history value per round (0: the initial pool), the best so far climbing from p0's score to the best's.
+    history = search_metrics(result, 4)["history"]
+    assert set(history) == {"train/best_score", "train/round_best_score", "train/round_mean_score",
+                            "train/new_instructions"}
+    assert all(len(values) == 4 for values in history.values())
+    best = history["train/best_score"]
+    assert best[0] == result.p0_score and best[-1] == result.best_score and best == sorted(best)
+    assert sum(history["train/new_instructions"]) == result.instructions_scored
+    for round_ in (1, 2, 3):
+        tried = [h["score"] for h in proposals if h["round"] == round_ and h["score"] is not None]
+        assert history["train/round_best_score"][round_] == (max(tried) if tried else None)
+    # ... and each round's figures went to the tracker as the round ended, under the prefix, None left out.
+    assert [step for step, _ in Tracker.logged] == [0, 1, 2, 3]
+    assert [values["s/train/best_score"] for _, values in Tracker.logged] == best
+    assert all(None not in values.values() for _, values in Tracker.logged)
 
 
 @pytest.mark.parametrize("p0_is_best", [False, True])
@@ -131,6 +155,12 @@ def test_cli_opro_trains_and_evaluates_with_the_found_instruction(tiny_dir, tmp_
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert {"command", "train_seconds", "train_examples", "peak_rss_mb"} <= set(metrics)
     assert metrics["train_examples"] == 4 * search["instructions_scored"]
+    best_so_far = metrics["history"]["train/best_score"]
+    assert len(best_so_far) == 3 and best_so_far[-1] == search["best_score"]  # rounds 0 (p0), 1 and 2
+    logged = tensorboard_scalars(out / "tb")  # the same figures in TensorBoard, by round
+    assert [step for step, _ in logged["train/best_score"]] == [0, 1, 2]
+    assert [value for _, value in logged["train/best_score"]] == pytest.approx(best_so_far, abs=1e-6)
+    assert "run/train_seconds" in logged
     evaluated = json.loads((out / "eval" / "metrics.json").read_text())
     assert evaluated["prompt"] == best and evaluated["n_eval"] == 4
     sample = json.loads((out / "eval" / "samples.jsonl").read_text().splitlines()[0])
@@ -157,6 +187,15 @@ def test_better_together_searches_fine_tunes_and_searches_again(tiny_dir, tmp_pa
     phases = metrics["phases"]
     assert metrics["method"] == "better_together" and phases["sft"]["steps"] == 2
     assert metrics["train_examples"] == sum(p["train_examples"] for p in phases.values())
+    # Every phase's history, by phase: the searches' rounds (0 to 2) and the SFT's steps.
+    history = metrics["history"]
+    for phase in ("search_before_sft", "search_after_sft"):
+        assert len(history[f"{phase}/train/best_score"]) == 3
+        assert history[f"{phase}/train/best_score"][-1] == search[phase.removeprefix("search_")]["best_score"]
+    assert len(history["sft/train/loss"]) == 2
+    logged = tensorboard_scalars(out / "tb")
+    assert [step for step, _ in logged["search_after_sft/train/best_score"]] == [0, 1, 2]
+    assert {"search_before_sft/train/best_score", "train/loss", "run/train_seconds"} <= logged.keys()
     assert load_config(out / "config.yaml").method == "better_together"
 
     base, _ = load_model(str(tiny_dir), device="cpu")

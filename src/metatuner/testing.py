@@ -89,3 +89,19 @@ def optimizer_with_state() -> tuple[torch.nn.Parameter, torch.optim.AdamW]:
     param.grad = torch.ones(3)
     optimizer.step()
     return param, optimizer
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files under `folder`, by tag: [(step, value), ...]. For tests that
+    check what a run logged to its trackers."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(Path(folder).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
+    return scalars

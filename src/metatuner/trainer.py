@@ -10,10 +10,15 @@
             control.after_step(step, total_steps)   # periodic checkpoint; SIGINT/SIGTERM: save, then stop
     write_metrics(out, metrics, accelerator)        # train_metrics.json and the trackers
 
+Every method logs its scalars to TensorBoard in `out/tb/`: MetaTuner and SFT through their Accelerator's trackers
+(`accelerator.init_trackers("tb")`), the methods without an Accelerator of their own (DPO inside TRL's Trainer, the
+instruction searches under a PartialState) through `start_tracker(out)`, the same accelerate tracker and folder;
+`TrackerCallback` hands a transformers/TRL Trainer's logs to it.
+
 Every method's `train_metrics.json` has one schema: `method`, `command`, `train_seconds`, `peak_rss_mb`, the
 examples it trained on (`train_examples`, `unique_train_examples`), `precision` where it trains in one, and
-`history`: {"train/<name>": [one value per optimiser step or logging interval]}; then the method's own keys.
-`compare` reads the curves from `history` (and from `loss_curve`, which run folders written before kept).
+`history`: {"train/<name>": [one value per optimiser step, logging interval or search round]}; then the method's
+own keys. `compare` reads the curves from `history` (and from `loss_curve`, which run folders written before kept).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker, TensorBoardTracker
+from transformers import TrainerCallback
 
 from .checkpoint import Checkpoint, find_checkpoint, load_checkpoint
 from .config import RunConfig, to_yaml
@@ -65,6 +72,29 @@ def make_accelerator(cfg: RunConfig, out: Path, **kwargs) -> tuple[Accelerator, 
     accelerator = Accelerator(mixed_precision=precision.mixed_precision, log_with="tensorboard", project_dir=str(out),
                               cpu=cfg.model.device == "cpu", **kwargs)
     return accelerator, precision
+
+
+def start_tracker(out: Path) -> TensorBoardTracker:
+    """accelerate's TensorBoard tracker writing to out/tb/, where `make_accelerator`'s trackers write after
+    `init_trackers("tb")`, for a method that has no Accelerator to hold it. It writes on the main process only
+    (the others log nothing); `finish()` closes it. Make it after the processes are set up (PartialState or the
+    Trainer): on first use it asks PartialState which process is the main one."""
+    tracker = TensorBoardTracker("tb", out)
+    tracker.start()
+    return tracker
+
+
+class TrackerCallback(TrainerCallback):
+    """Sends what a transformers (or TRL) Trainer logs every `logging_steps` (loss, learning rate, TRL's rewards, ...)
+    to a tracker, as `train/<name>` at the Trainer's global step: the tags of SFT's and MetaTuner's scalars."""
+
+    def __init__(self, tracker: GeneralTracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        scalars = {f"train/{k}": v for k, v in (logs or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.tracker.log(scalars, step=state.global_step)
 
 
 def start_run(cfg: RunConfig, out: Path, main: bool = True, precision: Precision | None = None) -> Run:
@@ -126,9 +156,11 @@ def run_metrics(method: str, **values) -> dict[str, Any]:
     return {"method": method, "command": command_line(), **values, "peak_rss_mb": peak_rss_mb()}
 
 
-def write_metrics(out: Path, metrics: dict[str, Any], accelerator=None, step: int | None = None) -> None:
-    """train_metrics.json, and its scalar summary (train_seconds, peak_rss_mb, ...) to the run's trackers."""
-    if accelerator is not None:
+def write_metrics(out: Path, metrics: dict[str, Any], tracker: Accelerator | GeneralTracker | None = None,
+                  step: int | None = None) -> None:
+    """train_metrics.json, and its scalar summary (train_seconds, peak_rss_mb, ...) to the run's trackers: an
+    Accelerator's, or one tracker from `start_tracker` (both have `log(values, step=)`)."""
+    if tracker is not None:
         scalars = {f"run/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        accelerator.log(scalars, step=step)
+        tracker.log(scalars, step=step)
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n")

@@ -11,10 +11,12 @@ The three phases share the run folder and the training budget:
    the fine-tuned actor may now prefer different wording. G proposes with its base weights: when G and M share a
    checkpoint the adapter is switched off for G's turn, so the adapter never writes instructions.
 
-The run folder gets `config.yaml`, `adapter/` (a PEFT adapter), TensorBoard scalars of the SFT under `tb/`,
+The run folder gets `config.yaml`, `adapter/` (a PEFT adapter), TensorBoard scalars under `tb/` (the SFT's
+`train/...` by step, each search's rounds as `search_before_sft/train/...` and `search_after_sft/train/...`),
 `best_prompt.txt` (the second search's result), `search.json` (`before_sft` and `after_sft`, each in
-`baselines.opro`'s format) and `train_metrics.json` (the phases' seconds and examples summed, and each phase's
-own numbers under `phases`). `--eval` evaluates the actor with the adapter and the found instruction.
+`baselines.opro`'s format) and `train_metrics.json` (the phases' seconds and examples summed, each phase's own
+numbers under `phases`, and their histories under `history` as `<phase>/<key>`, e.g. `sft/train/loss` and
+`search_after_sft/train/best_score`). `--eval` evaluates the actor with the adapter and the found instruction.
 Under `accelerate launch` each phase runs data parallel: the searches score their dev sets in N shards (see
 `baselines.opro`) and the SFT trains on N shards of every batch; only the main process writes.
 """
@@ -32,7 +34,7 @@ from peft import PeftModel
 
 from ..config import RunConfig, to_yaml
 from ..models import load_generator_and_actor
-from ..trainer import open_run_folder, run_metrics, start_run, write_metrics
+from ..trainer import open_run_folder, run_metrics, start_run, start_tracker, write_metrics
 from .opro import search_device, search_instructions, search_metrics, search_settings_kwargs
 from .sft import train_sft
 
@@ -46,11 +48,12 @@ def train_better_together(cfg: RunConfig) -> Path:
     run = start_run(cfg, out, state.is_main_process)
     task, p0 = run.task, run.p0
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
-    kwargs = search_settings_kwargs(cfg)
+    tracker = start_tracker(out)
+    kwargs = {**search_settings_kwargs(cfg), "accelerator": state, "tracker": tracker}
 
     generator, actor, g_tok, m_tok = _load(cfg, state)
     first = search_instructions(actor, m_tok, task, examples, [p0], cfg.search, generator=generator,
-                                g_tokenizer=g_tok, desc="search 1/2", accelerator=state, **kwargs)
+                                g_tokenizer=g_tok, desc="search 1/2", tag_prefix="search_before_sft/", **kwargs)
     del generator, actor
     gc.collect()  # the SFT phase loads its own copy of the actor
     if torch.cuda.is_available():
@@ -67,8 +70,8 @@ def train_better_together(cfg: RunConfig) -> Path:
     second = search_instructions(
         actor, m_tok, task, examples, [first.best, p0], cfg.search,
         generator=actor if shared else generator, g_tokenizer=g_tok,
-        generator_context=actor.disable_adapter if shared else None, desc="search 2/2", accelerator=state,
-        **kwargs)
+        generator_context=actor.disable_adapter if shared else None, desc="search 2/2",
+        tag_prefix="search_after_sft/", **kwargs)
     if not state.is_main_process:
         state.wait_for_everyone()
         return out
@@ -82,8 +85,9 @@ def train_better_together(cfg: RunConfig) -> Path:
     write_metrics(out, run_metrics(
         "better_together", train_seconds=round(sum(p["train_seconds"] for p in phases.values()), 1),
         train_examples=sum(p["train_examples"] for p in phases.values()), unique_train_examples=len(examples),
-        history={f"sft/{k}": v for k, v in sft_metrics["history"].items()}, best_prompt=second.best,
-        sft_prompt=first.best, phases=phases))
+        history={f"{name}/{k}": v for name, phase in phases.items() for k, v in phase["history"].items()},
+        best_prompt=second.best, sft_prompt=first.best, phases=phases), tracker)
+    tracker.finish()
     state.wait_for_everyone()
     return out
 

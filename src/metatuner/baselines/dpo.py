@@ -11,8 +11,9 @@
    `dpo.beta`. With `dpo.init_adapter` (the comparison passes its SFT run's adapter) that adapter is both the start
    and DPO's reference policy; without it a fresh LoRA starts on the base model, which is then the reference.
 
-The run folder gets `config.yaml`, `pairs.jsonl` (every pair and its rewards), `train_metrics.json` and `adapter/`,
-a standard PEFT adapter over the base model (`metatuner eval --adapter RUN/adapter`).
+The run folder gets `config.yaml`, `pairs.jsonl` (every pair and its rewards), `train_metrics.json`, TensorBoard
+scalars in `tb/` (what TRL logs every `train.log_every` steps, as `train/loss`, `train/rewards/accuracies`, ...) and
+`adapter/`, a standard PEFT adapter over the base model (`metatuner eval --adapter RUN/adapter`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -30,10 +32,10 @@ from ..config import RunConfig
 from ..evaluate import option_means
 from ..generation import generate, score_choices, task_chats
 from ..models import load_model
-from ..runtime import resolve_precision
+from ..runtime import Precision, resolve_precision
 from ..tasks import check_lengths, token_counter
 from ..tasks.base import Example, Task
-from ..trainer import open_run_folder, run_metrics, start_run, write_metrics
+from ..trainer import TrackerCallback, open_run_folder, run_metrics, start_run, start_tracker, write_metrics
 
 
 def pair_from_samples(task: Task, example: Example, samples: list[str], gold_fallback: bool) -> dict | None:
@@ -97,15 +99,7 @@ def train_dpo(cfg: RunConfig) -> Path:
     model, tokenizer = load_model(cfg.model.actor or cfg.model.name, cfg.model.dtype, cfg.model.device,
                                   cfg.model.trust_remote_code)
     examples = check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
-    lora = None
-    if cfg.dpo.init_adapter:
-        if not (Path(cfg.dpo.init_adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"dpo.init_adapter: no PEFT adapter (adapter_config.json) in {cfg.dpo.init_adapter}")
-        model = PeftModel.from_pretrained(model, cfg.dpo.init_adapter, is_trainable=True)
-    else:
-        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                          target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-
+    model, lora = _policy(cfg, model)
     pairs = preference_pairs(model, tokenizer, task, examples, prompt, cfg)
     with open(out / "pairs.jsonl", "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
@@ -117,19 +111,11 @@ def train_dpo(cfg: RunConfig) -> Path:
 
     precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)
     precision.announce()
-    args = DPOConfig(
-        output_dir=str(out / "trainer"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr,
-        num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or -1,
-        per_device_train_batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.grad_accum,
-        max_length=cfg.train.max_length, warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,
-        max_grad_norm=cfg.train.grad_clip, seed=cfg.seed, bf16=precision.mixed_precision == "bf16",
-        fp16=precision.mixed_precision == "fp16",
-        use_cpu=cfg.model.device == "cpu", gradient_checkpointing=cfg.train.gradient_checkpointing,
-        logging_steps=cfg.train.log_every, save_strategy="no", report_to="none",
-    )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(
+    trainer = DPOTrainer(model=model, args=_dpo_config(cfg, out, precision), train_dataset=Dataset.from_list(
         [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]), processing_class=tokenizer,
         peft_config=lora)
+    tracker = start_tracker(out)  # after the Trainer, which sets up the processes the tracker asks about
+    trainer.add_callback(TrackerCallback(tracker))
     trainer.train()
     # Only the trained adapter: TRL keeps a frozen copy of an initial adapter beside it as the reference.
     trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
@@ -141,5 +127,33 @@ def train_dpo(cfg: RunConfig) -> Path:
         steps=trainer.state.global_step, sampling_seconds=round(sampling_seconds, 1),
         train_seconds=round(time.perf_counter() - start, 1), precision=precision.as_dict(),
         history={"train/loss": [row["loss"] for row in logged],
-                 "train/reward_accuracy": [row.get("rewards/accuracies") for row in logged]}))
+                 "train/reward_accuracy": [row.get("rewards/accuracies") for row in logged]}),
+        tracker, step=trainer.state.global_step)
+    tracker.finish()
     return out
+
+
+def _policy(cfg: RunConfig, model) -> tuple[Any, LoraConfig | None]:
+    """The policy to tune: `dpo.init_adapter` loaded trainable (it is also the reference), or the base model with
+    the LoRA config TRL should add (the base model is then the reference)."""
+    if not cfg.dpo.init_adapter:
+        return model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    if not (Path(cfg.dpo.init_adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"dpo.init_adapter: no PEFT adapter (adapter_config.json) in {cfg.dpo.init_adapter}")
+    return PeftModel.from_pretrained(model, cfg.dpo.init_adapter, is_trainable=True), None
+
+
+def _dpo_config(cfg: RunConfig, out: Path, precision: Precision) -> DPOConfig:
+    """TRL's settings from the run config. TRL reports to nothing itself: `TrackerCallback` hands its logs to the
+    run's tracker, so they land in tb/ beside every other method's."""
+    return DPOConfig(
+        output_dir=str(out / "trainer"), beta=cfg.dpo.beta, learning_rate=cfg.dpo.lr,
+        num_train_epochs=cfg.train.epochs, max_steps=cfg.train.max_steps or -1,
+        per_device_train_batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.grad_accum,
+        max_length=cfg.train.max_length, warmup_steps=cfg.train.warmup_ratio, weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.grad_clip, seed=cfg.seed, bf16=precision.mixed_precision == "bf16",
+        fp16=precision.mixed_precision == "fp16",
+        use_cpu=cfg.model.device == "cpu", gradient_checkpointing=cfg.train.gradient_checkpointing,
+        logging_steps=cfg.train.log_every, save_strategy="no", report_to="none",
+    )

@@ -16,8 +16,11 @@ from the training split, never the test split. Scorers (`search.scorer`):
 
 p0 is scored first and is always in the pool, and a later instruction replaces the best only when it scores
 strictly higher, so the result is never worse than p0 on dev. The run folder gets `config.yaml`, `search.json`
-(every instruction tried, its dev score and round), `best_prompt.txt` and `train_metrics.json`; `--eval`
-evaluates the actor with the found instruction on the eval split (`evaluate(..., prompts=best)`).
+(every instruction tried, its dev score and round), `best_prompt.txt`, `train_metrics.json` (whose `history` has
+one value per round, round 0 being the initial instructions: `train/best_score`, the best dev score so far, and
+the round's `train/round_best_score`, `train/round_mean_score` and `train/new_instructions`) and the same figures
+as TensorBoard scalars in `tb/`; `--eval` evaluates the actor with the found instruction on the eval split
+(`evaluate(..., prompts=best)`).
 
 Under `accelerate launch` (N processes) the main process writes the proposals and sends them to every process, each
 process scores its 1/N of the dev set, and the item-weighted mean is gathered; only the main process writes files.
@@ -45,7 +48,7 @@ from ..evaluate import evaluate
 from ..generation import chat_prompt, generate, score_targets, task_chats
 from ..models import load_generator_and_actor
 from ..tasks.base import Example, Task
-from ..trainer import open_run_folder, run_metrics, start_run, write_metrics
+from ..trainer import open_run_folder, run_metrics, start_run, start_tracker, write_metrics
 
 # OPRO's meta-prompt for GSM8K (its Figure 3), worded for a chat model. The assistant turn is opened with <INS>
 # and generation stops at </INS>, so even a small generator answers with the instruction alone.
@@ -72,6 +75,7 @@ class SearchResult:
     best_score: float
     dev_ids: list[str]
     history: list[dict] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)  # `round_figures` of round 0 (the initial pool), 1, 2, ...
     instructions_scored: int = 0
     examples_scored: int = 0
     generated_tokens: int = 0
@@ -83,6 +87,7 @@ class SearchResult:
             "best_score": self.best_score, "instructions_scored": self.instructions_scored,
             "examples_scored": self.examples_scored, "generated_tokens": self.generated_tokens,
             "seconds": round(self.seconds, 1), "dev_ids": self.dev_ids, "history": self.history,
+            "rounds": self.rounds,
         }
 
     def write(self, out_dir: str | Path) -> Path:
@@ -184,12 +189,16 @@ def search_instructions(
     seed: int = 0,
     desc: str = "opro",
     accelerator=None,
+    tracker=None,
+    tag_prefix: str = "",
 ) -> SearchResult:
     """OPRO-style search for one task-level instruction.
 
     `initial` are the starting instructions (the first is the reference p0; all are scored before round 1 and stay
     in the pool). `generator` (default: the actor) writes proposals, inside `generator_context()` when given: that
-    is how a generator sharing its weights with a PEFT-wrapped actor switches the actor's adapter off.
+    is how a generator sharing its weights with a PEFT-wrapped actor switches the actor's adapter off. Each round's
+    `round_figures` go to `tracker` (an Accelerator or accelerate tracker, step = round) as they come, their tags
+    prefixed by `tag_prefix`.
     """
     if not initial:
         raise ValueError("the search needs at least one initial instruction (p0)")
@@ -208,34 +217,26 @@ def search_instructions(
     main = accelerator is None or accelerator.is_main_process
 
     scores: dict[str, float] = {}  # each distinct instruction is scored once; its first appearance orders ties
-    history: list[dict] = []
-    for ins in dict.fromkeys(initial):  # verbatim: p0 is the user's text, newlines and all
-        scores[ins] = score(ins)
-        history.append({"round": 0, "source": "initial", "instruction": ins, "score": scores[ins]})
+    history = [_score_initial(ins, scores, score) for ins in dict.fromkeys(initial)]
     p0 = history[0]["instruction"]
+    rounds = [round_figures(history, scores)]
+    _log_round(tracker, rounds[-1], 0, tag_prefix)
 
     generated_tokens = 0
     bar = tqdm(total=settings.rounds * settings.proposals_per_round, desc=desc, unit="instr", disable=not main)
     for round_ in range(1, settings.rounds + 1):
-        top = _ranked(scores)[-settings.meta_prompt_top:]  # the best so far, worst first (OPRO's order)
         demos = rng.sample(demo_pool, min(settings.examples_in_meta_prompt, len(demo_pool)))
-        request = chat_prompt(g_tokenizer, [{"role": "user", "content": meta_prompt(
-            [(i, scores[i]) for i in top], demos, settings.scorer)}]) + OPEN_TAG
+        request = _meta_request(g_tokenizer, scores, demos, settings)
         texts, new_tokens = _propose(generator, g_tokenizer, request, settings, batch_size, generator_context,
                                      accelerator)
         generated_tokens += new_tokens
+        entries = []
         for raw in texts:
-            ins = clean_instruction(raw)
-            entry = {"round": round_, "source": "proposal", "instruction": ins, "raw": raw}
-            if not ins:
-                entry.update(score=None, skipped="empty")
-            elif ins in scores:
-                entry.update(score=scores[ins], duplicate=True)
-            else:
-                scores[ins] = score(ins)
-                entry["score"] = scores[ins]
-            history.append(entry)
+            entries.append(_score_proposal(raw, round_, scores, score))
             bar.update(1)
+        history.extend(entries)
+        rounds.append(round_figures(entries, scores))
+        _log_round(tracker, rounds[-1], round_, tag_prefix)
         bar.set_postfix(best=display_score(scores[_ranked(scores)[-1]], settings.scorer),
                         p0=display_score(scores[p0], settings.scorer))
     bar.close()
@@ -243,10 +244,54 @@ def search_instructions(
     best = _ranked(scores)[-1]
     return SearchResult(
         scorer=settings.scorer, p0=p0, p0_score=scores[p0], best=best, best_score=scores[best],
-        dev_ids=[ex.id for ex in dev], history=history, instructions_scored=len(scores),
+        dev_ids=[ex.id for ex in dev], history=history, rounds=rounds, instructions_scored=len(scores),
         examples_scored=score.examples_scored, generated_tokens=generated_tokens,
         seconds=time.perf_counter() - start,
     )
+
+
+def _score_initial(ins: str, scores: dict[str, float], score: Callable[[str], float]) -> dict:
+    """The history entry of one initial instruction, scored verbatim (p0 is the user's text, newlines and all)."""
+    scores[ins] = score(ins)
+    return {"round": 0, "source": "initial", "instruction": ins, "score": scores[ins]}
+
+
+def _meta_request(g_tokenizer, scores: dict[str, float], demos: Sequence[Example], settings: SearchSettings) -> str:
+    """A round's request to the generator: the meta-prompt over the best instructions so far, worst first (OPRO's
+    order), with the assistant turn opened by <INS>."""
+    top = _ranked(scores)[-settings.meta_prompt_top:]
+    content = meta_prompt([(ins, scores[ins]) for ins in top], demos, settings.scorer)
+    return chat_prompt(g_tokenizer, [{"role": "user", "content": content}]) + OPEN_TAG
+
+
+def _score_proposal(raw: str, round_: int, scores: dict[str, float], score: Callable[[str], float]) -> dict:
+    """The history entry of one generator reply; a new instruction is scored and added to `scores`."""
+    ins = clean_instruction(raw)
+    entry = {"round": round_, "source": "proposal", "instruction": ins, "raw": raw}
+    if not ins:
+        entry.update(score=None, skipped="empty")
+    elif ins in scores:
+        entry.update(score=scores[ins], duplicate=True)
+    else:
+        scores[ins] = score(ins)
+        entry["score"] = scores[ins]
+    return entry
+
+
+def round_figures(entries: Sequence[dict], scores: dict[str, float]) -> dict[str, float | int | None]:
+    """A round's figures from its history entries and the pool after it: the best dev score so far, the best and
+    mean dev score of the round's scored instructions (duplicates count with their earlier score; None when every
+    reply was empty) and how many of them were new. Scores are on the scorer's own scale, as in search.json."""
+    tried = [e["score"] for e in entries if e["score"] is not None]
+    return {"train/best_score": max(scores.values()),
+            "train/round_best_score": max(tried) if tried else None,
+            "train/round_mean_score": sum(tried) / len(tried) if tried else None,
+            "train/new_instructions": sum(1 for e in entries if e["score"] is not None and not e.get("duplicate"))}
+
+
+def _log_round(tracker, figures: dict, round_: int, tag_prefix: str) -> None:
+    if tracker is not None:
+        tracker.log({tag_prefix + k: v for k, v in figures.items() if v is not None}, step=round_)
 
 
 def _propose(generator, g_tokenizer, request: str, settings: SearchSettings, batch_size: int,
@@ -279,11 +324,13 @@ def search_settings_kwargs(cfg: RunConfig) -> dict:
 
 
 def search_metrics(result: SearchResult, n_dev: int) -> dict:
-    """The search's share of `train_metrics.json`."""
+    """The search's share of `train_metrics.json`; its `history` has one value per round (0 = the initial pool)."""
+    keys = result.rounds[0] if result.rounds else {}  # a SearchResult built elsewhere (RLPrompt) may have none
+    history = {key: [figures[key] for figures in result.rounds] for key in keys}
     return {"train_seconds": round(result.seconds, 1), "train_examples": result.examples_scored,
             "unique_train_examples": n_dev, "instructions_scored": result.instructions_scored,
             "generated_tokens": result.generated_tokens, "scorer": result.scorer,
-            "p0_dev_score": result.p0_score, "best_dev_score": result.best_score, "history": {}}
+            "p0_dev_score": result.p0_score, "best_dev_score": result.best_score, "history": history}
 
 
 def search_device(cfg: RunConfig, state) -> str:
@@ -302,11 +349,14 @@ def train_opro(cfg: RunConfig) -> Path:
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     generator, actor, g_tok, m_tok = load_generator_and_actor(
         cfg.model.name, cfg.model.actor, cfg.model.dtype, search_device(cfg, state), cfg.model.trust_remote_code)
+    tracker = start_tracker(out)
     result = search_instructions(actor, m_tok, task, examples, [run.p0], cfg.search,
-                                 generator=generator, g_tokenizer=g_tok, accelerator=state,
+                                 generator=generator, g_tokenizer=g_tok, accelerator=state, tracker=tracker,
                                  **search_settings_kwargs(cfg))
     if state.is_main_process:
         result.write(out)
-        write_metrics(out, run_metrics("opro", **search_metrics(result, len(result.dev_ids)), best_prompt=result.best))
+        write_metrics(out, run_metrics("opro", **search_metrics(result, len(result.dev_ids)), best_prompt=result.best),
+                      tracker, step=cfg.search.rounds)
+    tracker.finish()
     state.wait_for_everyone()
     return out
