@@ -37,156 +37,196 @@ log = logging.getLogger("metatuner.serve")
 
 
 def create_app(backend: Backend, settings: ServeSettings) -> FastAPI:
-    """The FastAPI app: routes, error handlers and the scheduler's lifespan.
-
-    Longer than a screen on purpose: FastAPI routes are closures over the app's scheduler, metrics and settings,
-    and keeping them in this one function keeps every route beside the others it shares them with (moving them
-    out would need a module-level app or a dependency for each of the three).
-    """
+    """The FastAPI app: routes, error handlers and the scheduler's lifespan. What the routes share (the backend,
+    the settings, the scheduler and the metrics) lives in `app.state`, where every handler finds it."""
     metrics = ServeMetrics()
-    scheduler = Scheduler(Engine(backend), settings, metrics)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        scheduler.start()
-        yield
-        # uvicorn has already waited for the requests in flight; the thread ends once its batch is empty
-        await asyncio.to_thread(scheduler.stop, settings.shutdown_grace_s)
-
-    app = FastAPI(title="MetaTuner", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.scheduler, app.state.metrics, app.state.backend = scheduler, metrics, backend
+    app = FastAPI(title="MetaTuner", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = Scheduler(Engine(backend), settings, metrics)
+    app.state.metrics, app.state.backend, app.state.settings = metrics, backend, settings
     _add_error_handlers(app, metrics)
-    bearer = HTTPBearer(auto_error=False)
-
-    async def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if settings.api_key is None:
-            return
-        given = credentials.credentials if credentials else ""
-        # compare_digest: the time taken does not depend on how much of the key was right
-        if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
-            raise RequestError("missing or wrong API key (send `Authorization: Bearer <key>`)", status=401,
-                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-
-    @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models() -> dict:
-        return model_list(backend.name)
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat(request: Request):
-        body = _parse(ChatRequest, await _read_body(request, settings.max_body_bytes))
-        question = body.question()
-        if not question.strip():
-            raise RequestError("messages: the last user message is empty", "messages")
-        if isinstance(backend, ModelBackend):  # a plain model reads the whole conversation, as given
-            question = backend.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-        return await _answer(request, "chat", body, question, body.requested_tokens())
-
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(request: Request):
-        body = _parse(CompletionRequest, await _read_body(request, settings.max_body_bytes))
-        if not body.text().strip():
-            raise RequestError("prompt: empty", "prompt")
-        return await _answer(request, "completion", body, body.text(), body.requested_tokens())
-
-    async def _answer(request: Request, kind: str, body, text: str, requested: int | None):
-        """Both completion routes: check, queue, then stream or collect. One function (about 85 lines) because
-        the streamed and the collected answer share every check and the cancellation of a disconnected client."""
-        start = time.monotonic()
-        if body.model != backend.name:
-            raise RequestError(f"model: {body.model!r} is not served here; this server serves {backend.name!r}",
-                               "model", status=404, code="model_not_found")
-        if requested is not None and requested > settings.max_tokens_cap:
-            raise RequestError(f"max_tokens: {requested} is above this server's limit of {settings.max_tokens_cap}",
-                               "max_tokens")
-        max_tokens = requested or min(settings.default_max_tokens or backend.default_max_tokens,
-                                      settings.max_tokens_cap)
-        # 400 when the input and max_tokens do not fit the context
-        backend.input_tokens(text, max_tokens, "messages" if kind == "chat" else "prompt")
-        events: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        job = Job(text=text, max_tokens=max_tokens, emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                  temperature=1.0 if body.temperature is None else body.temperature,
-                  top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop_strings(), seed=body.seed)
-        scheduler.submit(job)
-        endpoint = "chat" if kind == "chat" else "completions"
-        rid, created = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
-        deadline = start + settings.request_timeout_s
-
-        async def next_event():
-            try:
-                return await asyncio.wait_for(events.get(), max(deadline - time.monotonic(), 0))
-            except asyncio.TimeoutError:
-                job.cancel()
-                raise RequestError(f"the request took longer than {settings.request_timeout_s:g} s", status=504,
-                                   type="timeout_error", code="timeout") from None
-
-        first_text = _once(lambda: metrics.first_token.observe(time.monotonic() - start))
-        if not body.stream:
-            watcher = asyncio.create_task(_cancel_when_gone(request, job, events))
-            try:
-                started, event = None, None
-                while not isinstance(event, (Done, Failed)):
-                    event = await next_event()
-                    if isinstance(event, Started):
-                        started = event
-                    elif isinstance(event, Delta):
-                        first_text()
-            finally:
-                watcher.cancel()
-                job.cancel()  # no-op once done; otherwise (timeout, client gone) the row leaves the batch
-            if isinstance(event, Failed):
-                raise event.error
-            _count(metrics, endpoint, started, event, start)
-            return completion_object(kind, rid, body.model, created, event.text, event.finish_reason,
-                                     _extension(started), usage(started.prompt_tokens, event.completion_tokens))
-
-        async def stream():
-            started = None
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            try:
-                while True:
-                    try:
-                        event = await next_event()
-                    except RequestError as err:
-                        event = Failed(err)
-                    if isinstance(event, Started):
-                        started = event
-                        # the first chunk carries the written prompt (and, for chat, the assistant role)
-                        opening = completion_object(kind, rid, body.model, created, "", None, _extension(event),
-                                                    delta=True)
-                        if kind == "chat":
-                            opening["choices"][0]["delta"]["role"] = "assistant"
-                        yield _sse(opening)
-                    elif isinstance(event, Delta):
-                        first_text()
-                        yield _sse(completion_object(kind, rid, body.model, created, event.text, None, delta=True))
-                    elif isinstance(event, Done):
-                        _count(metrics, endpoint, started, event, start)
-                        yield _sse(completion_object(kind, rid, body.model, created, None, event.finish_reason,
-                                                     delta=True))
-                        if include_usage:
-                            yield _sse(completion_object(kind, rid, body.model, created, None, None, delta=True,
-                                                         usage_=usage(started.prompt_tokens, event.completion_tokens)))
-                        break
-                    else:  # headers are sent: the error goes in the stream, where the openai client raises it
-                        metrics.requests.labels(endpoint, str(event.error.status)).inc()
-                        yield _sse(event.error.body())
-                        break
-                yield format_sse_event(data_str="[DONE]")
-            finally:
-                job.cancel()
-
-        return EventSourceResponse(stream(), headers={"Cache-Control": "no-cache"})
-
+    _add_routes(app)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    """The batching thread runs while the server does."""
+    app.state.scheduler.start()
+    yield
+    # uvicorn has already waited for the requests in flight; the thread ends once its batch is empty
+    await asyncio.to_thread(app.state.scheduler.stop, app.state.settings.shutdown_grace_s)
+
+
+def _add_routes(app: FastAPI) -> None:
+    authorized = [Depends(_authorize)]  # /health and /metrics stay open: probes and scrapers carry no key
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/metrics", _prometheus, methods=["GET"])
+    app.add_api_route("/v1/models", _models, methods=["GET"], dependencies=authorized)
+    app.add_api_route("/v1/chat/completions", _chat, methods=["POST"], dependencies=authorized)
+    app.add_api_route("/v1/completions", _completions, methods=["POST"], dependencies=authorized)
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def _authorize(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    api_key = request.app.state.settings.api_key
+    if api_key is None:
+        return
+    given = credentials.credentials if credentials else ""
+    # compare_digest: the time taken does not depend on how much of the key was right
+    if not secrets.compare_digest(given.encode(), api_key.encode()):
+        raise RequestError("missing or wrong API key (send `Authorization: Bearer <key>`)", status=401,
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _health() -> dict:
+    return {"status": "ok"}
+
+
+async def _prometheus(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _models(request: Request) -> dict:
+    return model_list(request.app.state.backend.name)
+
+
+async def _chat(request: Request):
+    state = request.app.state
+    body = _parse(ChatRequest, await _read_body(request, state.settings.max_body_bytes))
+    question = body.question()
+    if not question.strip():
+        raise RequestError("messages: the last user message is empty", "messages")
+    if isinstance(state.backend, ModelBackend):  # a plain model reads the whole conversation, as given
+        question = state.backend.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+    return await _answer(request, "chat", body, question, body.requested_tokens())
+
+
+async def _completions(request: Request):
+    body = _parse(CompletionRequest, await _read_body(request, request.app.state.settings.max_body_bytes))
+    if not body.text().strip():
+        raise RequestError("prompt: empty", "prompt")
+    return await _answer(request, "completion", body, body.text(), body.requested_tokens())
+
+
+async def _answer(request: Request, kind: str, body, text: str, requested: int | None):
+    """Both completion routes: check, queue, then stream or collect."""
+    answer = _Answer(request, kind, body)
+    answer.submit(text, requested)
+    if not body.stream:
+        return await answer.collect()
+    return EventSourceResponse(answer.stream(), headers={"Cache-Control": "no-cache"})
+
+
+class _Answer:
+    """One completion request, from its checks to its answer, streamed or collected: both ways share the checks,
+    the deadline, the metrics and the cancellation of a request whose client has gone."""
+
+    def __init__(self, request: Request, kind: str, body):
+        self.start = time.monotonic()
+        state = request.app.state
+        self.request, self.kind, self.body = request, kind, body
+        self.backend, self.settings, self.metrics = state.backend, state.settings, state.metrics
+        self.scheduler = state.scheduler
+        if body.model != self.backend.name:
+            raise RequestError(f"model: {body.model!r} is not served here; this server serves {self.backend.name!r}",
+                               "model", status=404, code="model_not_found")
+        self.endpoint = "chat" if kind == "chat" else "completions"
+        self.rid, self.created = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time())
+        self.deadline = self.start + self.settings.request_timeout_s
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.first_text = _once(lambda: self.metrics.first_token.observe(time.monotonic() - self.start))
+        self.job: Job | None = None
+
+    def max_tokens(self, requested: int | None) -> int:
+        """The request's max_tokens, or the server's default; 400 above the server's cap."""
+        cap = self.settings.max_tokens_cap
+        if requested is not None and requested > cap:
+            raise RequestError(f"max_tokens: {requested} is above this server's limit of {cap}", "max_tokens")
+        return requested or min(self.settings.default_max_tokens or self.backend.default_max_tokens, cap)
+
+    def submit(self, text: str, requested: int | None) -> None:
+        """Queue the request for the batch (400 first when max_tokens, or the input with it, does not fit)."""
+        body, max_tokens = self.body, self.max_tokens(requested)
+        self.backend.input_tokens(text, max_tokens, "messages" if self.kind == "chat" else "prompt")
+        loop = asyncio.get_running_loop()
+        self.job = Job(text=text, max_tokens=max_tokens,
+                       emit=lambda e: loop.call_soon_threadsafe(self.events.put_nowait, e),
+                       temperature=1.0 if body.temperature is None else body.temperature,
+                       top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop_strings(), seed=body.seed)
+        self.scheduler.submit(self.job)
+
+    async def next_event(self):
+        """The job's next event; 504 (and the job cancelled) once the request's time is up."""
+        try:
+            return await asyncio.wait_for(self.events.get(), max(self.deadline - time.monotonic(), 0))
+        except asyncio.TimeoutError:
+            self.job.cancel()
+            raise RequestError(f"the request took longer than {self.settings.request_timeout_s:g} s", status=504,
+                               type="timeout_error", code="timeout") from None
+
+    def completion(self, text: str | None, finish_reason: str | None, extension: dict | None = None, **kwargs):
+        return completion_object(self.kind, self.rid, self.body.model, self.created, text, finish_reason, extension,
+                                 **kwargs)
+
+    async def collect(self) -> dict:
+        """The whole answer as one completion object."""
+        watcher = asyncio.create_task(_cancel_when_gone(self.request, self.job, self.events))
+        try:
+            started, event = None, None
+            while not isinstance(event, (Done, Failed)):
+                event = await self.next_event()
+                if isinstance(event, Started):
+                    started = event
+                elif isinstance(event, Delta):
+                    self.first_text()
+        finally:
+            watcher.cancel()
+            self.job.cancel()  # no-op once done; otherwise (timeout, client gone) the row leaves the batch
+        if isinstance(event, Failed):
+            raise event.error
+        _count(self.metrics, self.endpoint, started, event, self.start)
+        return self.completion(event.text, event.finish_reason, _extension(started),
+                               usage_=usage(started.prompt_tokens, event.completion_tokens))
+
+    async def stream(self):
+        """The answer as server-sent events: an opening chunk, the text as it comes, the end (and usage), [DONE]."""
+        started = None
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        try:
+            while True:
+                try:
+                    event = await self.next_event()
+                except RequestError as err:
+                    event = Failed(err)
+                if isinstance(event, Started):
+                    started = event
+                    yield _sse(self.opening(event))
+                elif isinstance(event, Delta):
+                    self.first_text()
+                    yield _sse(self.completion(event.text, None, delta=True))
+                elif isinstance(event, Done):
+                    _count(self.metrics, self.endpoint, started, event, self.start)
+                    yield _sse(self.completion(None, event.finish_reason, delta=True))
+                    if include_usage:
+                        yield _sse(self.completion(None, None, delta=True,
+                                                   usage_=usage(started.prompt_tokens, event.completion_tokens)))
+                    break
+                else:  # headers are sent: the error goes in the stream, where the openai client raises it
+                    self.metrics.requests.labels(self.endpoint, str(event.error.status)).inc()
+                    yield _sse(event.error.body())
+                    break
+            yield format_sse_event(data_str="[DONE]")
+        finally:
+            self.job.cancel()
+
+    def opening(self, started: Started) -> dict:
+        """The first chunk: the written prompt (and, for chat, the assistant role)."""
+        opening = self.completion("", None, _extension(started), delta=True)
+        if self.kind == "chat":
+            opening["choices"][0]["delta"]["role"] = "assistant"
+        return opening
 
 
 async def _cancel_when_gone(request: Request, job: Job, events: asyncio.Queue) -> None:
