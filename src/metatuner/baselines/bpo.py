@@ -24,7 +24,7 @@ M is the base model (`bpo.actor_adapter: null`) or a trained adapter kept frozen
 of the prompt branch alone (`config.yaml` with `metatuner.use_hyper: false`, `model/` with G's adapters and M's
 frozen adapter), so `metatuner eval --run`, `infer --run` and `MetaTuner.from_pretrained` read it; beside it are
 `pairs.jsonl` (every pair with its score and p0's) and `train_metrics.json` (G's loss per step in
-`history["train/sr_loss"]`).
+`history["train/sr_loss"]`). It runs in one process, in the precision `train.mixed_precision` resolves to.
 
 Where ours differs from BPO: the paper builds its pairs from human preference data (a chosen and a rejected answer
 per prompt) and has ChatGPT write the better prompt, then trains a separate 7B rewriter; here the better prompts

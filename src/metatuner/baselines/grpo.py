@@ -19,7 +19,8 @@ group (`grpo.scale_rewards`) and the LoRA weights take a clipped (`grpo.epsilon`
 with `grpo.beta` times the KL to the reference. The LoRA has SFT's shape (`lora.r`, `lora.alpha`,
 `lora.target_modules`); with `grpo.init_adapter` (the comparison passes its SFT run's adapter) training starts
 from that adapter, which is also the KL reference (TRL keeps a frozen copy of it). On a multiple-choice task the
-reward reads the letter M generates, where evaluation with `eval.mc_mode=likelihood` ranks the options.
+reward reads the letter M generates, where evaluation with `eval.mc_mode=likelihood` ranks the options. Under
+`accelerate launch` TRL trains data parallel and each process takes `train.batch_size` questions per micro-batch.
 
 Precision follows `train.mixed_precision` (`runtime.resolve_precision`). With `train.save_every` TRL writes a
 checkpoint every N steps under `trainer/`, and `train.resume=auto` (or a checkpoint path) continues from the last

@@ -22,7 +22,8 @@ with the best mean training reward, the policy's greedy prompt and p0 are scored
 kept (p0 on ties, so the result is never below p0 on dev), as the OPRO-like search keeps its best. The run folder
 gets `config.yaml`, `search.json` (p0, the best prompt and both dev scores, every sampled prompt with its step and
 training reward, and the finalists' dev scores, in `baselines.opro`'s format), `best_prompt.txt` and
-`train_metrics.json`; evaluation runs the frozen M with `best_prompt.txt`, as for the OPRO-like search.
+`train_metrics.json`; evaluation runs the frozen M with `best_prompt.txt`, as for the OPRO-like search. It runs
+in one process, in the precision `train.mixed_precision` resolves to.
 
 Where ours differs from RLPrompt: the paper's policy is a frozen distilGPT-2 with a small trainable MLP that emits
 a fixed number of prompt tokens (often ungrammatical), trained with soft Q-learning on shaped, per-input z-scored
