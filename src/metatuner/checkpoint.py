@@ -63,7 +63,7 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 def capture_rng_state() -> dict:
     """This process's Python, NumPy, torch CPU and CUDA (every visible device) RNG states as JSON lists: the one
-    format of every RNG state a checkpoint holds. JSON rather than pickle, so reading one back runs no code."""
+    format of every RNG state a checkpoint holds. Plain JSON, so reading one back runs no code."""
     python, np_state = random.getstate(), np.random.get_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {"python": [python[0], list(python[1]), python[2]],
