@@ -22,7 +22,7 @@ from metatuner.generation import lm_batch, sequence_logprobs, score_targets, tas
 from metatuner.model import MetaTuner
 from metatuner.models import load_model
 from metatuner.tasks import get_task
-from metatuner.tasks.base import Example
+from metatuner.testing import tensorboard_scalars
 from metatuner.trainer import TrainingStopped
 
 CHAIN_SUM = ["data.task=rg:chain_sum", "data.task_options={size: 8, test_size: 4}"]
@@ -103,6 +103,7 @@ def test_grpo_trains_the_start_adapter_with_the_task_checker_as_reward(tiny_dir,
     start = load_file(init / "adapter_model.safetensors")
     assert saved.keys() == start.keys()  # the trained adapter only, not TRL's frozen reference copy
     assert any(not torch.equal(saved[k], start[k]) for k in saved)
+    assert [step for step, _ in tensorboard_scalars(out / "tb")["train/reward"]] == [1, 2]  # TRL's logs in tb/
 
 
 @pytest.mark.fault
@@ -167,6 +168,8 @@ def test_bpo_trains_g_on_prompts_that_beat_p0_under_the_frozen_m(tiny_dir, tmp_p
     pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert pairs and metrics["pairs"] == len(pairs) and metrics["steps"] == len(metrics["history"]["train/sr_loss"])
+    assert [v for _, v in tensorboard_scalars(out / "tb")["train/sr_loss"]] == pytest.approx(
+        metrics["history"]["train/sr_loss"])
 
     # Recomputed independently with M = base + the frozen adapter: every pair's prompt beats p0 on its query.
     from peft import PeftModel
@@ -260,6 +263,7 @@ def test_rlprompt_keeps_the_dev_argmax_and_records_its_search(tiny_dir, tmp_path
     assert (out / "best_prompt.txt").read_text().strip() == search["best"].strip()
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["steps"] == 3 and len(metrics["history"]["train/reward_mean"]) == 3
+    assert [step for step, _ in tensorboard_scalars(out / "tb")["train/reward_mean"]] == [1, 2, 3]
     assert metrics["train_examples"] == 3 * 4 * 3 + 3 * len(finals)  # (steps x batch x samples) + dev x finalists
 
 

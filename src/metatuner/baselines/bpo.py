@@ -23,8 +23,9 @@ M is the base model (`bpo.actor_adapter: null`) or a trained adapter kept frozen
 `bpo` with its SFT run's adapter and `bpo_zero_shot` with the base model. The run folder is a MetaTuner run folder
 of the prompt branch alone (`config.yaml` with `metatuner.use_hyper: false`, `model/` with G's adapters and M's
 frozen adapter), so `metatuner eval --run`, `infer --run` and `MetaTuner.from_pretrained` read it; beside it are
-`pairs.jsonl` (every pair with its score and p0's) and `train_metrics.json` (G's loss per step in
-`history["train/sr_loss"]`). It runs in one process, in the precision `train.mixed_precision` resolves to.
+`pairs.jsonl` (every pair with its score and p0's), `train_metrics.json` (G's loss per step in
+`history["train/sr_loss"]`) and TensorBoard scalars in `tb/`. It runs in one process, in the precision
+`train.mixed_precision` resolves to.
 
 Where ours differs from BPO: the paper builds its pairs from human preference data (a chosen and a rejected answer
 per prompt) and has ChatGPT write the better prompt, then trains a separate 7B rewriter; here the better prompts
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ..batching import shuffled_batches
 from ..config import RunConfig
+from ..distributed import end_training
 from ..tasks import check_lengths, token_counter
 from ..tasks.base import Example, Task
 from ..trainer import make_accelerator, open_run_folder, run_metrics, start_run, write_metrics
@@ -129,6 +131,7 @@ def train_on_pairs(mt, pairs: list[dict], p0: str, cfg: RunConfig, accelerator) 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        accelerator.log({"train/sr_loss": losses[-1]}, step=len(losses))
     mt.sync_frozen()  # G writes test prompts with the frozen copy of its prompt decoder: make it the trained one
     return losses, seen
 
@@ -139,7 +142,9 @@ def train_bpo(cfg: RunConfig) -> Path:
     cfg = prompt_writer_config(cfg)
     out = open_run_folder(cfg)
     accelerator, precision = make_accelerator(cfg, out)
-    run = start_run(cfg, out, accelerator.is_main_process, precision)  # config.yaml: the prompt branch alone, so the folder loads back
+    # config.yaml holds the prompt branch alone, so the run folder loads back with MetaTuner.from_pretrained
+    run = start_run(cfg, out, accelerator.is_main_process, precision)
+    accelerator.init_trackers("tb")
     task, p0 = run.task, run.p0
     start = time.perf_counter()
     mt = build_prompt_writer(cfg, str(accelerator.device), cfg.bpo.actor_adapter)
@@ -164,5 +169,6 @@ def train_bpo(cfg: RunConfig) -> Path:
         sampled_prompts=found["sampled"], answer_leaks=found["answer_leaks"], steps=len(losses),
         actor_adapter=cfg.bpo.actor_adapter, rollout_seconds=round(rollout_seconds, 1),
         train_seconds=round(time.perf_counter() - start, 1), precision=precision.as_dict(),
-        history={"train/sr_loss": losses}))
+        history={"train/sr_loss": losses}), accelerator, step=len(losses))
+    end_training(accelerator)
     return out

@@ -27,7 +27,8 @@ checkpoint every N steps under `trainer/`, and `train.resume=auto` (or a checkpo
 one with TRL's own resume (weights, optimizer, scheduler, RNG states; TRL reads its optimizer and RNG files with
 tensors-only loading). SIGINT or SIGTERM finishes the step, writes a checkpoint and stops the run
 (`TrainingStopped`). The run folder gets `config.yaml`, `train_metrics.json` (`history`: TRL's policy loss,
-mean reward, its spread and the KL per logging interval) and `adapter/`, a standard PEFT adapter over M.
+mean reward, its spread and the KL per logging interval), TensorBoard scalars in `tb/` (all TRL logs, as
+`train/<name>`) and `adapter/`, a standard PEFT adapter over M.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from ..models import load_model
 from ..runtime import resolve_precision
 from ..tasks import check_lengths, token_counter
 from ..tasks.base import Example, Task
-from ..trainer import TrainingStopped, open_run_folder, run_metrics, start_run, write_metrics
+from ..trainer import (TrackerCallback, TrainingStopped, open_run_folder, run_metrics, start_run, start_tracker,
+                       write_metrics)
 from .prompt_writer import check_actor_adapter
 
 # TRL's log keys -> ours in train_metrics.json's history
@@ -165,7 +167,13 @@ def train_grpo(cfg: RunConfig) -> Path:
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
                               train_dataset=grpo_dataset(task, examples, run.p0, tokenizer), processing_class=tokenizer,
                               peft_config=lora, callbacks=[stop])
-        trainer.train(resume_from_checkpoint=_resume_from(cfg, out / "trainer"))
+        tracker = start_tracker(out)  # after the Trainer, which sets up the processes the tracker asks about
+        trainer.add_callback(TrackerCallback(tracker))
+        try:
+            trainer.train(resume_from_checkpoint=_resume_from(cfg, out / "trainer"))
+        finally:
+            if stop.signal is not None:
+                tracker.finish()
     if stop.signal is not None:
         raise TrainingStopped(f"stopped by signal {stop.signal} after step {trainer.state.global_step}; saved "
                               f"{get_last_checkpoint(str(out / 'trainer'))}.", exit_code=128 + stop.signal)
@@ -178,5 +186,7 @@ def train_grpo(cfg: RunConfig) -> Path:
         "grpo", train_examples=questions, unique_train_examples=len(examples), steps=trainer.state.global_step,
         completions=questions * s.num_generations, train_seconds=round(time.perf_counter() - start, 1),
         precision=precision.as_dict(),
-        history={ours: [row[key] for row in logged if key in row] for key, ours in HISTORY_KEYS.items()}))
+        history={ours: [row[key] for row in logged if key in row] for key, ours in HISTORY_KEYS.items()}),
+        tracker, step=trainer.state.global_step)
+    tracker.finish()
     return out

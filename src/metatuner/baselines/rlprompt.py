@@ -21,9 +21,10 @@ held out (never the test split); every step takes `train.batch_size` of the othe
 with the best mean training reward, the policy's greedy prompt and p0 are scored on the dev set, and the best is
 kept (p0 on ties, so the result is never below p0 on dev), as the OPRO-like search keeps its best. The run folder
 gets `config.yaml`, `search.json` (p0, the best prompt and both dev scores, every sampled prompt with its step and
-training reward, and the finalists' dev scores, in `baselines.opro`'s format), `best_prompt.txt` and
-`train_metrics.json`; evaluation runs the frozen M with `best_prompt.txt`, as for the OPRO-like search. It runs
-in one process, in the precision `train.mixed_precision` resolves to.
+training reward, and the finalists' dev scores, in `baselines.opro`'s format), `best_prompt.txt`,
+`train_metrics.json` and TensorBoard scalars of every step in `tb/`; evaluation runs the frozen M with
+`best_prompt.txt`, as for the OPRO-like search. It runs in one process, in the precision `train.mixed_precision`
+resolves to.
 
 Where ours differs from RLPrompt: the paper's policy is a frozen distilGPT-2 with a small trainable MLP that emits
 a fixed number of prompt tokens (often ungrammatical), trained with soft Q-learning on shaped, per-input z-scored
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ..batching import full_batches
 from ..config import RunConfig
+from ..distributed import end_training
 from ..generation import lm_batch, sequence_logprobs
 from ..trainer import make_accelerator, open_run_folder, run_metrics, start_run, write_metrics
 from .opro import SearchResult, split_dev
@@ -98,6 +100,7 @@ def train_rlprompt(cfg: RunConfig) -> Path:
     out = open_run_folder(cfg)
     accelerator, precision = make_accelerator(cfg, out)
     run = start_run(cfg, out, accelerator.is_main_process, precision)
+    accelerator.init_trackers("tb")
     task, p0 = run.task, run.p0
     start = time.perf_counter()
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
@@ -128,6 +131,7 @@ def train_rlprompt(cfg: RunConfig) -> Path:
             history.append({"round": step, "source": "sample", "instruction": prompt, "score": value})
         for key, value in zip(curves, (sum(rewards) / len(rewards), max(rewards), loss)):
             curves[key].append(value)
+        accelerator.log({key: values[-1] for key, values in curves.items()}, step=step)
     mt.sync_frozen()
     greedy = mt.write_prompts([request], with_grad=False).prompts[0]
 
@@ -149,5 +153,6 @@ def train_rlprompt(cfg: RunConfig) -> Path:
         "rlprompt", train_examples=scored, unique_train_examples=len(examples), steps=total_steps,
         train_seconds=round(seconds, 1), best_prompt=result.best, greedy_prompt=greedy, p0_dev_score=result.p0_score,
         best_dev_score=result.best_score, distinct_prompts_sampled=len(tried), precision=precision.as_dict(),
-        history=curves))
+        history=curves), accelerator, step=total_steps)
+    end_training(accelerator)
     return out
