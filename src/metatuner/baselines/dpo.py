@@ -21,21 +21,20 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
 from trl import DPOConfig, DPOTrainer
 
 from ..config import RunConfig
 from ..evaluate import option_means
 from ..generation import generate, score_choices, task_chats
-from ..models import load_model
 from ..runtime import Precision, resolve_precision
 from ..tasks import check_lengths, token_counter
 from ..tasks.base import Example, Task
 from ..trainer import TrackerCallback, open_run_folder, run_metrics, start_run, start_tracker, write_metrics
+from .policy import load_policy
+from .prompt_writer import check_actor_adapter
 
 
 def pair_from_samples(task: Task, example: Example, samples: list[str], gold_fallback: bool) -> dict | None:
@@ -96,10 +95,9 @@ def train_dpo(cfg: RunConfig) -> Path:
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     start = time.perf_counter()
 
-    model, tokenizer = load_model(cfg.model.actor or cfg.model.name, cfg.model.dtype, cfg.model.device,
-                                  cfg.model.trust_remote_code)
+    check_actor_adapter(cfg.dpo.init_adapter, "dpo.init_adapter")
+    model, tokenizer, lora = load_policy(cfg, cfg.dpo.init_adapter)
     examples = check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
-    model, lora = _policy(cfg, model)
     pairs = preference_pairs(model, tokenizer, task, examples, prompt, cfg)
     with open(out / "pairs.jsonl", "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
@@ -131,17 +129,6 @@ def train_dpo(cfg: RunConfig) -> Path:
         tracker, step=trainer.state.global_step)
     tracker.finish()
     return out
-
-
-def _policy(cfg: RunConfig, model) -> tuple[Any, LoraConfig | None]:
-    """The policy to tune: `dpo.init_adapter` loaded trainable (it is also the reference), or the base model with
-    the LoRA config TRL should add (the base model is then the reference)."""
-    if not cfg.dpo.init_adapter:
-        return model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    if not (Path(cfg.dpo.init_adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"dpo.init_adapter: no PEFT adapter (adapter_config.json) in {cfg.dpo.init_adapter}")
-    return PeftModel.from_pretrained(model, cfg.dpo.init_adapter, is_trainable=True), None
 
 
 def _dpo_config(cfg: RunConfig, out: Path, precision: Precision) -> DPOConfig:

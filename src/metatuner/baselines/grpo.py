@@ -39,19 +39,18 @@ import time
 from pathlib import Path
 
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
 from ..config import RunConfig
 from ..generation import task_chats
-from ..models import load_model
 from ..runtime import resolve_precision
 from ..tasks import check_lengths, token_counter
 from ..tasks.base import Example, Task
 from ..trainer import (TrackerCallback, TrainingStopped, open_run_folder, run_metrics, start_run, start_tracker,
                        write_metrics)
+from .policy import load_policy
 from .prompt_writer import check_actor_adapter
 
 # TRL's log keys -> ours in train_metrics.json's history
@@ -115,17 +114,6 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
-
-
-def load_policy(cfg: RunConfig, init_adapter: str | None):
-    """M for a TRL trainer: with `init_adapter` loaded on it and trainable (no LoRA config), else the base model and
-    the LoRA config (`lora.*`) the trainer applies."""
-    model, tokenizer = load_model(cfg.model.actor or cfg.model.name, cfg.model.dtype, cfg.model.device,
-                                  cfg.model.trust_remote_code)
-    if init_adapter:
-        return PeftModel.from_pretrained(model, init_adapter, is_trainable=True), tokenizer, None
-    return model, tokenizer, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                        target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
 
 
 def _resume_from(cfg: RunConfig, trainer_dir: Path) -> str | None:

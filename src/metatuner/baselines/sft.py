@@ -21,7 +21,6 @@ it ran 1.39x the target tokens/s of TRL 1.16's SFTTrainer (`docs/performance/sft
 from __future__ import annotations
 
 import inspect
-import json
 import random
 import time
 from dataclasses import asdict
