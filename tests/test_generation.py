@@ -1,3 +1,6 @@
+import contextlib
+
+import pytest
 import torch
 
 from metatuner.generation import chat_prompt, generate, length_batches, lm_batch, score_targets, target_logprobs
@@ -176,3 +179,109 @@ def test_eos_ids_add_the_generation_configs_ends_only_when_the_model_is_given(mo
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     assert eos_ids(tokenizer) == [tokenizer.eos_token_id]  # G's prompts end at the end-of-turn token alone
     assert eos_ids(tokenizer, model) == [tokenizer.eos_token_id, tokenizer.pad_token_id]
+
+
+# ----- decoding optimisations: the same tokens as the former decoding ------------------------------------------------
+def _former_next_tokens(logits, temperature, top_p, generator=None):
+    """The sampler before `_next_tokens` drew through exponential_ itself: argmax and torch.multinomial."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def former_decoding(monkeypatch):
+    """Decode as before the preallocated KV cache, the kept weight casts and the sampler's own draw."""
+    import metatuner.generation as generation
+
+    monkeypatch.setattr(generation, "PREALLOCATE_KV", False)
+    monkeypatch.setattr(generation, "CAST_FROZEN_WEIGHTS_ONCE", False)
+    monkeypatch.setattr(generation, "_next_tokens", _former_next_tokens)
+
+
+def _bf16():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def test_sampler_draws_what_torch_multinomial_draws():
+    from metatuner.generation import _next_tokens
+
+    for seed in range(20):
+        logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(seed)) * 3
+        for temperature, top_p in ((0.8, 1.0), (1.2, 0.9), (0.0, 1.0)):
+            ours = _next_tokens(logits, temperature, top_p, torch.Generator().manual_seed(seed))
+            theirs = _former_next_tokens(logits, temperature, top_p, torch.Generator().manual_seed(seed))
+            assert torch.equal(ours, theirs)
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.bfloat16)
+    assert _next_tokens(ties, 0.0, 1.0).tolist() == ties.argmax(-1).tolist() == [1, 0]
+
+
+def _decode_steps(model, tokenizer, steps=6, reserve=8):
+    """Logits of a left-padded prefill and `steps` greedy steps, with the row at index 1 leaving after 2 steps."""
+    from metatuner.generation import DecodeBatch, _encode
+
+    batch = DecodeBatch.prefill(model, _encode(tokenizer, _chats(tokenizer)), tokenizer.pad_token_id, reserve=reserve)
+    logits = [batch.logits.float().clone()]
+    for step in range(steps):
+        if step == 2:
+            batch.select([0, 2, 3])
+        batch.advance(model, batch.logits.argmax(-1))
+        logits.append(batch.logits.float().clone())
+    return logits, batch
+
+
+@pytest.mark.parametrize("reserve", [0, 3, 16])  # 0 and 3: the buffer grows while decoding
+def test_kv_buffer_and_kept_casts_give_the_former_logits_bit_for_bit(model, tokenizer, monkeypatch, reserve):
+    from metatuner.generation import KVBuffer
+
+    with torch.no_grad(), _bf16():
+        ours, batch = _decode_steps(model, tokenizer, reserve=reserve)
+    assert all(type(layer) is KVBuffer for layer in batch.cache.layers)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the casts are swapped in for forwards only
+    former_decoding(monkeypatch)
+    with torch.no_grad(), _bf16():
+        theirs, former = _decode_steps(model, tokenizer, reserve=reserve)
+    assert not any(type(layer) is KVBuffer for layer in former.cache.layers)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert torch.equal(batch.cache.layers[0].keys, former.cache.layers[0].keys)
+
+
+def _greedy_and_sampled(model, tokenizer, bf16: bool):
+    chats = _chats(tokenizer) * 2
+    with _bf16() if bf16 else contextlib.nullcontext():
+        greedy = generate(model, tokenizer, chats, max_new_tokens=10, batch_size=3)
+        torch.manual_seed(3)
+        sampled = generate(model, tokenizer, chats, max_new_tokens=10, batch_size=8, do_sample=True, temperature=0.9)
+    return [(out.texts, out.new_tokens) for out in (greedy, sampled)]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_generate_gives_the_former_outputs(model, tokenizer, monkeypatch, bf16):
+    ours = _greedy_and_sampled(model, tokenizer, bf16)
+    former_decoding(monkeypatch)
+    assert ours == _greedy_and_sampled(model, tokenizer, bf16)
+
+
+def test_kept_casts_follow_weight_changes_and_leave_trainable_weights_to_autocast(model, tokenizer):
+    from metatuner.generation import frozen_weight_casts
+
+    batch = lm_batch(tokenizer, _chats(tokenizer), ["a", "b", "c", "d"])
+    q = model.model.layers[0].self_attn.q_proj
+    q.weight.requires_grad_(False)
+    model.model.layers[0].self_attn.o_proj.weight.requires_grad_(True)
+    with torch.no_grad(), _bf16():
+        with frozen_weight_casts(model):
+            assert q.weight.dtype == torch.bfloat16
+            assert model.model.layers[0].self_attn.o_proj.weight.dtype == torch.float32  # trainable: autocast's
+            assert model.model.embed_tokens.weight.dtype == torch.float32  # not a linear layer
+            first = model(**batch).logits
+        q.weight.mul_(2.0)  # an in-place change (an optimiser step, a load) makes a new cast
+        with frozen_weight_casts(model):
+            changed = model(**batch).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            reference = model(**batch).logits
+    assert not torch.equal(first, changed) and torch.equal(changed, reference)

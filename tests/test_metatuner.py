@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -259,3 +261,51 @@ def test_gumbel_prompts_pool_h_as_the_encoder_does(tokenizer, pool):
     with mt.role("learner"), torch.no_grad():
         expected = mt.encode(requests)
     assert torch.allclose(h.detach(), expected, atol=1e-5)
+
+
+def _sr_grads(mt, requests, best, checkpoint: bool, bf16: bool):
+    mt.checkpoint_sr = checkpoint
+    mt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = mt.sr_loss(requests, best)
+    with mt.role("learner"):  # where training runs the SR backward (a checkpointed layer recomputes in it)
+        loss.backward()
+    return loss.detach(), [None if p.grad is None else p.grad.clone() for p in mt.generator_parameters()]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sr_loss_checkpointing_gives_the_same_loss_and_gradients(mt, bf16):
+    _perturb(mt)
+    requests = mt.rewrite_requests(["Solve it."] * 3, QUESTIONS)
+    best = ["Think step by step.", "Add the numbers.", "Answer."]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss, grads = _sr_grads(mt, requests, best, checkpoint=True, bf16=bf16)
+    kept, saved = sum(saved), []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        ref_loss, ref_grads = _sr_grads(mt, requests, best, checkpoint=False, bf16=bf16)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads)) and any(g is not None for g in grads)
+    assert kept < sum(saved) / 2  # the graph keeps the layers' inputs, not their activations
+    layers = mt.g.get_base_model().model.layers
+    assert not any(layer.training or layer.gradient_checkpointing for layer in layers)
+
+
+def test_write_prompts_records_no_graph_above_layer_k(mt):
+    """h keeps its graph to phi_s; the upper layers' activations (the prompt is decoded without gradients) are
+    not recorded, and h and its gradients are those of a prefill that recorded them."""
+    _perturb(mt)
+    requests = mt.rewrite_requests(["Solve it."] * 3, QUESTIONS)
+    with mt.role("writer"):
+        h, out, _ = mt._prefill(requests)
+    assert h.requires_grad and not out.logits.requires_grad
+    h.pow(2).sum().backward()
+    grads = [p.grad.clone() for p in mt._adapter_params("shared")]
+    mt.zero_grad(set_to_none=True)
+    mt._graph_below_k = contextlib.nullcontext
+    with mt.role("writer"):
+        ref, out, _ = mt._prefill(requests)
+    assert out.logits.requires_grad
+    ref.pow(2).sum().backward()
+    assert torch.equal(h, ref)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, mt._adapter_params("shared")))

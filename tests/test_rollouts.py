@@ -132,3 +132,27 @@ def test_reject_leaks_never_stores_a_prompt_that_states_the_gold_answer(setup, m
                           reject_leaks=True)
     assert [e["prompt"] for e in guarded.entries.values()] == ["Add the numbers."] * 3
     assert (result.leaks, result.sampled) == (3, 6)
+
+
+def _two_rounds(mt, task, examples, bf16: bool, reward: str):
+    torch.manual_seed(5)
+    store = ExpertPromptStore()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        written = mt.write_prompts(mt.rewrite_requests([P0] * len(examples), [e.question for e in examples]), False)
+        factors = mt.hyper(written.h).detach()
+        results = [run_rollouts(mt, task, examples, P0, factors, store, n=3, temperature=1.2, reward=reward,
+                                p0_candidate=False) for _ in range(2)]
+    return written.prompts, json.dumps(store.entries), results
+
+
+@pytest.mark.parametrize("bf16,reward", [(False, "likelihood"), (True, "likelihood"), (True, "exact_match")])
+def test_rollouts_select_what_the_former_decoding_selected(setup, monkeypatch, bf16, reward):
+    """Same seed, same written prompts, samples, scores and D2 as before the KV buffer, the kept weight casts and
+    the sampler's own draw (test_generation.former_decoding)."""
+    from test_generation import former_decoding
+
+    mt, task, examples = setup
+    ours = _two_rounds(mt, task, examples, bf16, reward)
+    former_decoding(monkeypatch)
+    assert ours == _two_rounds(mt, task, examples, bf16, reward)
+    assert len(json.loads(ours[1])) == len(examples)

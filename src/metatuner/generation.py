@@ -9,6 +9,13 @@ by our own loop (`decode_loop`, over a `DecodeBatch`). Results come back in the 
 `batch_context(indices)` lets a caller wrap each batch in a context manager, which is how per-example LoRA factors
 follow their rows through the sort. A `DecodeBatch` can also be stepped by hand, with rows leaving and joining
 between steps (the server's continuous batching, `metatuner.serve.engine`).
+
+Two things keep a decoding step cheap without changing what it computes. The KV cache is a preallocated buffer
+per layer (`KVBuffer`): a step writes its token's keys and values in place, where transformers' `DynamicCache`
+concatenates the whole cache at every step. Under bf16 (or fp16) autocast, the frozen weights of the model's linear
+layers are cast once and kept (`frozen_weight_casts`), where autocast would cast every weight again at every
+forward (it caches only casts of weights that require grad); the linear layers then compute exactly what they
+compute under autocast. `PREALLOCATE_KV` and `CAST_FROZEN_WEIGHTS_ONCE` switch either off (benchmarks' A/B).
 """
 
 from __future__ import annotations
@@ -16,16 +23,22 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 import time
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 BatchContext = Callable[[list[int]], ContextManager]
+
+PREALLOCATE_KV = True  # decode into `KVBuffer` layers (False: transformers' DynamicCache, as before)
+CAST_FROZEN_WEIGHTS_ONCE = True  # `frozen_weight_casts` keeps cast weights (False: autocast casts them every forward)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
@@ -102,8 +115,9 @@ def generate(
     eos = eos_ids(tokenizer, model)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="item")
     for batch in length_batches([len(e) for e in encoded], batch_size):
-        prefilled = DecodeBatch.prefill(model, [encoded[i] for i in batch], tokenizer.pad_token_id,
-                                        batch_context(batch) if batch_context else None)
+        with frozen_weight_casts(model):
+            prefilled = DecodeBatch.prefill(model, [encoded[i] for i in batch], tokenizer.pad_token_id,
+                                            batch_context(batch) if batch_context else None, reserve=max_new_tokens)
         rows = decode_loop(
             model, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos, max_new_tokens=max_new_tokens,
             eos_ids=eos,
@@ -203,12 +217,15 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     """
     base = base_model(model)
     labels = batch["labels"][:, 1:]
-    if not _head_only_at_targets(base):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return target_logprobs(logits, batch["labels"])
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    mask = labels != -100
-    logits = base.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    with frozen_weight_casts(model):
+        # No KV cache: nothing decodes after a loss or a score, and a checkpointed layer refuses one anyway.
+        if not _head_only_at_targets(base):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            return target_logprobs(logits, batch["labels"])
+        hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False).last_hidden_state
+        mask = labels != -100
+        logits = base.get_output_embeddings()(hidden[:, :-1][mask]).float()
     token_logprobs = -F.cross_entropy(logits, labels[mask], reduction="none")
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
     sums = torch.zeros(labels.shape[0], dtype=token_logprobs.dtype, device=labels.device).index_add(0, rows, token_logprobs)
@@ -286,7 +303,7 @@ def score_choices(
     for batch in length_batches([len(p) for p in p_ids], batch_size):
         ids, mask = _left_pad([p_ids[i] for i in batch], tokenizer.pad_token_id, device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with batch_context(batch) if batch_context else contextlib.nullcontext():
+        with batch_context(batch) if batch_context else contextlib.nullcontext(), frozen_weight_casts(model):
             out = decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         owner, rows = [], []
         for k, i in enumerate(batch):
@@ -306,13 +323,14 @@ def score_choices(
         cache.batch_select_indices(index)  # every option row continues its own prompt's cache
         c_mask = torch.cat([mask[index], t_mask], dim=1)
         c_pos = pos[index][:, -1:] + 1 + torch.arange(width, device=device)
-        with batch_context([batch[k] for k in owner]) if batch_context else contextlib.nullcontext():
+        with batch_context([batch[k] for k in owner]) if batch_context else contextlib.nullcontext(), \
+                frozen_weight_casts(model):
             hidden = decoder(input_ids=target, attention_mask=c_mask, position_ids=c_pos, use_cache=True,
                              **{cache_kw: cache}).last_hidden_state
-        # Option token j is predicted by the state before it: the prompt's last for j = 0, the option's j-1 after.
-        before = torch.cat([out.last_hidden_state[index, -1:], hidden[:, :-1]], dim=1)
-        keep = t_mask.bool()
-        token_logprobs = -F.cross_entropy(head(before[keep]).float(), target[keep], reduction="none")
+            # Option token j is predicted by the state before it: the prompt's last for j = 0, the option's j-1.
+            before = torch.cat([out.last_hidden_state[index, -1:], hidden[:, :-1]], dim=1)
+            keep = t_mask.bool()
+            token_logprobs = -F.cross_entropy(head(before[keep]).float(), target[keep], reduction="none")
         row_of = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(target)[keep]
         sums = torch.zeros(len(rows), dtype=token_logprobs.dtype, device=device).index_add(0, row_of, token_logprobs)
         for k, s, c in zip(owner, sums.tolist(), t_mask.sum(-1).tolist()):
@@ -345,17 +363,187 @@ def output_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
+# ----- frozen weights cast once under autocast ---------------------------------------------------------------------
+_casting = threading.local()  # set while a `frozen_weight_casts` block is open in this thread
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The lower precision that autocast runs linear layers in on `device_type`; None outside autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    dtype = torch.get_autocast_dtype(device_type)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
+
+
+def _cast_of(module: torch.nn.Module, name: str, param: torch.Tensor, dtype: torch.dtype) -> torch.nn.Parameter:
+    """`param` in `dtype`, made once and kept on `module` until the parameter is replaced or changed in place (its
+    version counter moves with every optimiser step, `copy_` or load)."""
+    casts = module.__dict__.setdefault("_metatuner_casts", {})
+    key = (param.data_ptr(), param._version, dtype)
+    entry = casts.get(name)
+    if entry is None or entry[0]() is not param or entry[1] != key:
+        cast = torch.nn.Parameter(param.detach().to(dtype), requires_grad=False)
+        entry = casts[name] = (weakref.ref(param), key, cast)
+    return entry[2]
+
+
+@contextlib.contextmanager
+def frozen_weight_casts(model) -> Iterator[None]:
+    """Forwards of `model` inside this block use, under bf16 or fp16 autocast, a copy in that dtype of every frozen
+    weight and bias of its linear layers, made once and kept (`_cast_of`).
+
+    Autocast casts a weight that does not require grad again at every forward (it caches only the casts of weights
+    that do): at batch 16 that was two fifths of a SmolLM2-135M decoding step. A linear layer given the cast copy
+    computes exactly what it computes under autocast: the same cast values and the same kernel. Trainable weights
+    are left to autocast. Outside autocast, nested in another such block, under a DDP / FSDP / DeepSpeed wrapper or
+    with `CAST_FROZEN_WEIGHTS_ONCE` off it does nothing. Forwards only: a backward runs after the block (a
+    checkpointed layer then recomputes with autocast's own casts, the same values).
+    """
+    first = next(model.parameters(), None)
+    dtype = _autocast_dtype(first.device.type) if first is not None and CAST_FROZEN_WEIGHTS_ONCE else None
+    if dtype is None or getattr(_casting, "active", False) or hasattr(model, "module"):
+        yield
+        return
+    swapped: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    _casting.active = True
+    try:
+        for module in model.modules():
+            if "FSDP" in type(module).__name__ or "FullyShardedDataParallel" in type(module).__name__:
+                break  # sharded parameters are swapped in by FSDP itself; leave them to autocast
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            for name in ("weight", "bias"):
+                param = module._parameters.get(name)
+                if param is None or param.requires_grad or param.dtype == dtype or not param.is_floating_point():
+                    continue
+                module._parameters[name] = _cast_of(module, name, param, dtype)
+                swapped.append((module, name, param))
+        yield
+    finally:
+        for module, name, param in reversed(swapped):
+            module._parameters[name] = param
+        _casting.active = False
+
+
+# ----- the KV cache ------------------------------------------------------------------------------------------------
+def _filled_part(slot: str):
+    """Getter and setter of a `KVBuffer` side: the filled part of its buffer; a tensor set becomes the buffer, full."""
+    def get(self):
+        buffer = getattr(self, slot)
+        return None if buffer is None else buffer[..., : self._length, :]
+
+    def put(self, tensor):
+        setattr(self, slot, tensor)
+        self._length = tensor.shape[-2] if tensor is not None and tensor.dim() == 4 else 0
+
+    return get, put
+
+
+class KVBuffer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views of a preallocated buffer.
+
+    `update` writes the new tokens' states in place; `DynamicLayer` concatenates the whole cache at every step
+    (14% of a decoding step at batch 16). When the buffer is full it grows to `reserve` tokens (at least a quarter
+    of its length) past what it must hold. Whatever sets `keys` or `values` (the server's joins and trims,
+    `crop`) hands over a tensor that becomes the buffer; selecting and repeating rows keep the spare room.
+    """
+
+    def __init__(self, reserve: int = 0):
+        self._k = self._v = None
+        self._length = 0
+        self.reserve = reserve
+        super().__init__()
+
+    keys = property(*_filled_part("_k"))
+    values = property(*_filled_part("_v"))
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._k = self._v = None
+        self._length = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self._length, self._length + key_states.shape[-2]
+        if self._k is None or end > self._k.shape[-2]:
+            room = end + max(self.reserve, end // 4)
+            k = key_states.new_empty((*key_states.shape[:2], room, key_states.shape[-1]))
+            v = value_states.new_empty((*value_states.shape[:2], room, value_states.shape[-1]))
+            if start:
+                k[..., :start, :] = self._k[..., :start, :]
+                v[..., :start, :] = self._v[..., :start, :]
+            self._k, self._v = k, v
+        self._k[..., start:end, :] = key_states
+        self._v[..., start:end, :] = value_states
+        self._length = end
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length if self._k is not None else 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._k is not None:
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._k is not None:
+            self._k, self._v = self._k[indices], self._v[indices]
+
+
+def decode_cache(model, reserve: int) -> Cache | None:
+    """An empty cache of `KVBuffer` layers for `model`, with room for `reserve` tokens past its prefill; None (the
+    model makes its own `DynamicCache`) with `PREALLOCATE_KV` off or when a layer is anything but plain full
+    attention (sliding windows, linear attention, shared KV)."""
+    if not PREALLOCATE_KV:
+        return None
+    try:
+        types, _ = get_layer_types_and_kwargs(base_model(model).config.get_text_config(decoder=True))
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if not types or any(t != "full_attention" for t in types):
+        return None
+    return Cache(layers=[KVBuffer(reserve) for _ in types])
+
+
+def buffered(cache, reserve: int):
+    """`cache` with each plain `DynamicLayer` replaced by a `KVBuffer` holding a detached copy of its states and
+    room for `reserve` more tokens (one copy, instead of one per decoding step); any other cache as it is.
+
+    For a prefill that could not write into a buffer itself: one run with gradients (G's prefill gives h, whose
+    backward needs the keys and values as they were; decoding must not write into them)."""
+    layers = getattr(cache, "layers", None)
+    if not PREALLOCATE_KV or not layers or not all(type(layer) is DynamicLayer for layer in layers):
+        return cache
+    for i, layer in enumerate(layers):
+        buffer = KVBuffer(reserve)
+        if layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4:
+            buffer.lazy_initialization(layer.keys, layer.values)
+            buffer.update(layer.keys.detach(), layer.values.detach())
+        layers[i] = buffer
+    return cache
+
+
+def _with_cache(model, cache: Cache | None) -> dict:
+    return {cache_argument(model): cache} if cache is not None else {}
+
+
 def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
                  generator: torch.Generator | None = None) -> torch.Tensor:
+    # max(-1).indices is argmax (the first of equal maxima, as argmax), four times faster on bf16 logits.
     if temperature <= 0:
-        return logits.argmax(-1)
+        return logits.max(-1).indices
     probs = torch.softmax(logits.float() / temperature, -1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
         drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # torch.multinomial(probs, 1) draws exactly this way (argmax of p / q, q ~ Exp(1) from the same generator), so
+    # the draws are the same for the same seed; its argmax over the vocabulary is the slow part.
+    q = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / q).max(-1).indices
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -383,12 +571,15 @@ class DecodeBatch:
 
     @classmethod
     @torch.no_grad()
-    def prefill(cls, model, rows: Sequence[Sequence[int]], pad_id: int, context: ContextManager | None = None):
-        """Left-padded prompt token ids through `model` (inside `context`, e.g. the rows' per-example LoRA)."""
+    def prefill(cls, model, rows: Sequence[Sequence[int]], pad_id: int, context: ContextManager | None = None,
+                reserve: int = 0):
+        """Left-padded prompt token ids through `model` (inside `context`, e.g. the rows' per-example LoRA), into a
+        KV cache with room for `reserve` more tokens (it grows past them when it must)."""
         ids, mask = _left_pad([list(r) for r in rows], pad_id, model.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with context or contextlib.nullcontext():
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_logits_only(model))
+        with context or contextlib.nullcontext(), frozen_weight_casts(model):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **last_logits_only(model),
+                        **_with_cache(model, decode_cache(model, reserve)))
         return cls(output_cache(out), out.logits[:, -1], mask, pos[:, -1:])
 
     def __len__(self) -> int:
@@ -405,16 +596,14 @@ class DecodeBatch:
         """One step: every row takes its token in `tokens` and gets its next logits."""
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         self.pos = self.pos + 1
-        with context or contextlib.nullcontext():
+        with context or contextlib.nullcontext(), frozen_weight_casts(model):
             out = model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=self.pos, use_cache=True,
                         **{cache_argument(model): self.cache})
         self.cache, self.logits = output_cache(out), out.logits[:, -1]
 
     def can_join(self) -> bool:
         """Whether other rows can join this batch (sliding-window, static or quantized caches cannot be padded)."""
-        from transformers.cache_utils import DynamicLayer
-
-        return all(type(layer) is DynamicLayer for layer in getattr(self.cache, "layers", [None]))
+        return all(type(layer) in (DynamicLayer, KVBuffer) for layer in getattr(self.cache, "layers", [None]))
 
     def extend(self, other: "DecodeBatch") -> None:
         """Append the rows of `other` (a fresh prefill) after this batch's rows."""
@@ -459,27 +648,27 @@ def decode_loop(
     dropped from the batch; `row_context(live_rows)` wraps each forward (per-example LoRA of the live rows).
     Returns each row's new tokens without the end-of-sequence token.
     """
-    n_rows = next_logits.shape[0]
     eos = torch.tensor(list(eos_ids), device=next_logits.device, dtype=torch.long)
-    out_rows: list[list[int]] = [[] for _ in range(n_rows)]
-    live = list(range(n_rows))
-    batch = DecodeBatch(cache, next_logits, attention_mask, position_ids[:, -1:])
+    out_rows: list[list[int]] = [[] for _ in range(next_logits.shape[0])]
+    live = list(range(len(out_rows)))
+    batch = DecodeBatch(buffered(cache, max_new_tokens), next_logits, attention_mask, position_ids[:, -1:])
     tail = 24  # tokens re-decoded to look for stop strings; longer than any stop string in practice
-    for step in range(max_new_tokens):
-        nxt = _next_tokens(batch.logits, temperature, top_p)
-        finished = torch.isin(nxt, eos).tolist()
-        for k, (row, token, end) in enumerate(zip(live, nxt.tolist(), finished)):
-            if not end:
-                out_rows[row].append(token)
-        if stop_strings and tokenizer is not None:
-            finished = [end or any(s in tokenizer.decode(out_rows[row][-tail:]) for s in stop_strings)
-                        for row, end in zip(live, finished)]
-        if step == max_new_tokens - 1 or all(finished):
-            break
-        if any(finished):
-            keep = [k for k, end in enumerate(finished) if not end]
-            batch.select(keep)
-            nxt = nxt[torch.tensor(keep, device=nxt.device)]
-            live = [live[k] for k in keep]
-        batch.advance(model, nxt, row_context(live) if row_context else None)
+    with frozen_weight_casts(model):  # once for the whole loop (each step's own block is then a no-op)
+        for step in range(max_new_tokens):
+            nxt = _next_tokens(batch.logits, temperature, top_p)
+            finished = torch.isin(nxt, eos).tolist()
+            for k, (row, token, end) in enumerate(zip(live, nxt.tolist(), finished)):
+                if not end:
+                    out_rows[row].append(token)
+            if stop_strings and tokenizer is not None:
+                finished = [end or any(s in tokenizer.decode(out_rows[row][-tail:]) for s in stop_strings)
+                            for row, end in zip(live, finished)]
+            if step == max_new_tokens - 1 or all(finished):
+                break
+            if any(finished):
+                keep = [k for k, end in enumerate(finished) if not end]
+                batch.select(keep)
+                nxt = nxt[torch.tensor(keep, device=nxt.device)]
+                live = [live[k] for k in keep]
+            batch.advance(model, nxt, row_context(live) if row_context else None)
     return out_rows

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -25,19 +26,22 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+import torch.utils.checkpoint
 from peft import LoraConfig, get_peft_model
 from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .adapter_card import write_adapter_card
 from .checkpoint import atomic_save_file, atomic_write_text
 from .config import MetaTunerSettings, RunConfig, load_config
 from .evaluate import evaluate
 from .diagnostics import lora_diversity, prompt_diagnostics
-from .generation import (base_model, chat_prompt, decode_loop, eos_ids, generate, last_logits_only, left_padded_batch,
-                         lm_batch, lm_loss, output_cache, score_targets, task_chats)
+from .generation import (base_model, cache_argument, chat_prompt, decode_cache, decode_loop, eos_ids,
+                         frozen_weight_casts, generate, last_logits_only, left_padded_batch, lm_batch, lm_loss,
+                         output_cache, score_targets, task_chats)
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 from .models import load_generator_and_actor, resolve_share_depth
 from .tasks import get_task
@@ -101,6 +105,9 @@ class MetaTuner(nn.Module):
         self.actor_adapter: dict | None = None  # r, alpha, target_modules of M's warm-up LoRA once added
         self.actor_trainable = False  # True only while M's warm-up adapter is being trained
         self.task, self.p0 = None, None  # set by from_pretrained or the trainer; needed by generate/evaluate
+        # The SR loss's forward checkpoints G's layers (`_checkpointed`): its graph over the request and the prompt
+        # was the peak of a training step's memory.
+        self.checkpoint_sr = True
         self.sync_frozen()
         self._activate(self._roles["writer"])
 
@@ -232,9 +239,32 @@ class MetaTuner(nn.Module):
         ]
 
     def _prefill(self, requests: Sequence[str]):
+        """The requests through G (its active role) with a KV cache for the prompt decoding: h, the output, the batch.
+
+        With gradients on, only h needs a graph: layers k..K-1 run on a detached input (the same values), so the
+        prefill holds no graph above layer k and writes its cache as it decodes without one. Without gradients the
+        cache is a preallocated buffer with room for the prompt (`generation.decode_cache`)."""
         batch = left_padded_batch(self.g_tok, requests, self.g.device)
-        out = self.g(**batch, use_cache=True, output_hidden_states=True, **last_logits_only(self.g))
+        grad = torch.is_grad_enabled()
+        cache = None if grad else decode_cache(self.g, self.settings.max_prompt_tokens)
+        with self._graph_below_k(), frozen_weight_casts(self.g):
+            out = self.g(**batch, use_cache=True, output_hidden_states=True, **last_logits_only(self.g),
+                         **({cache_argument(self.g): cache} if cache is not None else {}))
         return self.pool_h(out.hidden_states[self.k], batch), out, batch
+
+    @contextlib.contextmanager
+    def _graph_below_k(self) -> Iterator[None]:
+        """With gradients on, G's layers from k up get their input detached: h keeps its graph, nothing above it
+        records one (the prompt is decoded without gradients)."""
+        layers = base_model(self.g).get_decoder().layers
+        if not torch.is_grad_enabled() or self.k >= len(layers):
+            yield
+            return
+        handle = layers[self.k].register_forward_pre_hook(_detach_hidden_states, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def pool_h(self, states: torch.Tensor, batch) -> torch.Tensor:
         """h from layer k's states of a left-padded batch: the last request token's, or the mean (`pool`)."""
@@ -257,7 +287,8 @@ class MetaTuner(nn.Module):
 
         handle = base.get_decoder().layers[self.k - 1].register_forward_hook(stop_after_layer_k)
         try:
-            self.g(**batch, use_cache=False)
+            with frozen_weight_casts(self.g):
+                self.g(**batch, use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -313,7 +344,35 @@ class MetaTuner(nn.Module):
         """Supervised regularisation: NLL of the best prompts so far under {phi_s, phi_p}, teacher forced."""
         with self.role("learner"):
             batch = lm_batch(self.g_tok, requests, best_prompts, self.settings.max_request_tokens, device=self.g.device)
-            return lm_loss(self.g, batch)
+            with self._checkpointed() if self.checkpoint_sr else contextlib.nullcontext():
+                return lm_loss(self.g, batch)
+
+    @contextlib.contextmanager
+    def _checkpointed(self) -> Iterator[None]:
+        """G's decoder layers checkpointed (non-reentrant) for the forwards inside: each keeps only its input and
+        recomputes its activations in the backward, in the autocast state of the forward. The same values and
+        gradients, a fraction of the graph's memory. Only the layers' own `training` flag is set, which is what
+        transformers checks; dropout and attention stay in eval mode. Nothing to do without gradients or when
+        `train.gradient_checkpointing` already checkpoints every layer."""
+        layers = [layer for layer in base_model(self.g).get_decoder().layers
+                  if isinstance(layer, GradientCheckpointingLayer) and not layer.gradient_checkpointing]
+        if not torch.is_grad_enabled():
+            layers = []
+        saved = [(layer.training, layer.__dict__.get("_gradient_checkpointing_func")) for layer in layers]
+        for layer in layers:
+            layer.gradient_checkpointing, layer.training = True, True
+            layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                   use_reentrant=False)
+        try:
+            yield
+        finally:
+            for layer, (training, func) in zip(layers, saved):
+                layer.training = training
+                del layer.gradient_checkpointing  # back to the class's False
+                if func is None:
+                    layer.__dict__.pop("_gradient_checkpointing_func", None)
+                else:
+                    layer._gradient_checkpointing_func = func
 
     # ----- the actor -----------------------------------------------------------------------------------------
     def _factor_context(self, factors: LoraFactors | None):
@@ -570,6 +629,12 @@ def build_metatuner(cfg: RunConfig, device: str = "cpu") -> MetaTuner:
         cfg.model.name, cfg.model.actor, cfg.model.dtype, device, cfg.model.trust_remote_code
     )
     return MetaTuner(g, g_tok, cfg.metatuner, actor=None if m is g else m, m_tokenizer=m_tok)
+
+
+def _detach_hidden_states(module, args, kwargs):
+    if args:
+        return (args[0].detach(), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach()}
 
 
 class _StopForward(Exception):
