@@ -31,10 +31,11 @@ test: setup
 test-slow: setup  # pytest exits 5 when no test is marked slow, which is not a failure
 	$(BIN)/python -m pytest -q -m slow || test $$? -eq 5
 
-# Side-by-side performance (docs/performance.md): SmolLM2-135M, about 30 min. One torch thread and CPU-time clocks
+# Side-by-side performance (docs/performance.md): SmolLM2-135M, about 45 min. One torch thread and CPU-time clocks
 # keep the ratios steady on a shared machine (benchmarks/common.py, CLOCK). bench-quick uses the
 # tiny test model and writes under /tmp so the committed figures stay those of the full run. The server's figures
 # (benchmarks/serve_load.py) serve runs/demo/metatuner_j, which `make demo` trains; without it they are skipped.
+# The bench extra brings llama-cpp-python and lm_eval; bench-quick does without them (those figures say so).
 bench: setup
 	$(BIN)/pip install --quiet -e ".[bench]"
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/perf.py --threads 1

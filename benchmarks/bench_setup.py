@@ -51,6 +51,10 @@ class Bench:
     gen_baseline_prompts: int = 4
     max_new_tokens: int = 64
     mc_examples: int = 24
+    eval_items: int = 64  # eval_vs_lm_eval: GSM8K items, generation limit, batch size and dtype of both sides
+    eval_max_new_tokens: int = 256
+    eval_batch_size: int = 16
+    eval_dtype: str = "float32"  # what `metatuner eval` loads by default
     llama_cpp: bool = True
     serve_run: str | None = None  # the MetaTuner run that the server benchmarks serve (perf.py --serve-run)
 
@@ -59,7 +63,7 @@ class Bench:
         if quick:
             base = cls(model=model or tiny_model_dir(), quick=True, repeats=2, batch_size=4, n_candidates=3,
                        gen_prompts=4, gen_batch_size=4, gen_baseline_prompts=2, max_new_tokens=8, mc_examples=4,
-                       llama_cpp=False)
+                       eval_items=4, eval_max_new_tokens=8, eval_batch_size=4, llama_cpp=False)
         else:
             base = cls(model=model or EMBEDDED)
         for key, value in overrides.items():

@@ -11,10 +11,13 @@ Run from the repository root with the project's environment (`make bench`, `make
 The headline figures (docs/performance.json, top level):
   hyperlora_vs_peft           fwd+bwd of M with per-query generated LoRA / PEFT static LoRA        target <= 1.10
   metatuner_step_vs_trl_sft   MetaTuner task-loss step / TRL SFTTrainer + PEFT LoRA step           target <= 1.35
+  j_step_vs_trl_sft           whole MetaTuner-J step (prompts, task loss, rollouts, SR) / TRL step target <= 3.0
   scoring_vs_forward          likelihood scoring tokens/s / plain forward tokens/s                 target >= 0.80
-  generation_speedup          batched evaluation generation tokens/s / HF generate at batch 1      target >= 6
-  memory_vs_sft               peak RSS of MetaTuner training / LoRA SFT (separate processes)        target <= 1.3
+  generation_speedup          batched evaluation generation tokens/s / HF generate at batch 1      target >= 8
+  generation_vs_llama_cpp     the same / llama.cpp at batch 1 on the shipped GGUF (llama-cpp-python) target >= 2
+  memory_vs_sft               peak RSS of MetaTuner training / LoRA SFT (separate processes)        target <= 1.2
   eval_examples_per_s         multiple-choice evaluation throughput (CosmosQA, likelihood ranking)
+  eval_vs_lm_eval             GSM8K examples/s: `metatuner eval` / `lm_eval --model hf` (lm_eval)  target >= 2
   serve_batching_speedup      `metatuner serve`: new tokens/s with 16 concurrent clients / 1 client    target >= 4
   serve_p95_latency_s         `metatuner serve`: p95 latency of 32 concurrent clients (benchmarks/serve_load.py)
 plus `speedups` (A/B of hot-path changes) and `scaling` (J step time and peak RSS against n, k, r, batch).
@@ -42,19 +45,24 @@ import common  # noqa: E402
 from bench_setup import REPO, Bench  # noqa: E402
 from common import command_line, library_versions, load_summary, machine, utc_now, write_json  # noqa: E402
 
-HEADLINE = {  # name -> (key in the benchmark's result, target as (op, value) or None)
-    "hyperlora_vs_peft": ("ratio", ("<=", 1.10)),
-    "metatuner_step_vs_trl_sft": ("ratio", ("<=", 1.35)),
-    "scoring_vs_forward": ("ratio", (">=", 0.80)),
-    "generation_speedup": ("ratio", (">=", 6.0)),
-    "memory_vs_sft": ("ratio", ("<=", 1.3)),
-    "eval_examples_per_s": ("examples_per_s", None),
-    "serve_batching_speedup": ("ratio", (">=", 4.0)),
-    "serve_p95_latency_s": ("p95_latency_s", None),
+HEADLINE = {  # name -> (the benchmark that measures it, key in its result, target as (op, value) or None)
+    "hyperlora_vs_peft": ("hyperlora_vs_peft", "ratio", ("<=", 1.10)),
+    "metatuner_step_vs_trl_sft": ("metatuner_step_vs_trl_sft", "ratio", ("<=", 1.35)),
+    "j_step_vs_trl_sft": ("metatuner_step_vs_trl_sft", "j_step_over_trl", ("<=", 3.0)),
+    "scoring_vs_forward": ("scoring_vs_forward", "ratio", (">=", 0.80)),
+    "generation_speedup": ("generation_speedup", "ratio", (">=", 8.0)),
+    "generation_vs_llama_cpp": ("generation_speedup", "ours_over_llama_cpp", (">=", 2.0)),
+    "memory_vs_sft": ("memory_vs_sft", "ratio", ("<=", 1.2)),
+    "eval_examples_per_s": ("eval_examples_per_s", "examples_per_s", None),
+    "eval_vs_lm_eval": ("eval_vs_lm_eval", "ratio", (">=", 2.0)),
+    "serve_batching_speedup": ("serve_batching_speedup", "ratio", (">=", 4.0)),
+    "serve_p95_latency_s": ("serve_p95_latency_s", "p95_latency_s", None),
 }
+# What a figure measured inside another benchmark's result says it is (the key of its description there).
+WHAT_KEY = {"j_step_vs_trl_sft": "j_step_what", "generation_vs_llama_cpp": "llama_cpp_what"}
 SERVE = ("serve_batching_speedup", "serve_p95_latency_s")  # need a MetaTuner run (--serve-run)
 ORDER = ["speedups", "hyperlora_vs_peft", "scoring_vs_forward", "eval_examples_per_s", "generation_speedup",
-         "metatuner_step_vs_trl_sft", "memory_vs_sft", "scaling", *SERVE]
+         "eval_vs_lm_eval", "metatuner_step_vs_trl_sft", "memory_vs_sft", "scaling", *SERVE]
 
 
 def parse_args(argv=None):
@@ -79,6 +87,7 @@ def parse_args(argv=None):
 
 
 def run(name: str, bench: Bench, plot_dir: Path):
+    import eval_vs_lm_eval
     import hot_paths
     import memory_scaling
     import serve_load
@@ -87,7 +96,7 @@ def run(name: str, bench: Bench, plot_dir: Path):
     if name == "scaling":
         return memory_scaling.scaling(bench, plot_dir)
     module = {"metatuner_step_vs_trl_sft": step_vs_trl, "memory_vs_sft": memory_scaling,
-              **{n: serve_load for n in SERVE}}.get(name, hot_paths)
+              "eval_vs_lm_eval": eval_vs_lm_eval, **{n: serve_load for n in SERVE}}.get(name, hot_paths)
     return getattr(module, name)(bench)
 
 
@@ -99,12 +108,12 @@ def met(value, target) -> bool | None:
 
 
 def _write(data, details, commands, bench, load_before, out_json: Path, out_md: Path) -> None:
-    for name, (key, target) in HEADLINE.items():
-        if name in details:
-            data[name] = details[name][key]
+    for name, (source, key, _) in HEADLINE.items():
+        if source in details:
+            data[name] = details[source].get(key)  # None: not measured here (the details say why)
     data.update({
-        "targets": {n: (f"{t[0]} {t[1]}" if t else None) for n, (_, t) in HEADLINE.items()},
-        "met": {n: met(data.get(n), t) for n, (_, t) in HEADLINE.items()},
+        "targets": {n: (f"{t[0]} {t[1]}" if t else None) for n, (_, _, t) in HEADLINE.items()},
+        "met": {n: met(data.get(n), t) for n, (_, _, t) in HEADLINE.items()},
         "date": utc_now(),
         "command": command_line(),
         "commands": commands,
@@ -158,9 +167,10 @@ def main(argv=None) -> dict:
         result["training_precision"] = {"setting": args.precision, "ran": bench.precision, "reason": precision.reason}
         details[name] = result
         commands[name] = command_line()
-        headline = HEADLINE.get(name)
-        shown = result.get(headline[0]) if headline else ""
+        shown = ", ".join(f"{n} {result.get(key)}" for n, (source, key, _) in HEADLINE.items() if source == name)
         print(f"  {name}: {shown}  ({result['seconds_to_measure']} s)", flush=True)
+        for figure, why in result.get("notes", {}).items():
+            print(f"  {figure}: {why}", flush=True)
         # Written after every benchmark, so a long run that stops early keeps what it measured.
         _write(data, details, commands, bench, load_before, out_json, Path(args.out_md))
     print(f"wrote {out_json} and {args.out_md}")
@@ -208,12 +218,15 @@ def render_markdown(data: dict, md_path: Path) -> str:
         "| figure | value | target | met | what |",
         "|---|---|---|---|---|",
     ]
-    for name, (key, target) in HEADLINE.items():
-        if name not in d:
+    for name, (source, key, target) in HEADLINE.items():
+        if source not in d:
             continue
         ok = data.get("met", {}).get(name)
+        what = d[source].get(WHAT_KEY.get(name, "what"), "")
+        if data.get(name) is None:  # a benchmark that could not measure a figure says why in its "notes"
+            what = f"{what} ({d[source].get('notes', {}).get(name, 'not measured')})"
         lines.append(f"| `{name}` | {_fmt(data.get(name))} | {data['targets'][name] or '-'} | "
-                     f"{'yes' if ok else ('-' if ok is None else '**no**')} | {d[name].get('what', '')} |")
+                     f"{'yes' if ok else ('-' if ok is None else '**no**')} | {what} |")
     commands = {n: c for n, c in data.get("commands", {}).items() if n in d}
     if len(set(commands.values())) == 1:
         lines += ["", f"Every figure above: `{next(iter(commands.values()))}`.", ""]
@@ -243,8 +256,9 @@ def _details_md(d: dict) -> list[str]:
                    f"{x['trl_seconds_per_step']['median']:.4g} s per step (batch {x['batch_size']}, {x['precision']}; "
                    f"identical actor tokens: {(x.get('same_actor_tokens') or {}).get('identical_labels')}). "
                    f"The whole J step (prompt writing, rollouts, SR loss: {x['full_j_step_settings']}) takes "
-                   f"{x['full_j_step_seconds']['median']:.4g} s = {x['full_j_step_over_trl']}x the TRL step; "
-                   f"its phases: {x['full_j_step_phases_seconds']}.")
+                   f"{x['full_j_step_seconds']['median']:.4g} s = "
+                   f"{x.get('j_step_over_trl', x.get('full_j_step_over_trl'))}x the TRL step (median of the "
+                   f"repetitions' ratios); its phases (medians): {x['full_j_step_phases_seconds']}.")
     if "scoring_vs_forward" in d:
         x = d["scoring_vs_forward"]
         out.append(f"- **scoring_vs_forward**: {x['ours_tokens_per_s']['median']:.4g} tokens/s scoring "
@@ -270,15 +284,28 @@ def _details_md(d: dict) -> list[str]:
                    f"{x['rss_after_model_load_mb']['metatuner']['median']:.0f} / {x['rss_after_model_load_mb']['sft']['median']:.0f} MiB, "
                    f"so training adds {x['training_increment_mb']['metatuner']['median']:.0f} / "
                    f"{x['training_increment_mb']['sft']['median']:.0f} MiB. {x['metatuner_step']}. Commands: "
-                   + "; ".join(f"`{c}`" for c in x["commands"].values()) + ".")
+                   + "; ".join(f"`{c}`" for c in x["commands"].values()) + "."
+                   + (f" Without the SR loss's checkpointing (`--no-sr-checkpoint`): peak RSS "
+                      f"{x['without_sr_checkpointing']['peak_rss_mb']:.0f} MiB." if "without_sr_checkpointing" in x
+                      else ""))
     if "eval_examples_per_s" in d:
         x = d["eval_examples_per_s"]
         out.append(f"- **eval_examples_per_s**: {x['examples_per_s']} examples/s ({x['what']}; data {x['data']}); "
                    f"the former flat scorer: {x['flat_rows_examples_per_s']['median']} examples/s.")
+    if "eval_vs_lm_eval" in d and d["eval_vs_lm_eval"].get("ratio") is not None:
+        x = d["eval_vs_lm_eval"]
+        acc = x["accuracy"]
+        out.append(f"- **eval_vs_lm_eval**: {x['ours_examples_per_s']['median']:.4g} examples/s (`metatuner eval`) vs "
+                   f"{x['lm_eval_examples_per_s']['median']:.4g} (lm_eval {x.get('lm_eval_version')}, hf); {x['what']}. "
+                   f"Accuracy strict / flexible: ours {acc['ours']['strict']:.4g} / {acc['ours']['flexible']:.4g}, "
+                   f"lm_eval {acc['lm_eval']['strict']:.4g} / {acc['lm_eval']['flexible']:.4g} (correct items "
+                   f"{x['correct_items']['ours']} vs {x['correct_items']['lm_eval']}); lm_eval saw our inputs: "
+                   f"{x['same_inputs']}; identical outputs {x['same_outputs']} of {x['examples']}. Commands: `"
+                   f"{x['commands']['ours']}`; `{x['commands']['lm_eval']}`.")
     from serve_load import describe
 
     out += [f"- **{name}**: {describe(name, d[name])}" for name in SERVE if name in d]
-    if "speedups" in d or "generation_speedup" in d or "eval_examples_per_s" in d:
+    if "speedups" in d or "generation_speedup" in d or "eval_examples_per_s" in d or "memory_vs_sft" in d:
         out += ["", "## Speed-ups kept (A/B in the same run; > 1 means the kept way is faster)", "",
                 "| change | speed-up | measured as |", "|---|---|---|"]
         for key, x in d.get("speedups", {}).items():
@@ -287,6 +314,11 @@ def _details_md(d: dict) -> list[str]:
         if "eval_examples_per_s" in d:
             out.append(f"| options share their prompt's KV cache | {d['eval_examples_per_s']['shared_prefix_speedup']}x | "
                        "multiple-choice evaluation examples/s: shared prefix / every option as a full row |")
+        if "without_sr_checkpointing" in d.get("memory_vs_sft", {}):
+            x = d["memory_vs_sft"]
+            without, kept = x["without_sr_checkpointing"]["peak_rss_mb"], x["metatuner_peak_rss_mb"]["median"]
+            out.append(f"| SR loss checkpoints G's layers (memory) | {without / kept:.3g}x less peak RSS | peak RSS "
+                       f"of the J-step process: whole SR graph {without:.0f} MiB / checkpointed {kept:.0f} MiB |")
         if "generation_speedup" in d:
             out.append(f"| per-query LoRA factors reused while the live rows are unchanged | "
                        f"{d['generation_speedup']['lora_factor_reuse_speedup']}x | generation tokens/s with per-query "

@@ -38,6 +38,8 @@ def parse(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--max-prompt-tokens", type=int, default=48)
     p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--no-sr-checkpoint", action="store_true",
+                   help="metatuner: keep the SR loss's whole graph (MetaTuner.checkpoint_sr off; its A/B)")
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=["cpu", "wall"], default="wall", help="see benchmarks/common.py CLOCK")
@@ -63,7 +65,7 @@ def main(argv=None) -> dict:
     examples = task.load("train", limit=(args.steps + 1) * args.batch_size)
     p0 = task.default_prompt
     torch.manual_seed(0)
-    step_fn, loaded = (_metatuner_step if args.mode == "metatuner" else _sft_step)(cfg, task, p0)
+    step_fn, loaded = (_metatuner_step if args.mode == "metatuner" else _sft_step)(cfg, task, p0, args.no_sr_checkpoint)
     after_load = rss_mb()
     seconds, phases = [], {}
     for step in range(1, args.steps + 2):
@@ -78,7 +80,7 @@ def main(argv=None) -> dict:
     return result
 
 
-def _metatuner_step(cfg, task, p0):
+def _metatuner_step(cfg, task, p0, no_sr_checkpoint=False):
     from bench_setup import PhaseTimer, j_step_backward
     from metatuner.model import MetaTuner
     from metatuner.models import load_model
@@ -86,6 +88,7 @@ def _metatuner_step(cfg, task, p0):
 
     model, tok = load_model(cfg.model.name, cfg.model.dtype, "cpu")
     mt = MetaTuner(model, tok, cfg.metatuner)  # G = M: one set of base weights, as the default configs
+    mt.checkpoint_sr = not no_sr_checkpoint
     params = mt.generator_parameters() + list(mt.hyper.parameters())
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
     store = ExpertPromptStore()
@@ -103,7 +106,7 @@ def _metatuner_step(cfg, task, p0):
     return step, {"trainable_parameters": sum(p.numel() for p in params)}
 
 
-def _sft_step(cfg, task, p0):
+def _sft_step(cfg, task, p0, no_sr_checkpoint=False):
     from peft import LoraConfig, get_peft_model
 
     from metatuner.baselines.sft import sft_pairs
