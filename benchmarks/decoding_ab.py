@@ -156,7 +156,8 @@ def _rollouts(b: Bench, model, tok, repeats: int) -> dict:
     return {"rollouts_decoding": {
         "speedup": _ratio(s["former"], s["kept"]),
         "what": f"rollouts (n=4, {len(examples)} queries, sample then score, likelihood reward, {b.precision}): "
-                f"DynamicCache and autocast's casts / KVBuffer and kept casts (same D2: {stores['kept'] == stores['former']})",
+                "DynamicCache and autocast's casts / KVBuffer and kept casts "
+                f"(same D2: {stores['kept'] == stores['former']})",
         "seconds": {k: Summary(v).as_dict() for k, v in s.items()}}}
 
 

@@ -132,9 +132,9 @@ def test_encode_gives_the_prefills_layer_k_state_without_the_upper_layers(model,
         mt = MetaTuner(model, tokenizer, MetaTunerSettings(share_depth=0.5, pool=pool))
         requests = mt.rewrite_requests(["Solve it.", "Answer briefly."], ["What is 3 + 5?", "Why is the sky blue?"])
         with mt.role("writer"):
-            full, _, _ = mt._prefill(requests)
+            full, _ = mt._prefill(requests)
             early = mt.encode(requests)
-            again, _, _ = mt._prefill(requests)  # an early stop leaves no hook or state behind
+            again, _ = mt._prefill(requests)  # an early stop leaves no hook or state behind
         assert torch.equal(full, early) and torch.equal(full, again)
         early.sum().backward()  # h keeps its gradient to the shared adapter
         assert any(p.grad is not None for p in mt.generator_parameters())

@@ -297,15 +297,16 @@ def test_write_prompts_records_no_graph_above_layer_k(mt):
     _perturb(mt)
     requests = mt.rewrite_requests(["Solve it."] * 3, QUESTIONS)
     with mt.role("writer"):
-        h, out, _ = mt._prefill(requests)
-    assert h.requires_grad and not out.logits.requires_grad
+        h, prefilled = mt._prefill(requests)
+    layers = prefilled.cache.layers
+    assert h.requires_grad and layers[0].keys.requires_grad and not layers[-1].keys.requires_grad
     h.pow(2).sum().backward()
     grads = [p.grad.clone() for p in mt._adapter_params("shared")]
     mt.zero_grad(set_to_none=True)
     mt._graph_below_k = contextlib.nullcontext
     with mt.role("writer"):
-        ref, out, _ = mt._prefill(requests)
-    assert out.logits.requires_grad
+        ref, prefilled = mt._prefill(requests)
+    assert prefilled.cache.layers[-1].keys.requires_grad
     ref.pow(2).sum().backward()
     assert torch.equal(h, ref)
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, mt._adapter_params("shared")))

@@ -585,6 +585,11 @@ class DecodeBatch:
     def __len__(self) -> int:
         return self.logits.shape[0]
 
+    def repeat(self, n: int) -> None:
+        """Each row n times in a row (n samples from one prefill)."""
+        self.cache.batch_repeat_interleave(n)
+        self.logits, self.mask, self.pos = (t.repeat_interleave(n, 0) for t in (self.logits, self.mask, self.pos))
+
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the rows at `keep`, in that order."""
         index = torch.tensor(list(keep), device=self.logits.device, dtype=torch.long)

@@ -39,7 +39,7 @@ from .checkpoint import atomic_save_file, atomic_write_text
 from .config import MetaTunerSettings, RunConfig, load_config
 from .evaluate import evaluate
 from .diagnostics import lora_diversity, prompt_diagnostics
-from .generation import (base_model, cache_argument, chat_prompt, decode_cache, decode_loop, eos_ids,
+from .generation import (DecodeBatch, base_model, cache_argument, chat_prompt, decode_cache, decode_loop, eos_ids,
                          frozen_weight_casts, generate, last_logits_only, left_padded_batch, lm_batch, lm_loss,
                          output_cache, score_targets, task_chats)
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
@@ -238,8 +238,9 @@ class MetaTuner(nn.Module):
             for p, q in zip(instructions, questions)
         ]
 
-    def _prefill(self, requests: Sequence[str]):
-        """The requests through G (its active role) with a KV cache for the prompt decoding: h, the output, the batch.
+    def _prefill(self, requests: Sequence[str]) -> tuple[torch.Tensor, DecodeBatch]:
+        """The requests through G (its active role): h, and what the prompt decoding starts from (the KV cache and
+        the last logits; the layers' hidden states are let go at once).
 
         With gradients on, only h needs a graph: layers k..K-1 run on a detached input (the same values), so the
         prefill holds no graph above layer k and writes its cache as it decodes without one. Without gradients the
@@ -250,7 +251,9 @@ class MetaTuner(nn.Module):
         with self._graph_below_k(), frozen_weight_casts(self.g):
             out = self.g(**batch, use_cache=True, output_hidden_states=True, **last_logits_only(self.g),
                          **({cache_argument(self.g): cache} if cache is not None else {}))
-        return self.pool_h(out.hidden_states[self.k], batch), out, batch
+        h = self.pool_h(out.hidden_states[self.k], batch)
+        return h, DecodeBatch(output_cache(out), out.logits[:, -1].detach(), batch["attention_mask"],
+                              batch["position_ids"][:, -1:])
 
     @contextlib.contextmanager
     def _graph_below_k(self) -> Iterator[None]:
@@ -297,16 +300,12 @@ class MetaTuner(nn.Module):
             raise RuntimeError(f"layer {self.k - 1} of the generator did not run; cannot read the meta encoder's state")
         return self.pool_h(captured[0], batch)
 
-    def _decode(self, out, batch, temperature: float, repeats: int = 1) -> list[str]:
-        cache, logits = output_cache(out), out.logits[:, -1]
-        mask, pos = batch["attention_mask"], batch["position_ids"]
+    def _decode(self, prefilled: DecodeBatch, temperature: float, repeats: int = 1) -> list[str]:
         if repeats > 1:
-            # n candidates share the request's prefill: repeat its cache instead of recomputing it.
-            cache.batch_repeat_interleave(repeats)
-            logits, mask, pos = (t.repeat_interleave(repeats, 0) for t in (logits, mask, pos))
+            prefilled.repeat(repeats)  # n candidates share the request's prefill instead of recomputing it
         rows = decode_loop(
-            self.g, cache, logits.detach(), mask, pos, max_new_tokens=self.settings.max_prompt_tokens,
-            eos_ids=eos_ids(self.g_tok), temperature=temperature,
+            self.g, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos,
+            max_new_tokens=self.settings.max_prompt_tokens, eos_ids=eos_ids(self.g_tok), temperature=temperature,
         )
         return [self.g_tok.decode(r, skip_special_tokens=True).strip() for r in rows]
 
@@ -320,12 +319,12 @@ class MetaTuner(nn.Module):
             if not self.settings.use_prompt:
                 return WrittenPrompts(None, h)
             with self.role("writer"), torch.no_grad():
-                _, out, batch = self._prefill(requests)
+                _, prefilled = self._prefill(requests)
         else:
             with self.role("writer"), torch.set_grad_enabled(with_grad):
-                h, out, batch = self._prefill(requests)
+                h, prefilled = self._prefill(requests)
         with self.role("writer"):
-            prompts = self._decode(out, batch, temperature=0.0)
+            prompts = self._decode(prefilled, temperature=0.0)
         return WrittenPrompts(prompts, h)
 
     def factors(self, h: torch.Tensor) -> LoraFactors | None:
@@ -336,8 +335,8 @@ class MetaTuner(nn.Module):
     def sample_prompts(self, requests: Sequence[str], n: int, temperature: float) -> list[list[str]]:
         """n sampled prompts per request from the current {phi_s, phi_p} (rollouts)."""
         with self.role("learner"):
-            _, out, batch = self._prefill(requests)
-            flat = self._decode(out, batch, temperature=temperature, repeats=n)
+            _, prefilled = self._prefill(requests)
+            flat = self._decode(prefilled, temperature=temperature, repeats=n)
         return [flat[i * n : (i + 1) * n] for i in range(len(requests))]
 
     def sr_loss(self, requests: Sequence[str], best_prompts: Sequence[str]) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ..generation import _encode, _left_pad, cache_argument, last_logits_only, output_cache
+from ..generation import DecodeBatch, _encode, _left_pad, cache_argument, last_logits_only, output_cache
 
 # Stands for the question while the request's beginning is cut out of a rendered request; a chat template leaves
 # it as it is.
@@ -112,5 +112,5 @@ class PromptWriter:
                        output_hidden_states=True, **{cache_argument(mt.g): cache}, **last_logits_only(mt.g))
             states = torch.cat([self.states.expand(n, -1, -1), out.hidden_states[mt.k]], dim=1)
             h = mt.pool_h(states, {"attention_mask": mask})
-            prompts = mt._decode(out, {"attention_mask": mask, "position_ids": pos}, temperature=0.0)
+            prompts = mt._decode(DecodeBatch(output_cache(out), out.logits[:, -1], mask, pos[:, -1:]), temperature=0.0)
         return prompts, h.float()
