@@ -55,6 +55,7 @@ class Bench:
     eval_max_new_tokens: int = 256
     eval_batch_size: int = 16
     eval_dtype: str = "float32"  # what `metatuner eval` loads by default
+    lm_eval_batch_size: int | None = None  # lm_eval's side (None: eval_batch_size; lm_eval's own default is 1)
     llama_cpp: bool = True
     serve_run: str | None = None  # the MetaTuner run that the server benchmarks serve (perf.py --serve-run)
 

@@ -6,7 +6,8 @@ benchmark-only dependency (`pip install -e ".[bench]"`); without it the figure i
 Both sides get the same model (one local Hugging Face folder: the embedded SmolLM2 as `metatuner` materialises it,
 or the tiny test model with --quick), the same first items of the repository's offline GSM8K copy, the same user
 turn (the task's default instruction, then the question) under the model's chat template, greedy decoding, the
-same stop strings, the same max new tokens, batch size and dtype, and the same answer patterns: lm_eval reads the
+same stop strings, the same max new tokens, batch size and dtype (lm_eval's batch size can be set apart:
+`perf.py --lm-eval-batch-size 1` is lm_eval's own default), and the same answer patterns: lm_eval reads the
 task from `benchmarks/lm_eval_tasks/metatuner_gsm8k.yaml`, offline. Timed: `metatuner.evaluate.evaluate` (what
 `metatuner eval` runs once the model is loaded) and `lm_eval.simple_evaluate` with an `HFLM` around a copy of the
 loaded model (what `lm_eval --model hf` runs once it has loaded it). The figure is examples/s over examples/s;
@@ -50,9 +51,12 @@ def _model_dir(b: Bench) -> str:
 
 
 def eval_vs_lm_eval(b: Bench) -> dict:
+    theirs_batch = b.lm_eval_batch_size or b.eval_batch_size
+    batches = (f"batch {b.eval_batch_size}" if theirs_batch == b.eval_batch_size
+               else f"batch {b.eval_batch_size} / {theirs_batch}")
     what = (f"GSM8K examples/s, first {b.eval_items} items of {DATA}: `metatuner eval` / `lm_eval --model hf`; "
-            f"same model folder, zero-shot chat prompt, greedy, max new tokens {b.eval_max_new_tokens}, batch "
-            f"{b.eval_batch_size}, {b.eval_dtype}")
+            f"same model folder, zero-shot chat prompt, greedy, max new tokens {b.eval_max_new_tokens}, {batches}, "
+            f"{b.eval_dtype}")
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -74,7 +78,7 @@ def eval_vs_lm_eval(b: Bench) -> dict:
     examples = task.load("test", path=str(REPO / DATA), limit=b.eval_items)
     chats = task_chats(tok, task, [task.default_prompt] * len(examples), examples)
     manager = TaskManager(include_path=str(TASK_DIR), include_defaults=False)
-    harness = HFLM(pretrained=theirs_model, tokenizer=tok, batch_size=b.eval_batch_size)
+    harness = HFLM(pretrained=theirs_model, tokenizer=tok, batch_size=theirs_batch)
     found: dict = {}
 
     def ours(limit: int | None = None, max_new_tokens: int | None = None):
@@ -100,6 +104,7 @@ def eval_vs_lm_eval(b: Bench) -> dict:
         "target": ">= 2.0",
         "what": what,
         "examples": len(examples), "max_new_tokens": b.eval_max_new_tokens, "batch_size": b.eval_batch_size,
+        "lm_eval_batch_size": theirs_batch,
         "dtype": b.eval_dtype, "model_dir": model_dir, "repetitions": repeats,
         "ours_examples_per_s": Summary(rate["ours"]).as_dict(3),
         "lm_eval_examples_per_s": Summary(rate["lm_eval"]).as_dict(3),
@@ -110,7 +115,7 @@ def eval_vs_lm_eval(b: Bench) -> dict:
                     f"--max-new-tokens {b.eval_max_new_tokens} --batch-size {b.eval_batch_size} --dtype {b.eval_dtype}",
             "lm_eval": f"lm_eval --model hf --model_args pretrained={model_dir},dtype={b.eval_dtype} --tasks "
                        f"{TASK_NAME} --include_path benchmarks/lm_eval_tasks --limit {len(examples)} --batch_size "
-                       f"{b.eval_batch_size} --apply_chat_template --gen_kwargs max_gen_toks={b.eval_max_new_tokens}",
+                       f"{theirs_batch} --apply_chat_template --gen_kwargs max_gen_toks={b.eval_max_new_tokens}",
         },
     }
 

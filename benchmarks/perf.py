@@ -58,8 +58,10 @@ HEADLINE = {  # name -> (the benchmark that measures it, key in its result, targ
     "serve_batching_speedup": ("serve_batching_speedup", "ratio", (">=", 4.0)),
     "serve_p95_latency_s": ("serve_p95_latency_s", "p95_latency_s", None),
 }
-# What a figure measured inside another benchmark's result says it is (the key of its description there).
-WHAT_KEY = {"j_step_vs_trl_sft": "j_step_what", "generation_vs_llama_cpp": "llama_cpp_what"}
+# A figure measured inside another benchmark's result: the key of its description there, and what to say when a
+# result from before the figure existed has none.
+WHAT_KEY = {"j_step_vs_trl_sft": ("j_step_what", "seconds of a whole MetaTuner-J step / a TRL SFTTrainer step"),
+            "generation_vs_llama_cpp": ("llama_cpp_what", "new tokens/s: ours (batch 16) / llama.cpp (batch 1)")}
 SERVE = ("serve_batching_speedup", "serve_p95_latency_s")  # need a MetaTuner run (--serve-run)
 ORDER = ["speedups", "hyperlora_vs_peft", "scoring_vs_forward", "eval_examples_per_s", "generation_speedup",
          "eval_vs_lm_eval", "metatuner_step_vs_trl_sft", "memory_vs_sft", "scaling", *SERVE]
@@ -76,6 +78,9 @@ def parse_args(argv=None):
                    help="autocast of the training benchmarks; auto: what training picks here (bf16 only on a CPU with "
                         "native bf16, metatuner.runtime)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--lm-eval-batch-size", type=int, default=None,
+                   help="eval_vs_lm_eval: lm_eval's batch size (default: the same as ours, 16; lm_eval's own default "
+                        "is 1)")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="cpu: this process's CPU seconds (steady on a shared machine; use with --threads 1); "
                         "wall: elapsed seconds (an idle machine)")
@@ -139,7 +144,7 @@ def main(argv=None) -> dict:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     precision = resolve_precision(args.precision, "cpu")
-    bench = Bench.for_mode(args.quick, args.model, repeats=args.repeats,
+    bench = Bench.for_mode(args.quick, args.model, repeats=args.repeats, lm_eval_batch_size=args.lm_eval_batch_size,
                            precision="bf16" if precision.mixed_precision == "bf16" else "fp32")
     names = [n for n in ORDER if (not args.only or n in args.only) and n not in args.skip]
     default_run = REPO / "runs" / "demo" / "metatuner_j"
@@ -222,7 +227,8 @@ def render_markdown(data: dict, md_path: Path) -> str:
         if source not in d:
             continue
         ok = data.get("met", {}).get(name)
-        what = d[source].get(WHAT_KEY.get(name, "what"), "")
+        what_key, fallback = WHAT_KEY.get(name, ("what", ""))
+        what = d[source].get(what_key, fallback)
         if data.get(name) is None:  # a benchmark that could not measure a figure says why in its "notes"
             what = f"{what} ({d[source].get('notes', {}).get(name, 'not measured')})"
         lines.append(f"| `{name}` | {_fmt(data.get(name))} | {data['targets'][name] or '-'} | "

@@ -340,7 +340,10 @@ class MetaTuner(nn.Module):
         return [flat[i * n : (i + 1) * n] for i in range(len(requests))]
 
     def sr_loss(self, requests: Sequence[str], best_prompts: Sequence[str]) -> torch.Tensor:
-        """Supervised regularisation: NLL of the best prompts so far under {phi_s, phi_p}, teacher forced."""
+        """Supervised regularisation: NLL of the best prompts so far under {phi_s, phi_p}, teacher forced.
+
+        With `checkpoint_sr` (the default) G's layers recompute in the backward, so run it in the learner role, as
+        training does (the role this leaves active)."""
         with self.role("learner"):
             batch = lm_batch(self.g_tok, requests, best_prompts, self.settings.max_request_tokens, device=self.g.device)
             with self._checkpointed() if self.checkpoint_sr else contextlib.nullcontext():
