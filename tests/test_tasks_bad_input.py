@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from metatuner.tasks import DataError, fixture_path, get_task
@@ -83,6 +83,7 @@ def test_bad_input_extract_and_score_never_crash_and_keep_no_state(task, example
 
 @PROPERTY
 @given(text=OUTPUTS, other=OUTPUTS)
+@example(text=". .", other="")  # a period left after the trailing space went: normalised twice it changed
 def test_bad_input_answer_helpers_never_crash(text, other):
     """Each helper returns a string or None, and the same for `text` before and after it has read `other` (state
     carried between calls fails it); normalised numbers are a fixed point, so they compare as equals."""

@@ -72,7 +72,8 @@ def normalize_number(text: str) -> str:
     that is then not a plain decimal number is returned in that stripped form, so it can still compare as text.
     Equal numbers get equal strings, so numeric equality is string equality, with no float rounding.
     """
-    text = text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
+    # Trailing periods and space in any order ("5. ." too), so that the result is its own normal form.
+    text = re.sub(r"[\s.]+$", "", text.replace(",", "").replace("$", "")).strip()
     match = _PLAIN_NUMBER_RE.fullmatch(text)
     if match is None or not (match.group(2) or match.group(3)):
         return text
