@@ -23,8 +23,8 @@ The headline figures (docs/performance.json, top level):
 plus `speedups` (A/B of hot-path changes) and `scaling` (J step time and peak RSS against n, k, r, batch).
 
 Every ratio comes from one process (memory: alternating processes), both sides interleaved, medians of several
-repetitions; the machine, thread count and load go into the JSON. With --only, the other entries of an existing
---out-json are kept. docs/performance/notes.md, when present, is appended to the Markdown as the closing note.
+repetitions; the machine, thread count and load go into the JSON. Each figure is written over an existing
+--out-json as soon as it is measured, so the entries a run does not reach (--only, --skip, a crash) are kept. docs/performance/notes.md, when present, is appended to the Markdown as the closing note.
 """
 
 from __future__ import annotations
@@ -155,7 +155,9 @@ def main(argv=None) -> dict:
         print("no MetaTuner run to serve (make demo, or --serve-run RUN): skipping " + ", ".join(SERVE), flush=True)
         names = [n for n in names if n not in SERVE]
     out_json = Path(args.out_json)
-    data = json.loads(out_json.read_text()) if args.only and out_json.is_file() else {}
+    # Figures are written one by one over the published ones, so a run that stops part way (a crash, a signal)
+    # leaves every other figure as it was; each keeps its own command, CPU and load.
+    data = json.loads(out_json.read_text()) if out_json.is_file() else {}
     details, commands = data.get("details", {}), data.get("commands", {})
     plot_dir = Path(args.out_md).parent / "performance"
     load_before = load_summary()
@@ -212,7 +214,7 @@ def render_markdown(data: dict, md_path: Path) -> str:
         "tiny model).",
         "",
         f"- Date: {data.get('date')}; model: `{data.get('settings', {}).get('model')}`; command: `{data.get('command')}` "
-        "(figures measured again with --only carry their own command below)",
+        "(figures from other runs carry their own command below)",
         f"- Machine: {m.get('cpu_model')}, {m.get('usable_cpus')} usable CPUs, torch {m.get('torch')}, "
         f"torch threads {m.get('torch_threads')} (interop {m.get('torch_interop_threads')}), "
         f"thread variables {m.get('env_threads') or 'unset'}; CPU bf16: {_cpu_bf16(m.get('cpu_bf16'))}",

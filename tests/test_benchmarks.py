@@ -38,3 +38,27 @@ def test_quick_benchmark_writes_every_headline_figure(tmp_path):
     speedups = data["details"]["speedups"]
     assert "same D2: True" in speedups["rollouts_decoding"]["what"]
     assert "same outputs: True" in speedups["kv_cache_buffer"]["what"]
+
+
+def test_a_run_that_measures_part_of_the_figures_keeps_the_others(tmp_path):
+    """Figures are written over the published file one by one, so a run that stops part way (here: one that
+    measures a single figure) leaves every other figure, with its own command, as it was."""
+    out_json, out_md = tmp_path / "performance.json", tmp_path / "performance.md"
+    published = json.loads((REPO / "docs" / "performance.json").read_text())
+    out_json.write_text(json.dumps(published))
+    spec = importlib.util.spec_from_file_location("perf", REPO / "benchmarks" / "perf.py")
+    perf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf)
+    skip = [arg for name in perf.ORDER if name != "hyperlora_vs_peft" for arg in ("--skip", name)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "perf.py"), "--quick", "--repeats", "1", "--threads", "1", *skip,
+         "--out-json", str(out_json), "--out-md", str(out_md)],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(out_json.read_text())
+    kept = [name for name in perf.ORDER if name != "hyperlora_vs_peft" and name in published["details"]]
+    assert kept and all(data["details"][n] == published["details"][n] for n in kept)
+    assert all(data["commands"][n] == published["commands"][n] for n in kept)
+    assert data["memory_vs_sft"] == published["memory_vs_sft"]
+    assert data["details"]["hyperlora_vs_peft"]["cpu"] and "--quick" in data["commands"]["hyperlora_vs_peft"]
