@@ -189,6 +189,37 @@ def test_compare_with_seeds_pairs_each_seed_with_the_same_seed_of_metatuner_j(ti
     assert json.loads((tmp_path / "results" / "toy.json").read_text()) == results
 
 
+def test_compare_seeds_can_run_apart_and_keep_the_published_seeds(tiny_dir, tmp_path, capsys):
+    """`--seeds` runs some of the config's seeds; a seed whose run folder is gone (another machine, another sitting)
+    keeps its published score, seconds and per-item outputs, and the interval still pools every seed. Fails if the
+    report drops a published seed, mixes up which seed a score belongs to, or runs seeds it was not asked to."""
+    import shutil
+
+    from metatuner.report import per_item_scores
+
+    path = _config(tmp_path, tiny_dir, {"sft": {}, "metatuner_j": {}}, seeds=[0, 1])
+    runs, samples = tmp_path / "runs", tmp_path / "results" / "samples" / "toy"
+    first = compare(path, only_seeds=[0])
+    assert first["methods"]["sft"]["seeds"] == [0] and not (runs / "seed-1").exists()
+    shutil.rmtree(runs / "seed-0")  # seed 0 ran elsewhere: only its published results are here
+    both = compare(path, only_seeds=[1])
+    kept = next(line for line in capsys.readouterr().out.splitlines() if "kept the published rows" in line)
+    assert "sft (seed 0)" in kept and "metatuner_j (seed 0)" in kept and "seed 1" not in kept
+    assert not (runs / "seed-0").exists()
+    for name in ("sft", "metatuner_j"):
+        row = both["methods"][name]
+        assert row["seeds"] == [0, 1] and row["scores"][0] == first["methods"][name]["scores"][0]
+        assert row["train_seconds"][0] == first["methods"][name]["train_seconds"][0]
+        seed1 = per_item_scores(runs / "seed-1" / name / "eval" / "samples.jsonl", row["metric"])
+        assert row["scores"][1] == pytest.approx(sum(seed1.values()) / len(seed1))
+    assert len(both["methods"]["metatuner_j"]["diagnostics_per_seed"]) == 2
+    assert both["methods"]["sft"]["ci_vs_metatuner_j"] is not None
+    assert {p.name for p in samples.glob("*.jsonl.gz")} == {f"{n}-seed{s}.jsonl.gz" for n in ("sft", "metatuner_j")
+                                                            for s in (0, 1)}
+    with pytest.raises(ConfigError, match=r"--seeds names seeds not in the config's `seeds` \(\[0, 1\]\): \[5\]"):
+        compare(path, only_seeds=[5])
+
+
 def test_a_method_can_set_an_option_to_null(tiny_dir, tmp_path):
     """`warmup_actor_adapter: null` (a variant that trains its own warm-up of M) reached the run as the string
     'None' and failed when the run loaded an adapter from a folder called None."""

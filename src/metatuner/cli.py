@@ -343,6 +343,8 @@ def export_cmd(
 def compare_cmd(
     config: Path = typer.Option(..., "--config", "-c", help="Comparison YAML (see configs/compare-*.yaml)."),
     only: Optional[str] = typer.Option(None, help="Comma-separated methods to run now (the report covers all)."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds of the config's `seeds` to run now (the "
+                                                   "report covers every seed that has run here or was published)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides of the shared run config."),
     report_only: bool = typer.Option(False, "--report-only", help="Run nothing; rewrite the results from the runs."),
 ) -> None:
@@ -366,11 +368,18 @@ def compare_cmd(
                     _check_models(method_config(cmp, name))
                 except ConfigError as err:
                     raise ConfigError(f"method `{name}`: {err}") from None
-        compare(config, only.split(",") if only else None, overrides, report_only)
+        compare(config, only.split(",") if only else None, overrides, report_only, _seed_list(seeds))
     except ConfigError as err:
         _fail(str(err))
     except TrainingStopped as err:  # the methods finished before it keep their run folders; a rerun skips them
         _stopped(err, "Rerun the same command with train.resume=auto to continue from the checkpoint.")
+
+
+def _seed_list(seeds: str | None) -> list[int] | None:
+    try:
+        return [int(s) for s in seeds.split(",")] if seeds else None
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
 
 
 def _parse_scalar(value: str):

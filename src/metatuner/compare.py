@@ -134,14 +134,18 @@ def _train_search(run_cfg: RunConfig, name: str, out: Path):
 
 
 def compare(config_path: str | Path, only: list[str] | None = None, overrides: list[str] | None = None,
-            report_only: bool = False) -> dict:
-    """Run the methods that have not finished (all, or those in `only`), then write the results of every finished
-    one. `report_only` runs nothing: it rewrites the results from the run folders as they are."""
+            report_only: bool = False, only_seeds: list[int] | None = None) -> dict:
+    """Run the methods that have not finished (all, or those in `only`; under every seed, or those in
+    `only_seeds`), then write the results of every finished one. `report_only` runs nothing: it rewrites the results
+    from the run folders as they are."""
     cfg = load_compare_config(config_path, overrides)
     names = list(cfg.methods)
     unknown = sorted(set(only or []) - set(names))
     if unknown:
         raise ConfigError(f"--only names methods not in the config: {', '.join(unknown)}")
+    stray = sorted(set(only_seeds or []) - set(cfg.seeds))
+    if stray:
+        raise ConfigError(f"--seeds names seeds not in the config's `seeds` ({cfg.seeds}): {stray}")
     # SFT first: MetaTuner variants start from its adapter.
     order = sorted(names, key=lambda n: (n != "sft", names.index(n)))
     evals = [(name, False) for name in order]
@@ -151,7 +155,7 @@ def compare(config_path: str | Path, only: list[str] | None = None, overrides: l
     runs_of = [(name, full, for_seed(cfg, seed) if cfg.seeds else cfg, seed)
                for name, full in evals for seed in (cfg.seeds or [None])]
     for name, full, run_cfg, seed in runs_of:
-        if report_only or (only and name not in only):
+        if report_only or (only and name not in only) or (only_seeds and seed not in only_seeds):
             continue
         label = f"{name} (whole test split)" if full else name
         label += f", seed {seed}" if seed is not None else ""

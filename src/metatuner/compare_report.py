@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from .config import ConfigError, RunConfig, load_config, omegaconf_message
 from .report import add_intervals, collect, markdown, per_item_scores, primary_metric
-from .seed_report import seed_markdown, seed_results
+from .seed_report import published_seed_rows, seed_markdown, seed_results
 
 # Methods whose result is one task-level instruction (best_prompt.txt), with BetterTogether's adapter.
 SEARCH_METHODS = ("opro", "better_together", "rlprompt")
@@ -188,27 +188,47 @@ def _report(cfg: CompareConfig, names: list[str], eval_folder: str, stem: str, n
 
 def _report_seeds(cfg: CompareConfig, names: list[str], notes: dict, out: Path) -> dict:
     """<name>.json and .md of a comparison with `seeds`, from the seeds' finished runs, with every run's per-item
-    outputs under <results_dir>/samples/<name>/<method>-seed<s>.jsonl.gz."""
+    outputs under <results_dir>/samples/<name>/<method>-seed<s>.jsonl.gz. A (method, seed) with no run folder here
+    keeps its published row, as in `_report`, so seeds can run on different machines or sittings."""
     runs: dict[str, dict[int, tuple[Path, Path | None]]] = {}
-    for seed in cfg.seeds:
-        seed_runs = Path(for_seed(cfg, seed).runs_dir)
-        for name in names:
-            folder = seed_runs / name
+    for name in names:
+        for seed in cfg.seeds:
+            folder = Path(for_seed(cfg, seed).runs_dir) / name
             if (folder / "eval" / "metrics.json").is_file():
                 train = folder if (folder / "train_metrics.json").is_file() else None
                 runs.setdefault(name, {})[seed] = (folder / "eval", train)
-    if not runs:
-        return {}
-    results = seed_results(cfg.name, runs, {**notes, "seeds": cfg.seeds})
     samples = out / "samples" / cfg.name
     samples.mkdir(parents=True, exist_ok=True)
     for name, by_seed in runs.items():
         for seed, (eval_dir, _) in by_seed.items():
             _gzip_copy(eval_dir / "samples.jsonl", samples / f"{name}-seed{seed}.jsonl.gz")
+    published = _read_results(out / f"{cfg.name}.json")
+    kept = {name: {seed: row for seed, row in by_seed.items() if seed in cfg.seeds and seed not in runs.get(name, {})}
+            for name, by_seed in published_seed_rows(published, samples).items() if name in names}
+    kept = {name: by_seed for name, by_seed in kept.items() if by_seed}
+    if kept:
+        print(f"[compare] {cfg.name}: kept the published rows of " + ", ".join(
+            f"{name} (seed {', '.join(map(str, sorted(by_seed)))})" for name, by_seed in kept.items()))
+    if not runs and not kept:
+        return {}
+    order = [n for n in names if n in runs or n in kept]
+    results = seed_results(cfg.name, {n: runs[n] for n in order if n in runs}, {**notes, "seeds": cfg.seeds},
+                           kept={n: kept[n] for n in order if n in kept})
+    results["methods"] = {n: results["methods"][n] for n in order}  # the config's order
     (out / f"{cfg.name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{cfg.name}.md").write_text(f"# {cfg.name}\n\n" + seed_markdown(results))
     print(seed_markdown(results))
     return results
+
+
+def _read_results(path: Path) -> dict:
+    """Published results at `path` ({} when there are none), or a clear error naming the file."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); fix or delete it to rewrite the results") from None
 
 
 def _gzip_copy(source: Path, target: Path) -> None:
@@ -234,10 +254,7 @@ def _published_rows(path: Path, samples: Path, names: list[str], results: dict) 
     finished)."""
     if not path.is_file() or not names:
         return {}
-    try:
-        published = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err}); fix or delete it to rewrite the results") from None
+    published = _read_results(path)
     ids = published.get("eval_ids")
     if "eval_ids" in results and ids != results["eval_ids"]:
         print(f"[compare] {path} was scored on other items than these runs: its rows are not kept")

@@ -3,6 +3,7 @@ score under each seed, their mean, and MetaTuner-J minus it as a 95% paired-boot
 (seed, item) pairs: seed s of a method is paired with seed s of MetaTuner-J, item by item.
 
     results = seed_results(name, {"sft": {0: (eval_dir, train_dir), 1: ...}, "metatuner_j": {...}}, notes)
+    results = seed_results(name, runs, notes, kept=published_seed_rows(published, samples_dir))  # seeds run elsewhere
     seed_markdown(results)
 
 `metatuner compare` calls these; the per-seed run folders are `<runs_dir>/seed-<s>/<method>/`.
@@ -16,14 +17,22 @@ from statistics import mean
 from .report import DIAGNOSTIC_COLUMNS, add_intervals, collect, diagnostic_cells, per_item_scores, primary_metric
 
 
-def seed_results(name: str, runs: dict[str, dict[int, tuple[Path, Path | None]]], notes: dict) -> dict:
-    """`runs`: method -> seed -> (evaluation folder, training folder or None)."""
+def seed_results(name: str, runs: dict[str, dict[int, tuple[Path, Path | None]]], notes: dict,
+                 kept: dict[str, dict[int, tuple[dict, Path]]] | None = None) -> dict:
+    """`runs`: method -> seed -> (evaluation folder, training folder or None). `kept`: method -> seed -> (row, per-item
+    outputs) for seeds with no run folder here, as published (`published_seed_rows`); a run folder wins over it."""
     results: dict = {"task": name, "methods": {}, **notes}
     items: dict[str, dict[str, float]] = {}
-    for method, by_seed in runs.items():
-        seeds = sorted(by_seed)
-        rows = collect(name, {str(s): by_seed[s] for s in seeds})["methods"]
-        per_seed = [rows[str(s)] for s in seeds]
+    kept = kept or {}
+    for method in [*runs, *(m for m in kept if m not in runs)]:
+        by_seed = runs.get(method, {})
+        collected = collect(name, {str(s): by_seed[s] for s in by_seed})["methods"] if by_seed else {}
+        rows = {**{s: kept_row for s, (kept_row, _) in kept.get(method, {}).items()},
+                **{s: collected[str(s)] for s in by_seed}}
+        outputs = {**{s: file for s, (_, file) in kept.get(method, {}).items()},
+                   **{s: by_seed[s][0] / "samples.jsonl" for s in by_seed}}
+        seeds = sorted(rows)
+        per_seed = [rows[s] for s in seeds]
         metric = primary_metric(per_seed[0])
         sizes = {row["n_eval"] for row in per_seed}
         if len(sizes) != 1:
@@ -33,14 +42,32 @@ def seed_results(name: str, runs: dict[str, dict[int, tuple[Path, Path | None]]]
                  "seeds": seeds, "command": per_seed[0]["command"],
                  "train_seconds": [row["train_seconds"] for row in per_seed],
                  "eval_seconds": [row["eval_seconds"] for row in per_seed]}
-        if "diagnostics" in per_seed[0]:
+        if all("diagnostics" in row for row in per_seed):
             entry["diagnostics"] = mean_diagnostics([row["diagnostics"] for row in per_seed])
             entry["diagnostics_per_seed"] = [row["diagnostics"] for row in per_seed]
         results["methods"][method] = entry
         items[method] = {f"{s}:{item}": score for s in seeds
-                         for item, score in per_item_scores(by_seed[s][0] / "samples.jsonl", metric).items()}
+                         for item, score in per_item_scores(outputs[s], metric).items()}
     add_intervals(results, items)
     return results
+
+
+def published_seed_rows(published: dict, samples: Path) -> dict[str, dict[int, tuple[dict, Path]]]:
+    """Each (method, seed) of published seeded results whose per-item outputs are in `samples`, as a per-seed row
+    (its score, n_eval, command, seconds and diagnostics) and the path of those outputs: what `seed_results` needs
+    to report a seed whose run folder is on another machine or gone."""
+    kept: dict[str, dict[int, tuple[dict, Path]]] = {}
+    for method, entry in published.get("methods", {}).items():
+        for i, seed in enumerate(entry["seeds"]):
+            outputs = samples / f"{method}-seed{seed}.jsonl.gz"
+            if not outputs.is_file():
+                continue
+            row = {entry["metric"]: float(entry["scores"][i]), "n_eval": entry["n_eval"], "command": entry["command"],
+                   "train_seconds": entry["train_seconds"][i], "eval_seconds": entry["eval_seconds"][i]}
+            if "diagnostics_per_seed" in entry:
+                row["diagnostics"] = entry["diagnostics_per_seed"][i]
+            kept.setdefault(method, {})[seed] = (row, outputs)
+    return kept
 
 
 def mean_diagnostics(per_seed: list[dict]) -> dict:
