@@ -173,6 +173,28 @@ def test_decode_loop_matches_uncached_greedy_decoding_when_rows_finish_early(mod
         assert row == _greedy_without_cache(model, ids, 8, eos)
 
 
+def test_decode_loop_never_chooses_a_banned_token_and_digit_tokens_are_those_that_write_a_digit(model, tokenizer):
+    """`prompt_without_digits` bans, in G's decoding, every token whose text holds a digit. Fails if a banned token
+    can still be chosen (greedy or sampled), or if the ban misses a digit token or catches one without a digit."""
+    from metatuner.generation import DecodeBatch, _encode, decode_loop, digit_tokens
+
+    banned = digit_tokens(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    assert set(banned.tolist()) == {i for i, t in enumerate(texts) if any(c.isdigit() for c in t)}
+    assert set(tokenizer.encode("2024", add_special_tokens=False)) <= set(banned.tolist())
+    assert not set(tokenizer.encode(" hello world", add_special_tokens=False)) & set(banned.tolist())
+
+    encoded = _encode(tokenizer, _chats(tokenizer))
+    greedy = [_greedy_without_cache(model, ids, 6, set()) for ids in encoded]
+    ban = torch.tensor(sorted({t for row in greedy for t in row}))  # every token the free decode chose
+    for temperature in (0.0, 1.0):
+        prefilled = DecodeBatch.prefill(model, encoded, tokenizer.pad_token_id, None)
+        with torch.no_grad():
+            rows = decode_loop(model, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos,
+                               max_new_tokens=6, eos_ids=[], temperature=temperature, banned_tokens=ban)
+        assert all(len(row) == 6 and not set(row) & set(ban.tolist()) for row in rows)
+
+
 def test_eos_ids_add_the_generation_configs_ends_only_when_the_model_is_given(model, tokenizer):
     from metatuner.generation import eos_ids
 

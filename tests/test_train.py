@@ -359,6 +359,10 @@ def test_m_warm_up_can_train_under_g_sampled_prompts(share, sampled_rows, monkey
     (("metatuner.reward=exact_match", "metatuner.d2_source=samples", "metatuner.rollout_every=1"),
      lambda mt: True),
     (("metatuner.reject_answer_leaks=true", "metatuner.d2_source=samples"), lambda mt: mt.settings.reject_answer_leaks),
+    (("metatuner.prompt_without_digits=true", "metatuner.d2_source=samples", "metatuner.max_prompt_tokens=12"),
+     lambda mt: not any(c.isdigit() for p in mt.write_all(["What is 12 + 7?", "Add 3, 40 and 5."])[0]
+                        + [s for row in mt.sample_prompts(mt.rewrite_requests(["p0"], ["What is 9 - 2?"]), 16, 1.0)
+                           for s in row] for c in p)),
 ])
 def test_prompt_branch_levers_train_save_and_reload(tiny_dir, tmp_path, lever, check):
     """Each lever of the prompt-branch A/B (docs/results/README.md) is a config option that trains and reloads."""

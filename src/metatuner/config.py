@@ -255,6 +255,10 @@ class MetaTunerSettings(_Checked):
         "Rollouts set aside every sampled prompt that the task's checker would itself score as a correct answer "
         "(it states the gold answer): M copies a stated answer, so such prompts win by leaking the label and teach "
         "G to write guesses it cannot make at test time.", False)
+    prompt_without_digits: bool = _help(
+        "G may not write a digit (tokens holding one are masked whenever G writes or samples a prompt): with "
+        "numeric answers, G's winning samples were guessed answers that M repeats; without digits a prompt can "
+        "only say how to solve the query.", False)
     lr_generator: float = _help("Learning rate of G's adapters.", 1e-4)
     lr_hyper: float = _help(
         "Learning rate of the hypernetwork. Adam moves every weight of its output heads by about this much per step, "

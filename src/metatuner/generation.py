@@ -184,6 +184,14 @@ def target_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return (logprobs * mask).sum(-1), mask.sum(-1)
 
 
+def digit_tokens(tokenizer: PreTrainedTokenizerBase, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The ids of every token whose text holds a digit (`metatuner.prompt_without_digits` bans them from G's
+    prompts, so G cannot state a number, and with it a guessed answer)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])  # text, not pieces: <0x31> is a byte
+    return torch.tensor([i for i, text in enumerate(texts) if any(c.isdigit() for c in text)],
+                        dtype=torch.long, device=device)
+
+
 def base_model(model):
     """The transformers model under DDP / FSDP / DeepSpeed wrappers (`.module`) and a PEFT model."""
     while hasattr(model, "module"):
@@ -645,13 +653,14 @@ def decode_loop(
     tokenizer: PreTrainedTokenizerBase | None = None,
     stop_strings: Sequence[str] = (),
     row_context: BatchContext | None = None,
+    banned_tokens: torch.Tensor | None = None,
 ) -> list[list[int]]:
     """Decode from an existing prefill (its KV cache and last logits), greedy or sampled.
 
     Used after a plain prefill (evaluation), after the meta encoder's prefill (the written prompt reuses the states
     that gave h), and after a prefill repeated n times (n candidate prompts share one prefix). Finished rows are
     dropped from the batch; `row_context(live_rows)` wraps each forward (per-example LoRA of the live rows).
-    Returns each row's new tokens without the end-of-sequence token.
+    `banned_tokens` (token ids) are never chosen. Returns each row's new tokens without the end-of-sequence token.
     """
     eos = torch.tensor(list(eos_ids), device=next_logits.device, dtype=torch.long)
     out_rows: list[list[int]] = [[] for _ in range(next_logits.shape[0])]
@@ -660,7 +669,10 @@ def decode_loop(
     tail = 24  # tokens re-decoded to look for stop strings; longer than any stop string in practice
     with frozen_weight_casts(model):  # once for the whole loop (each step's own block is then a no-op)
         for step in range(max_new_tokens):
-            nxt = _next_tokens(batch.logits, temperature, top_p)
+            logits = batch.logits
+            if banned_tokens is not None:
+                logits = logits.index_fill(1, banned_tokens, float("-inf"))
+            nxt = _next_tokens(logits, temperature, top_p)
             finished = torch.isin(nxt, eos).tolist()
             for k, (row, token, end) in enumerate(zip(live, nxt.tolist(), finished)):
                 if not end:

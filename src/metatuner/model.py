@@ -39,9 +39,9 @@ from .checkpoint import atomic_save_file, atomic_write_text
 from .config import MetaTunerSettings, RunConfig, load_config
 from .evaluate import evaluate
 from .diagnostics import lora_diversity, prompt_diagnostics
-from .generation import (DecodeBatch, base_model, cache_argument, chat_prompt, decode_cache, decode_loop, eos_ids,
-                         frozen_weight_casts, generate, last_logits_only, left_padded_batch, lm_batch, lm_loss,
-                         output_cache, score_targets, task_chats)
+from .generation import (DecodeBatch, base_model, cache_argument, chat_prompt, decode_cache, decode_loop,
+                         digit_tokens, eos_ids, frozen_weight_casts, generate, last_logits_only, left_padded_batch,
+                         lm_batch, lm_loss, output_cache, score_targets, task_chats)
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 from .models import load_generator_and_actor, resolve_share_depth
 from .tasks import get_task
@@ -108,6 +108,8 @@ class MetaTuner(nn.Module):
         # The SR loss's forward checkpoints G's layers (`_checkpointed`): its graph over the request and the prompt
         # was the peak of a training step's memory.
         self.checkpoint_sr = True
+        self._banned_prompt_tokens = (digit_tokens(g_tokenizer, generator.device) if settings.prompt_without_digits
+                                      else None)
         self.sync_frozen()
         self._activate(self._roles["writer"])
 
@@ -306,6 +308,7 @@ class MetaTuner(nn.Module):
         rows = decode_loop(
             self.g, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos,
             max_new_tokens=self.settings.max_prompt_tokens, eos_ids=eos_ids(self.g_tok), temperature=temperature,
+            banned_tokens=self._banned_prompt_tokens,
         )
         return [self.g_tok.decode(r, skip_special_tokens=True).strip() for r in rows]
 
