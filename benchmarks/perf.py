@@ -159,6 +159,7 @@ def main(argv=None) -> dict:
     # leaves every other figure as it was; each keeps its own command, CPU and load.
     data = json.loads(out_json.read_text()) if out_json.is_file() else {}
     details, commands = data.get("details", {}), data.get("commands", {})
+    _attribute_whole_run_machine(data, details)
     plot_dir = Path(args.out_md).parent / "performance"
     load_before = load_summary()
     print(f"model {bench.model}, torch threads {torch.get_num_threads()}, clock {args.clock}, precision {bench.precision} "
@@ -182,6 +183,19 @@ def main(argv=None) -> dict:
         _write(data, details, commands, bench, load_before, out_json, Path(args.out_md))
     print(f"wrote {out_json} and {args.out_md}")
     return data
+
+
+def _attribute_whole_run_machine(data: dict, details: dict) -> None:
+    """Figures from before each kept its own CPU were all measured by the run the file's top-level `machine` and
+    `settings` describe: give them that CPU and precision before this run's machine replaces it."""
+    machine_info, settings = data.get("machine", {}), data.get("settings", {})
+    if "cpu_bf16" not in machine_info:
+        return
+    for result in details.values():
+        if isinstance(result, dict) and "cpu" not in result:
+            result["cpu"] = {"model": machine_info.get("cpu_model"), **machine_info["cpu_bf16"]}
+            result["training_precision"] = {"setting": "recorded for the whole run", "ran": settings.get("precision"),
+                                            "reason": f"the run of {data.get('date', 'an earlier date')}"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

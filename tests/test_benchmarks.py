@@ -58,7 +58,25 @@ def test_a_run_that_measures_part_of_the_figures_keeps_the_others(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(out_json.read_text())
     kept = [name for name in perf.ORDER if name != "hyperlora_vs_peft" and name in published["details"]]
+    perf._attribute_whole_run_machine(published, published["details"])  # what the run did to figures without a CPU
     assert kept and all(data["details"][n] == published["details"][n] for n in kept)
     assert all(data["commands"][n] == published["commands"][n] for n in kept)
     assert data["memory_vs_sft"] == published["memory_vs_sft"]
     assert data["details"]["hyperlora_vs_peft"]["cpu"] and "--quick" in data["commands"]["hyperlora_vs_peft"]
+
+
+def test_figures_from_before_each_kept_its_cpu_get_the_cpu_of_the_run_that_measured_them():
+    """A figure written before each figure recorded its own CPU was measured by the run the file's top-level
+    `machine` describes; once a rerun on another machine replaces that record, the figure must still say where it
+    was measured. Fails if such a figure is left without a CPU or given the new machine's."""
+    spec = importlib.util.spec_from_file_location("perf", REPO / "benchmarks" / "perf.py")
+    perf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf)
+    xeon = {"capability": "AVX512", "avx512_bf16": True, "amx": True, "onednn_max_cpu_isa": None, "native": True}
+    own = {"model": "AMD EPYC", "capability": "AVX2", "native": False}
+    data = {"date": "2026-12-03", "machine": {"cpu_model": "Xeon", "cpu_bf16": xeon}, "settings": {"precision": "bf16"}}
+    details = {"old": {"ratio": 1.0}, "new": {"ratio": 2.0, "cpu": own}}
+    perf._attribute_whole_run_machine(data, details)
+    assert details["old"]["cpu"] == {"model": "Xeon", **xeon} and details["old"]["training_precision"]["ran"] == "bf16"
+    assert details["new"]["cpu"] == own and "training_precision" not in details["new"]
+    assert "native" in perf._cpu_bf16(details["old"]["cpu"])
