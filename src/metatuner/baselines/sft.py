@@ -13,9 +13,9 @@ standard PEFT adapter (`metatuner eval --adapter RUN/adapter` or `PeftModel.from
 
 The loop is plain accelerate rather than TRL's SFTTrainer: both train the same LoRA on the same tokens; the loop
 shares its batching (`generation.lm_batch`) with evaluation and the MetaTuner task loss, so the three see identical
-token sequences, and it is faster: on the embedded SmolLM2-135M (CPU, bf16 autocast, batch 8, identical tokens)
-it ran 1.39x the target tokens/s of TRL 1.16's SFTTrainer (`docs/performance/sft_loop_vs_trl.json`, measured by
-`benchmarks/sft_loop_vs_trl.py`).
+token sequences, and it is faster: on the embedded SmolLM2-135M (CPU, batch 8, identical tokens) it ran 1.39x the
+target tokens/s of TRL 1.16's SFTTrainer under bf16 autocast on a Xeon with AMX, and 1.63x in fp32 on an AVX2-only
+AMD EPYC (`docs/performance/sft_loop_vs_trl.json` holds the latter, measured by `benchmarks/sft_loop_vs_trl.py`).
 """
 
 from __future__ import annotations
