@@ -80,3 +80,12 @@ def test_figures_from_before_each_kept_its_cpu_get_the_cpu_of_the_run_that_measu
     assert details["old"]["cpu"] == {"model": "Xeon", **xeon} and details["old"]["training_precision"]["ran"] == "bf16"
     assert details["new"]["cpu"] == own and "training_precision" not in details["new"]
     assert "native" in perf._cpu_bf16(details["old"]["cpu"])
+
+
+def test_profile_generate_prints_the_rate_and_the_top_operators(tiny_dir, capsys):
+    spec = importlib.util.spec_from_file_location("profile_generate", REPO / "benchmarks" / "profile_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--model", str(tiny_dir), "--batch", "2", "--max-new-tokens", "3", "--precision", "fp32"])
+    out = capsys.readouterr().out
+    assert "fp32; batch 2:" in out and "new tokens per CPU second" in out and "aten::" in out
