@@ -193,8 +193,6 @@ def test_compare_seeds_can_run_apart_and_keep_the_published_seeds(tiny_dir, tmp_
     """`--seeds` runs some of the config's seeds; a seed whose run folder is gone (another machine, another sitting)
     keeps its published score, seconds and per-item outputs, and the interval still pools every seed. Fails if the
     report drops a published seed, mixes up which seed a score belongs to, or runs seeds it was not asked to."""
-    import shutil
-
     from metatuner.report import per_item_scores
 
     path = _config(tmp_path, tiny_dir, {"sft": {}, "metatuner_j": {}}, seeds=[0, 1])

@@ -211,10 +211,8 @@ def _report_seeds(cfg: CompareConfig, names: list[str], notes: dict, out: Path) 
             f"{name} (seed {', '.join(map(str, sorted(by_seed)))})" for name, by_seed in kept.items()))
     if not runs and not kept:
         return {}
-    order = [n for n in names if n in runs or n in kept]
-    results = seed_results(cfg.name, {n: runs[n] for n in order if n in runs}, {**notes, "seeds": cfg.seeds},
-                           kept={n: kept[n] for n in order if n in kept})
-    results["methods"] = {n: results["methods"][n] for n in order}  # the config's order
+    results = seed_results(cfg.name, runs, {**notes, "seeds": cfg.seeds}, kept=kept)
+    results["methods"] = {n: results["methods"][n] for n in names if n in results["methods"]}  # the config's order
     (out / f"{cfg.name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{cfg.name}.md").write_text(f"# {cfg.name}\n\n" + seed_markdown(results))
     print(seed_markdown(results))

@@ -27,12 +27,10 @@ def seed_results(name: str, runs: dict[str, dict[int, tuple[Path, Path | None]]]
     for method in [*runs, *(m for m in kept if m not in runs)]:
         by_seed = runs.get(method, {})
         collected = collect(name, {str(s): by_seed[s] for s in by_seed})["methods"] if by_seed else {}
-        rows = {**{s: kept_row for s, (kept_row, _) in kept.get(method, {}).items()},
-                **{s: collected[str(s)] for s in by_seed}}
-        outputs = {**{s: file for s, (_, file) in kept.get(method, {}).items()},
-                   **{s: by_seed[s][0] / "samples.jsonl" for s in by_seed}}
-        seeds = sorted(rows)
-        per_seed = [rows[s] for s in seeds]
+        sources = {**kept.get(method, {}),  # seed -> (row, per-item outputs); a run folder here wins
+                   **{s: (collected[str(s)], by_seed[s][0] / "samples.jsonl") for s in by_seed}}
+        seeds = sorted(sources)
+        per_seed = [sources[s][0] for s in seeds]
         metric = primary_metric(per_seed[0])
         sizes = {row["n_eval"] for row in per_seed}
         if len(sizes) != 1:
@@ -47,7 +45,7 @@ def seed_results(name: str, runs: dict[str, dict[int, tuple[Path, Path | None]]]
             entry["diagnostics_per_seed"] = [row["diagnostics"] for row in per_seed]
         results["methods"][method] = entry
         items[method] = {f"{s}:{item}": score for s in seeds
-                         for item, score in per_item_scores(outputs[s], metric).items()}
+                         for item, score in per_item_scores(sources[s][1], metric).items()}
     add_intervals(results, items)
     return results
 
