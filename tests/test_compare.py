@@ -163,6 +163,23 @@ def test_fault_compare_stopped_mid_method_says_how_to_continue_and_keeps_finishe
     assert set(json.loads((tmp_path / "results" / "toy.json").read_text())["methods"]) == {"sft", "metatuner_j"}
 
 
+@pytest.mark.bad_input
+def test_bad_input_only_checks_the_models_of_the_methods_that_run(tiny_dir, tmp_path):
+    """The architecture checks read each method's config.json before anything trains, but only for the methods that
+    run now: `--only sft` must not need the model of another method (an optional one this machine lacks)."""
+    from typer.testing import CliRunner
+
+    from metatuner.cli import app
+
+    path = _config(tmp_path, tiny_dir, {"sft": {}, "other_g": {"model.name": str(tmp_path / "absent-model")}})
+    everything = CliRunner().invoke(app, ["compare", "-c", str(path)])
+    assert everything.exit_code != 0 and "method `other_g`" in everything.output
+    assert not (tmp_path / "runs" / "sft").exists()  # refused before anything trained
+    only_sft = CliRunner().invoke(app, ["compare", "-c", str(path), "--only", "sft"])
+    assert only_sft.exit_code == 0, only_sft.output
+    assert (tmp_path / "runs" / "sft" / "eval" / "metrics.json").is_file()
+
+
 def test_compare_with_seeds_pairs_each_seed_with_the_same_seed_of_metatuner_j(tiny_dir, tmp_path):
     """Each seed's MetaTuner-J starts from that seed's SFT adapter; the interval pools (seed, item) pairs. Fails if
     seeds share run folders or adapters, or if the bootstrap pairs items across seeds."""

@@ -357,18 +357,23 @@ def compare_cmd(
         except ConfigError as err:
             _fail(str(err))
         return
-    from .compare import compare, load_compare_config, method_config
+    from .compare import compare, load_compare_config, method_config, starts_from_sft
     from .trainer import TrainingStopped
 
     try:
         cmp = load_compare_config(config, overrides)
-        for name in [] if report_only else cmp.methods:  # architecture checks before the first method trains
+        selected = only.split(",") if only else None
+        # Architecture checks before the first method trains, for the methods that run now (and the SFT run they
+        # may start from): a method left out by --only may need a model this machine does not have.
+        to_run = [n for n in cmp.methods if selected is None or n in selected
+                  or (n == "sft" and any(starts_from_sft(m) for m in selected))]
+        for name in [] if report_only else to_run:
             if name != "zero_shot":
                 try:
                     _check_models(method_config(cmp, name))
                 except ConfigError as err:
                     raise ConfigError(f"method `{name}`: {err}") from None
-        compare(config, only.split(",") if only else None, overrides, report_only, _seed_list(seeds))
+        compare(config, selected, overrides, report_only, _seed_list(seeds))
     except ConfigError as err:
         _fail(str(err))
     except TrainingStopped as err:  # the methods finished before it keep their run folders; a rerun skips them
