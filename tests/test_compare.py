@@ -163,6 +163,18 @@ def test_fault_compare_stopped_mid_method_says_how_to_continue_and_keeps_finishe
     assert set(json.loads((tmp_path / "results" / "toy.json").read_text())["methods"]) == {"sft", "metatuner_j"}
 
 
+def test_method_string_overrides_reach_the_run_config_unchanged(tiny_dir, tmp_path):
+    """A method's override is passed on as a dotlist value, which OmegaConf parses as YAML: a string with a colon
+    and a newline (a rewrite template) failed to parse, and one reading as a number or `true` changed type."""
+    from metatuner.compare import method_config
+
+    template = "Rewrite it: name the steps.\nInstruction: {instruction}\nQuestion: {question}"
+    path = _config(tmp_path, tiny_dir, {"metatuner_j": {"metatuner.rewrite_template": template,
+                                                        "data.prompt": "true"}})
+    run = method_config(load_compare_config(path), "metatuner_j")
+    assert run.metatuner.rewrite_template == template and run.data.prompt == "true"
+
+
 @pytest.mark.bad_input
 def test_bad_input_only_checks_the_models_of_the_methods_that_run(tiny_dir, tmp_path):
     """The architecture checks read each method's config.json before anything trains, but only for the methods that

@@ -42,6 +42,8 @@ def test_bad_input_missing_file_and_malformed_override(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="not valid YAML; quote it"):  # was yaml's own ScannerError
+        load_config(None, ["data.prompt=Answer: briefly: now"])
 
 
 @pytest.mark.bad_input

@@ -102,8 +102,10 @@ def for_seed(cfg: CompareConfig, seed: int) -> CompareConfig:
 
 
 def _dotlist(overrides: dict[str, Any] | None) -> list[str]:
-    # JSON spells dicts, lists and None (`null`) the way OmegaConf's dotlist parses them; `None` would be a string.
-    return [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) or v is None else v}" for k, v in (overrides or {}).items()]
+    # OmegaConf parses each dotlist value as YAML, and JSON is YAML: dicts, lists and None (`null`) keep their type,
+    # and a string stays the same string even where it has colons, newlines or reads as a number or `true`.
+    return [f"{k}={json.dumps(v) if isinstance(v, (dict, list, str)) or v is None else v}"
+            for k, v in (overrides or {}).items()]
 
 
 def method_config(cfg: CompareConfig, name: str) -> RunConfig:

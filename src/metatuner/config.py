@@ -510,6 +510,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             dotlist = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as err:
             raise ConfigError(f"invalid command-line override: {omegaconf_message(err)}") from None
+        except yaml.YAMLError as err:  # a value OmegaConf's YAML parser cannot read, e.g. `key=a: b`
+            raise ConfigError(f"invalid command-line override (its value is not valid YAML; quote it): "
+                              f"{str(err).splitlines()[0]}") from None
         merged = _merge(merged, dotlist, "on the command line")
     try:  # builds the dataclasses: resolves ${...} interpolations and runs each section's __post_init__ checks
         cfg: RunConfig = OmegaConf.to_object(merged)
