@@ -283,6 +283,10 @@ def test_only_runs_started_from_the_sft_adapter_count_its_budget(tiny_dir, tmp_p
     reported = CliRunner().invoke(app, ["compare", "-c", str(path), "--report-only"])
     assert reported.exit_code == 0, reported.output
     assert json.loads((tmp_path / "results" / "toy.json").read_text()) == results
+    # Its run folder gone (another machine), the published row is kept as it is, with SFT's run folder still here:
+    # going by the method's name, the report added SFT's budget to it a second time.
+    shutil.rmtree(runs / "own_warmup")
+    assert compare(path, report_only=True)["methods"]["own_warmup"] == own
 
 
 def test_paired_bootstrap_against_hand_computed_intervals():

@@ -268,11 +268,11 @@ def _published_rows(path: Path, samples: Path, names: list[str], results: dict) 
 
 def _started_from_sft(name: str, runs: Path) -> bool:
     """Whether the run of `name` started from the SFT run's adapter, as its run folder's config.yaml says (a MetaTuner
-    variant whose overrides set `metatuner.warmup_actor_adapter: null` trains its own warm-up of M instead); a
-    published row kept without a run folder goes by its method name."""
+    variant whose overrides set `metatuner.warmup_actor_adapter: null` trains its own warm-up of M instead). A
+    published row kept without a run folder was counted when it was first reported: nothing to add."""
     config = runs / name / "config.yaml"
     if not config.is_file():
-        return starts_from_sft(name)
+        return False
     if name in BASELINES and name not in SFT_ADAPTER_KEYS:
         return False
     key = SFT_ADAPTER_KEYS.get(name, "metatuner.warmup_actor_adapter")
