@@ -3,14 +3,15 @@
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 
-from metatuner.compare import compare, load_compare_config
+from metatuner.compare import compare, load_compare_config, method_config
 from metatuner.config import ConfigError
 
-
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path, tiny_dir, methods, **extra):
@@ -163,11 +164,17 @@ def test_fault_compare_stopped_mid_method_says_how_to_continue_and_keeps_finishe
     assert set(json.loads((tmp_path / "results" / "toy.json").read_text())["methods"]) == {"sft", "metatuner_j"}
 
 
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")
+                                           if "methods:" in p.read_text()))
+def test_every_shipped_comparison_config_loads(config):
+    """Every method of every comparison config in configs/ becomes a valid run config (no model is loaded)."""
+    cfg = load_compare_config(REPO / "configs" / config)
+    assert cfg.methods and all(method_config(cfg, name).output_dir for name in cfg.methods)
+
+
 def test_method_string_overrides_reach_the_run_config_unchanged(tiny_dir, tmp_path):
     """A method's override is passed on as a dotlist value, which OmegaConf parses as YAML: a string with a colon
     and a newline (a rewrite template) failed to parse, and one reading as a number or `true` changed type."""
-    from metatuner.compare import method_config
-
     template = "Rewrite it: name the steps.\nInstruction: {instruction}\nQuestion: {question}"
     path = _config(tmp_path, tiny_dir, {"metatuner_j": {"metatuner.rewrite_template": template,
                                                         "data.prompt": "true"}})
