@@ -510,7 +510,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             dotlist = OmegaConf.from_dotlist(list(overrides))
         except OmegaConfBaseException as err:
             raise ConfigError(f"invalid command-line override: {omegaconf_message(err)}") from None
-        except yaml.YAMLError as err:  # a value OmegaConf's YAML parser cannot read, e.g. `key=a: b`
+        except yaml.YAMLError as err:  # a value OmegaConf's YAML parser cannot read, e.g. `key=a: b: c`
             raise ConfigError(f"invalid command-line override (its value is not valid YAML; quote it): "
                               f"{str(err).splitlines()[0]}") from None
         merged = _merge(merged, dotlist, "on the command line")
