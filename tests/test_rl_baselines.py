@@ -148,10 +148,10 @@ def test_bpo_candidates_drop_p0_duplicates_empties_and_answer_leaks(tmp_path):
     path.write_text(json.dumps({"question": "1 + 1", "answer": "2"}) + "\n")
     task = get_task("custom", path=str(path), metric="numeric")
     ex = task.load("train")[0]
-    sampled = ["p0", "Add them.", "", "Add them.", "The answer is 2.", "Think."]
-    assert rewrite_candidates(task, ex, sampled, "p0", reject_leaks=True) == (["Add them.", "Think."], 1)
+    sampled = ["p0", "Add them.", "", "Add them.", "The answer is 2.", "Think.", "1 + 1 makes 2; say so.", "Add 1 and 1."]
+    assert rewrite_candidates(task, ex, sampled, "p0", reject_leaks=True) == (["Add them.", "Think.", "Add 1 and 1."], 2)
     assert rewrite_candidates(task, ex, sampled, "p0", reject_leaks=False) == (
-        ["Add them.", "The answer is 2.", "Think."], 0)
+        ["Add them.", "The answer is 2.", "Think.", "1 + 1 makes 2; say so.", "Add 1 and 1."], 0)
 
 
 def _likelihood(model, tokenizer, task, ex, prompt):

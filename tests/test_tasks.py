@@ -23,7 +23,7 @@ from metatuner.tasks import (
     list_tasks,
     register_task,
 )
-from metatuner.tasks.answers import answer_span, last_boxed, last_number, normalize_number
+from metatuner.tasks.answers import answer_span, last_boxed, last_number, normalize_number, numbers_in
 from metatuner.tasks.cosmosqa import extract_letter
 from metatuner.tasks.gsm8k import rationale_to_target
 from metatuner.tasks.hotpotqa import exact_match, f1_score, normalize_answer
@@ -176,6 +176,26 @@ def test_answer_span_takes_the_last_marker_and_multiline_blocks():
     assert answer_span("The answer is:\n1 2\n3 4\n\nDone.") == "1 2\n3 4"
     assert answer_span("no marker") is None
     assert last_number("x = -3.5 and y = 2,000") == "2000"
+
+
+def test_numbers_in_finds_every_number_and_signs_only_when_attached():
+    assert numbers_in("add 1,000 and 7.") == {"1000", "7"}
+    assert numbers_in("38 - 57 - 10 =") == {"38", "57", "10"} and numbers_in("is -19.") == {"-19"}
+    assert numbers_in("The answer is N.") == set()
+
+
+def test_states_answer_catches_the_gold_number_in_any_wording():
+    """A prompt that names the gold answer without the answer line the checker reads ("... is 84. The answer is N.")
+    passed the checker-only test and won D2 by leaking the label; numbers taken from the question are no leak."""
+    example = Example(id="x", question="What is 58 + 26?", answer="84", target="The answer is 84.")
+    task = GSM8KTask()
+    assert task.states_answer("The answer is 84.", example)  # the checker's own reading
+    assert task.states_answer("58 + 26 is 84. The answer is N.", example)
+    assert task.states_answer("End with 'The answer is 84.'", example)  # the checker reads "84.'" here
+    assert not task.states_answer("Add 58 and 26, then end with 'The answer is N.'", example)
+    assert not task.states_answer("The answer is 85.", example)
+    echo = Example(id="y", question="What is 5 + 0?", answer="5", target="The answer is 5.")
+    assert not task.states_answer("Add 5 and 0.", echo)  # the gold number is in the question itself
 
 
 # --- reasoning-gym ------------------------------------------------------------------------------------------------

@@ -252,9 +252,10 @@ class MetaTunerSettings(_Checked):
         "is a candidate in every rollout and the SR target of queries without an entry, which teaches G to copy "
         "p0.", "samples_and_p0")
     reject_answer_leaks: bool = _help(
-        "Rollouts set aside every sampled prompt that the task's checker would itself score as a correct answer "
-        "(it states the gold answer): M copies a stated answer, so such prompts win by leaking the label and teach "
-        "G to write guesses it cannot make at test time.", False)
+        "Rollouts set aside every sampled prompt that states the gold answer (`Task.states_answer`: the task's "
+        "checker scores it as a right answer, or it names the gold number where the question does not): M copies a "
+        "stated answer, so such prompts win by leaking the label and teach G to write guesses it cannot make at "
+        "test time.", False)
     prompt_without_digits: bool = _help(
         "G may not write a digit (tokens holding one are masked whenever G writes or samples a prompt): with "
         "numeric answers, G's winning samples were guessed answers that M repeats; without digits a prompt can "
@@ -404,7 +405,7 @@ class BPOSettings(_Checked):
         "p0 on it, the gold answer's likelihood only breaks ties between samples) or likelihood (minus the gold "
         "answer's mean NLL under M).", "exact_match")
     reject_answer_leaks: bool = _help(
-        "Drop sampled prompts that the task's checker scores as a correct answer (they state the gold answer).", True)
+        "Drop sampled prompts that state the gold answer (`Task.states_answer`).", True)
     epochs: int = _help("Passes of G's supervised training over the (query, better prompt) pairs.", 3)
     lr: float = _help("Learning rate (AdamW) of G's LoRA.", 1.0e-4)
 

@@ -114,9 +114,10 @@ def run_rollouts(
     p0) and can never be stored unless G samples it; a query's first rollout stores its best sample whatever it
     scores, and later samples must beat it. With True, p0 is a candidate and the default stored prompt.
 
-    `reject_leaks=True` sets aside every sample that the task's checker would itself score as a correct answer
-    (a prompt that states the gold answer): M copies a stated answer, so such a prompt wins every round by
-    leaking the label, and G, which cannot know the label at test time, learns to write guesses.
+    `reject_leaks=True` sets aside every sample that states the gold answer (`Task.states_answer`: the checker
+    scores it as a right answer, or it names the gold number where the question does not): M copies a stated
+    answer, so such a prompt wins every round by leaking the label, and G, which cannot know the label at test
+    time, learns to write guesses.
     """
     requests = mt.rewrite_requests([p0] * len(examples), [ex.question for ex in examples])
     sampled = mt.sample_prompts(requests, n=n, temperature=temperature)
@@ -125,7 +126,7 @@ def run_rollouts(
         samples = [p for p in samples if p]
         n_sampled += len(samples)
         if reject_leaks:
-            kept = [p for p in samples if task.reward(p, ex) <= 0]
+            kept = [p for p in samples if not task.states_answer(p, ex)]
             leaks += len(samples) - len(kept)
             samples = kept
         stored = store.best(ex.id, p0 if p0_candidate else None)

@@ -12,8 +12,8 @@ a model it never changes. Here:
    frozen M (`bpo.reward`: the task's checker on M's answer, or the gold answer's likelihood). The best rewrite
    becomes x's pair (x, better prompt) only when it scores strictly above p0 (under `exact_match`, on the checker:
    a win on likelihood alone is not a better prompt); queries where nothing beats p0 give no pair. With
-   `bpo.reject_answer_leaks` a rewrite that the checker itself scores as a right answer (it states the gold answer)
-   is dropped before scoring.
+   `bpo.reject_answer_leaks` a rewrite that states the gold answer (`Task.states_answer`) is dropped before
+   scoring.
 2. **Training.** G's LoRA adapters (`metatuner.g_lora_r`, `g_lora_alpha`, `g_target_modules`, on G's base model)
    are fine-tuned on the pairs with the NLL of the better prompt given the request (MetaTuner's SR loss),
    `bpo.epochs` passes at `bpo.lr`, `train.batch_size` pairs per step.
@@ -71,7 +71,7 @@ def rewrite_candidates(task: Task, example: Example, sampled: list[str], p0: str
     kept = [p for p in dict.fromkeys(sampled) if p and p != p0]
     if not reject_leaks:
         return kept, 0
-    clean = [p for p in kept if task.reward(p, example) <= 0]
+    clean = [p for p in kept if not task.states_answer(p, example)]
     return clean, len(kept) - len(clean)
 
 

@@ -3,6 +3,7 @@
     answer_span("Some work.\\nThe answer is $1,000.")   # "$1,000"
     normalize_number("$1,000.00")                        # "1000"
     last_number("3 + 4 = 7, so 7.")                      # "7"
+    numbers_in("add 1,000 and 7.")                        # {"1000", "7"}
     last_boxed("\\\\boxed{\\\\frac{1}{2}}")                  # "\\\\frac{1}{2}"
 
 Every function takes arbitrary text and never raises; the finders return None when nothing is found.
@@ -96,6 +97,13 @@ def last_number(output: str) -> str | None:
         if any(c.isdigit() for c in candidate):
             return normalize_number(candidate)
     return None
+
+
+def numbers_in(text: str) -> set[str]:
+    """Every number in the text, normalised ("add 1,000 and 7." -> {"1000", "7"}); a minus sign counts only when it
+    touches the digits ("38 - 57" -> {"38", "57"}, "is -19" -> {"-19"})."""
+    found = (match.group(1) or match.group(2) for match in FLEXIBLE_NUMBER_RE.finditer(text))
+    return {normalize_number(n) for n in found if any(c.isdigit() for c in n)}
 
 
 def last_boxed(text: str) -> str | None:

@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
+from .answers import is_number, normalize_number, numbers_in
+
 
 @dataclass
 class Example:
@@ -78,6 +80,15 @@ class Task(ABC):
     def reward(self, output: str, example: Example) -> float:
         """The primary metric as a scalar reward (rollouts use this, evaluation reports `score`)."""
         return float(self.score(output, example)[self.primary_metric])
+
+    def states_answer(self, text: str, example: Example) -> bool:
+        """Whether `text` (a prompt G wrote, not an answer) gives the gold answer away: the checker scores it as a
+        right answer, or the gold answer is a number that the text names and the question does not ("58 + 26 is
+        84. The answer is N." for 58 + 26 states 84 without the answer line the checker reads)."""
+        if self.reward(text, example) > 0:
+            return True
+        gold = normalize_number(example.answer)
+        return is_number(gold) and gold in numbers_in(text) and gold not in numbers_in(example.question)
 
     def choice_targets(self, example: Example) -> list[str] | None:
         """For multiple-choice tasks: the completions whose likelihoods rank the options; None otherwise."""
