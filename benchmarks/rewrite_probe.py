@@ -45,7 +45,7 @@ def probe(model_name: str, task, examples, max_new_tokens: int) -> dict:
         with torch.no_grad():
             written = generate(model, tokenizer, requests, max_new_tokens=max_new_tokens).texts
         rows = [{"id": ex.id, "question": ex.question, "answer": ex.answer, "written": text.strip(),
-                 "states_gold_answer": task.reward(text, ex) > 0, "is_an_answer": bool(_ANSWER_RE.match(text))}
+                 "states_gold_answer": task.states_answer(text, ex), "is_an_answer": bool(_ANSWER_RE.match(text))}
                 for ex, text in zip(examples, written)]
         result[name] = {"answers": sum(r["is_an_answer"] for r in rows),
                         "states_gold_answer": sum(r["states_gold_answer"] for r in rows), "rows": rows}
