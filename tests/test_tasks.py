@@ -191,7 +191,8 @@ def test_states_answer_catches_the_gold_number_in_any_wording():
     task = GSM8KTask()
     assert task.states_answer("The answer is 84.", example)  # the checker's own reading
     assert task.states_answer("58 + 26 is 84. The answer is N.", example)
-    assert task.states_answer("End with 'The answer is 84.'", example)  # the checker reads "84.'" here
+    # GSM8K's checker reads 84 here; reasoning-gym's reads "84.'", and only the number rule catches it.
+    assert task.states_answer("End with 'The answer is 84.'", example)
     assert not task.states_answer("Add 58 and 26, then end with 'The answer is N.'", example)
     assert not task.states_answer("The answer is 85.", example)
     echo = Example(id="y", question="What is 5 + 0?", answer="5", target="The answer is 5.")

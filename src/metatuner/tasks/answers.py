@@ -89,21 +89,23 @@ def is_number(text: str) -> bool:
     return bool(normalized) and _PLAIN_NUMBER_RE.fullmatch(normalized) is not None
 
 
+def _numbers(text: str) -> list[str]:
+    """lm-eval's flexible-extract matches in order, without those with no digit (lm-eval would also take "..." or
+    "$,"; a match without a digit is never a number that was meant)."""
+    found = (match.group(1) or match.group(2) for match in FLEXIBLE_NUMBER_RE.finditer(text))
+    return [n for n in found if any(c.isdigit() for c in n)]
+
+
 def last_number(output: str) -> str | None:
     """The last number in the text, normalised (lm-eval's flexible extract, skipping matches with no digit)."""
-    for match in reversed(list(FLEXIBLE_NUMBER_RE.finditer(output))):
-        candidate = match.group(1) or match.group(2)
-        # lm-eval would also take "..." or "$," here; a match without a digit is never the intended answer.
-        if any(c.isdigit() for c in candidate):
-            return normalize_number(candidate)
-    return None
+    found = _numbers(output)
+    return normalize_number(found[-1]) if found else None
 
 
 def numbers_in(text: str) -> set[str]:
     """Every number in the text, normalised ("add 1,000 and 7." -> {"1000", "7"}); a minus sign counts only when it
     touches the digits ("38 - 57" -> {"38", "57"}, "is -19" -> {"-19"})."""
-    found = (match.group(1) or match.group(2) for match in FLEXIBLE_NUMBER_RE.finditer(text))
-    return {normalize_number(n) for n in found if any(c.isdigit() for c in n)}
+    return {normalize_number(n) for n in _numbers(text)}
 
 
 def last_boxed(text: str) -> str | None:
