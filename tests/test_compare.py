@@ -111,6 +111,12 @@ def test_compare_keeps_published_rows_whose_run_folders_are_gone(tiny_dir, tmp_p
     # Another machine: the run folders are gone, only the published results remain; a new method is added, and
     # the SFT adapter it starts from is trained again (not evaluated: the published SFT row stays).
     shutil.rmtree(tmp_path / "runs")
+    # A row published before `answers_in_prompts` existed gets it from its per-item outputs.
+    published = tmp_path / "results" / "toy.json"
+    assert first["methods"]["metatuner_j"]["diagnostics"]["answers_in_prompts"]["items"] == 6
+    old = json.loads(published.read_text())
+    del old["methods"]["metatuner_j"]["diagnostics"]["answers_in_prompts"]
+    published.write_text(json.dumps(old))
     path = _config(tmp_path, tiny_dir, {**methods, "params_only": {"metatuner.use_prompt": False}})
     results = compare(path, only=["params_only"])
     out = capsys.readouterr().out
@@ -236,6 +242,9 @@ def test_compare_seeds_can_run_apart_and_keep_the_published_seeds(tiny_dir, tmp_
     first = compare(path, only_seeds=[0])
     assert first["methods"]["sft"]["seeds"] == [0] and not (runs / "seed-1").exists()
     shutil.rmtree(runs / "seed-0")  # seed 0 ran elsewhere: only its published results are here
+    published = json.loads((tmp_path / "results" / "toy.json").read_text())  # as before `answers_in_prompts`
+    del published["methods"]["metatuner_j"]["diagnostics_per_seed"][0]["answers_in_prompts"]
+    (tmp_path / "results" / "toy.json").write_text(json.dumps(published))
     both = compare(path, only_seeds=[1])
     kept = next(line for line in capsys.readouterr().out.splitlines() if "kept the published rows" in line)
     assert "sft (seed 0)" in kept and "metatuner_j (seed 0)" in kept and "seed 1" not in kept
@@ -246,7 +255,8 @@ def test_compare_seeds_can_run_apart_and_keep_the_published_seeds(tiny_dir, tmp_
         assert row["train_seconds"][0] == first["methods"][name]["train_seconds"][0]
         seed1 = per_item_scores(runs / "seed-1" / name / "eval" / "samples.jsonl", row["metric"])
         assert row["scores"][1] == pytest.approx(sum(seed1.values()) / len(seed1))
-    assert len(both["methods"]["metatuner_j"]["diagnostics_per_seed"]) == 2
+    j_seeds = both["methods"]["metatuner_j"]["diagnostics_per_seed"]
+    assert len(j_seeds) == 2 and j_seeds[0] == first["methods"]["metatuner_j"]["diagnostics_per_seed"][0]
     assert both["methods"]["sft"]["ci_vs_metatuner_j"] is not None
     assert {p.name for p in samples.glob("*.jsonl.gz")} == {f"{n}-seed{s}.jsonl.gz" for n in ("sft", "metatuner_j")
                                                             for s in (0, 1)}

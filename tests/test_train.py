@@ -329,6 +329,7 @@ def test_evaluation_reports_the_diagnostics(tiny_dir, tmp_path):
     result = mt.evaluate(mt.task.load("test", limit=4), max_new_tokens=2, progress=False)
     d = result.metrics["diagnostics"]
     assert d["prompts"] == 4 and 0 <= d["p0_share"] <= 1 and d["lora_diversity"]["queries"] == 4
+    assert d["answers_in_prompts"]["items"] == 4  # chain_sum's answers are numbers
 
 
 @pytest.mark.parametrize("share, sampled_rows", [(0.0, 0), (1.0, 3)])

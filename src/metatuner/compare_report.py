@@ -18,7 +18,7 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 
 from .config import ConfigError, RunConfig, load_config, omegaconf_message
-from .report import add_intervals, collect, markdown, per_item_scores, primary_metric
+from .report import add_answers_in_prompts, add_intervals, collect, markdown, per_item_scores, primary_metric
 from .seed_report import published_seed_rows, seed_markdown, seed_results
 
 # Methods whose result is one task-level instruction (best_prompt.txt), with BetterTogether's adapter.
@@ -261,6 +261,8 @@ def _published_rows(path: Path, samples: Path, names: list[str], results: dict) 
         return {}
     kept = {n: {k: v for k, v in published["methods"][n].items() if k != "ci_vs_metatuner_j"}
             for n in names if n in published.get("methods", {}) and (samples / f"{n}.jsonl.gz").is_file()}
+    for n, row in kept.items():
+        add_answers_in_prompts(row.get("diagnostics"), samples / f"{n}.jsonl.gz")
     if kept and ids is not None and "eval_ids" not in results:  # nothing ran here: the published items
         results["eval_ids"] = ids
     return kept

@@ -39,6 +39,7 @@ from .checkpoint import atomic_save_file, atomic_write_text
 from .config import MetaTunerSettings, RunConfig, load_config
 from .evaluate import evaluate
 from .diagnostics import lora_diversity, prompt_diagnostics
+from .prompt_answers import answers_in_prompts
 from .generation import (DecodeBatch, base_model, cache_argument, chat_prompt, decode_cache, decode_loop,
                          digit_tokens, eos_ids, frozen_weight_casts, generate, last_logits_only, left_padded_batch,
                          lm_batch, lm_loss, output_cache, score_targets, task_chats)
@@ -490,8 +491,10 @@ class MetaTuner(nn.Module):
                               batch_context=self.lora_context(h), progress=progress)
         result.metrics["prompt_seconds"] = round(write_seconds, 2)
         result.metrics["seconds"] = round(result.metrics["seconds"] + write_seconds, 2)
-        result.metrics["diagnostics"] = {**prompt_diagnostics(prompts, self.p0), "lora_diversity": lora_diversity(
-            self, [ex.question for ex in examples], h)}
+        result.metrics["diagnostics"] = {
+            **prompt_diagnostics(prompts, self.p0),
+            "lora_diversity": lora_diversity(self, [ex.question for ex in examples], h),
+            "answers_in_prompts": answers_in_prompts(result.samples)}
         return result
 
     def export_adapter(self, question: str, out_dir: str | Path, base_model: str) -> Path:

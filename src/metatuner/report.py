@@ -17,6 +17,7 @@ import gzip
 import json
 from pathlib import Path
 
+from .prompt_answers import answers_in_prompts
 from .stats import paired_bootstrap
 
 NOT_SCORES = {"eval_seconds", "train_seconds", "peak_rss_mb"}  # the non-score floats of a results entry
@@ -29,10 +30,22 @@ def _read_json(path: Path) -> dict:
         raise SystemExit(f"cannot read {path}: {err}")
 
 
+def read_samples(samples: Path) -> list[dict]:
+    """Per-item outputs: samples.jsonl, or its published .jsonl.gz copy."""
+    with (gzip.open(samples, "rt") if samples.suffix == ".gz" else open(samples)) as f:
+        return [json.loads(line) for line in f]
+
+
 def per_item_scores(samples: Path, metric: str) -> dict[str, float]:
     """id -> `metric` from per-item outputs (samples.jsonl, or its published .jsonl.gz copy)."""
-    with (gzip.open(samples, "rt") if samples.suffix == ".gz" else open(samples)) as f:
-        return {s["id"]: float(s["scores"][metric]) for s in map(json.loads, f)}
+    return {s["id"]: float(s["scores"][metric]) for s in read_samples(samples)}
+
+
+def add_answers_in_prompts(diagnostics: dict | None, samples: Path) -> None:
+    """Give a MetaTuner row's diagnostics `answers_in_prompts` from its per-item outputs, where it has none (rows
+    evaluated before the diagnostic existed)."""
+    if isinstance(diagnostics, dict) and "answers_in_prompts" not in diagnostics:
+        diagnostics["answers_in_prompts"] = answers_in_prompts(read_samples(samples))
 
 
 def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict | None = None) -> dict:
@@ -59,6 +72,7 @@ def collect(task: str, methods: dict[str, tuple[Path, Path | None]], notes: dict
             entry.update({"train_examples": 0, "train_seconds": 0})
         if "diagnostics" in metrics:  # MetaTuner runs: written prompts and per-query LoRA on the evaluated items
             entry["diagnostics"] = metrics["diagnostics"]
+            add_answers_in_prompts(entry["diagnostics"], eval_dir / "samples.jsonl")
         # One command when training and evaluation ran as one (`metatuner compare`).
         entry["command"] = " && ".join(dict.fromkeys(c for c in (entry.get("train_command"), entry["eval_command"]) if c))
         results["methods"][name] = entry
@@ -119,6 +133,9 @@ DIAGNOSTIC_COLUMNS = {
     "LoRA cosine distance": (("lora_diversity", "mean_pairwise_cosine_distance"), "{:.4f}"),
     "LoRA between-query variance": (("lora_diversity", "between_query_variance_share"), "{:.4f}"),
     "LoRA norm (static)": (("lora_diversity", "mean_frobenius_norm"), "{:.3g}"),
+    "prompt states gold": (("answers_in_prompts", "prompt_states_gold"), "{:.3f}"),
+    "M takes the prompt's answer": (("answers_in_prompts", "answer_from_prompt"), "{:.3f}"),
+    "M takes a wrong one": (("answers_in_prompts", "wrong_answer_from_prompt"), "{:.3f}"),
 }
 
 
@@ -129,9 +146,10 @@ def diagnostic_cells(diagnostics: dict | None) -> list[str]:
         for key in path:
             value = value.get(key) if isinstance(value, dict) else None
         cells.append(fmt.format(value) if isinstance(value, (int, float)) else "")
-    if diagnostics and cells[-1] and isinstance(diagnostics.get("lora_diversity"), dict):
+    norm = list(DIAGNOSTIC_COLUMNS).index("LoRA norm (static)")
+    if diagnostics and cells[norm] and isinstance(diagnostics.get("lora_diversity"), dict):
         static = diagnostics["lora_diversity"].get("static_adapter_frobenius_norm")
-        cells[-1] += f" ({static:.3g})" if isinstance(static, (int, float)) else ""
+        cells[norm] += f" ({static:.3g})" if isinstance(static, (int, float)) else ""
     return cells
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from statistics import mean
 
-from .report import DIAGNOSTIC_COLUMNS, add_intervals, collect, diagnostic_cells, per_item_scores, primary_metric
+from .report import (DIAGNOSTIC_COLUMNS, add_answers_in_prompts, add_intervals, collect, diagnostic_cells,
+                     per_item_scores, primary_metric)
 
 
 def seed_results(name: str, runs: dict[str, dict[int, tuple[Path, Path | None]]], notes: dict,
@@ -64,6 +65,7 @@ def published_seed_rows(published: dict, samples: Path) -> dict[str, dict[int, t
                    "train_seconds": entry["train_seconds"][i], "eval_seconds": entry["eval_seconds"][i]}
             if "diagnostics_per_seed" in entry:
                 row["diagnostics"] = entry["diagnostics_per_seed"][i]
+                add_answers_in_prompts(row["diagnostics"], outputs)
             kept.setdefault(method, {})[seed] = (row, outputs)
     return kept
 
