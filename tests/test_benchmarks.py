@@ -89,3 +89,24 @@ def test_profile_generate_prints_the_rate_and_the_top_operators(tiny_dir, capsys
     module.main(["--model", str(tiny_dir), "--batch", "2", "--max-new-tokens", "3", "--precision", "fp32"])
     out = capsys.readouterr().out
     assert "fp32; batch 2:" in out and "new tokens per CPU second" in out and "aten::" in out
+
+
+def test_rewrite_probe_has_m_answer_under_the_written_prompts_and_p0(tiny_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), lora).save_pretrained(adapter)
+    spec = importlib.util.spec_from_file_location("rewrite_probe", REPO / "benchmarks" / "rewrite_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "probe.json"
+    module.main(["--model", str(tiny_dir), "--template", "one_shot", "--items", "3", "--max-new-tokens", "3",
+                 "--answer-with", str(adapter), "--actor", str(tiny_dir), "--out", str(out)])
+    data = json.loads(out.read_text())
+    written = data["models"][str(tiny_dir)]["one_shot"]
+    assert list(data["models"][str(tiny_dir)]) == ["one_shot"] and len(written["rows"]) == 3
+    assert written["m_under_written"]["items"] == 3 and len(written["m_under_written"]["written_minus_p0"]) == 2
+    assert all("m_output" in row for row in written["rows"]) and written["answers_in_prompts"]["items"] == 3
+    assert data["answering"]["adapter"] == str(adapter) and 0 <= data["answering"]["p0_accuracy"] <= 1
