@@ -141,7 +141,11 @@ def j_step_backward(mt, task, rows, p0: str, store, timer: PhaseTimer, max_lengt
     `metatuner.train`: write prompts with {phi_s, phi_p'} (h keeps its gradient), task loss through M with the
     per-query LoRA and its backward, rollouts refreshing D2, SR loss on D2's prompts and its backward. As in
     `metatuner.train`, each loss's backward runs as soon as the loss exists (outside autocast), so the step holds
-    one graph at a time. Call under autocast; the optimiser step is the caller's."""
+    one graph at a time. Call under autocast; the optimiser step is the caller's.
+
+    The rollouts score candidates by likelihood with p0 among them, whatever `mt.settings` say: that is the step the
+    published figures measure (the library's defaults are now D2 from samples and the checker's reward, whose
+    rollouts also generate M's answer for every candidate, a cost that depends on the task's answer length)."""
     from metatuner.rollouts import run_rollouts
 
     s = mt.settings
@@ -156,7 +160,7 @@ def j_step_backward(mt, task, rows, p0: str, store, timer: PhaseTimer, max_lengt
         loss.backward()
     with timer("rollouts"):
         run_rollouts(mt, task, rows, p0, factors.detach(), store, n=s.n_rollouts,
-                     temperature=s.rollout_temperature, reward=s.reward, batch_size=16)
+                     temperature=s.rollout_temperature, reward="likelihood", batch_size=16)
     with timer("sr_loss"):
         sr = mt.sr_loss(requests, [store.best(ex.id, p0) for ex in rows])
     with timer("backward"), torch.autocast("cpu", enabled=False), mt.role("learner"):

@@ -101,7 +101,7 @@ def test_trained_run_reloads_infers_and_exports(tiny_dir, tmp_path):
     card = (tmp_path / "ad" / "README.md").read_text()
     messages = mt.task.messages(prompt, mt.task.load("test")[0].__class__(id="q", question="1 + 2 =", answer="",
                                                                           target=""))
-    assert json.dumps(messages) in card and "1 + 2 =" in card and f"rank {mt.hyper_config.r + 16}" in card
+    assert json.dumps(messages, ensure_ascii=False) in card and "1 + 2 =" in card and f"rank {mt.hyper_config.r + 16}" in card
     assert "base_model:" in card and "MetaTuner 0.1.0" in card
 
 
@@ -319,7 +319,8 @@ def test_d2_from_samples_skips_the_sr_loss_for_queries_without_a_sample(tiny_dir
             "static_adapter_frobenius_norm"} <= set(d["lora_diversity"])
     assert {"rollouts/gap_over_p0", "rollouts/answer_leak_share", "d2/from_samples_share"} <= set(metrics["history"])
 
-    out = train_metatuner(_cfg(tiny_dir, tmp_path / "with_p0", *common, task_options=opts))
+    out = train_metatuner(_cfg(tiny_dir, tmp_path / "with_p0", *common, "metatuner.d2_source=samples_and_p0",
+                               task_options=opts))
     assert len(json.loads((out / "train_metrics.json").read_text())["history"]["train/sr_loss"]) == 2
 
 

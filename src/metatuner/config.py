@@ -244,13 +244,15 @@ class MetaTunerSettings(_Checked):
     rollout_temperature: float = _help("Sampling temperature T of candidate prompts.", 0.8)
     rollout_every: int = _help("Run rollouts (and refresh D2) every N steps that train the SR loss.", 1)
     reward: Literal["likelihood", "exact_match"] = _help(
-        "likelihood (minus the gold answer's mean NLL under M) or exact_match (the task's own checker on M's "
-        "generated answer, ties broken by likelihood).", "likelihood")
+        "exact_match (the task's own checker on M's generated answer, ties broken by likelihood) or likelihood "
+        "(minus the gold answer's mean NLL under M: no generation, so much cheaper on tasks with long answers, but "
+        "it rewards the wording M was trained on rather than a right answer). With d2_source=samples, exact_match "
+        "is what lets a prompt that changes M's answer win (docs/results/README.md, Defaults).", "exact_match")
     d2_source: Literal["samples", "samples_and_p0"] = _help(
         "What D2 may hold. samples: only prompts G sampled itself (p0 is scored as a reference but is neither a "
-        "candidate nor the default SR target; the SR loss skips queries with no sample yet). samples_and_p0: p0 "
-        "is a candidate in every rollout and the SR target of queries without an entry, which teaches G to copy "
-        "p0.", "samples_and_p0")
+        "candidate nor the default SR target; the SR loss skips queries with no sample yet), as in the paper. "
+        "samples_and_p0: p0 is a candidate in every rollout and the SR target of queries without an entry, which "
+        "teaches G to copy p0 (with it, G wrote p0 for every test query in every measured run).", "samples")
     reject_answer_leaks: bool = _help(
         "Rollouts set aside every sampled prompt that states the gold answer (`Task.states_answer`: the task's "
         "checker scores it as a right answer, or it names the gold number where the question does not): M copies a "
