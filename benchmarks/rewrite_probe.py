@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     task = get_task("rg:chain_sum", **task_options)  # the arithmetic comparison's test split
     examples = task.load("test")[: args.items]
     models = args.model or ["embedded:smollm2-135m-instruct"]
+    templates = args.template or list(TEMPLATES)
     results = {"command": command_line(), "task": "rg:chain_sum", "task_options": task_options,
-               "templates": TEMPLATES, "p0": task.default_prompt, "decoding": "greedy",
-               "cpu": cpu_bf16().describe(),
-               "models": {m: probe(m, task, examples, args.max_new_tokens, args.template or list(TEMPLATES))
-                          for m in models}}
+               "templates": {name: TEMPLATES[name] for name in templates}, "p0": task.default_prompt,
+               "decoding": "greedy", "cpu": cpu_bf16().describe(),
+               "models": {m: probe(m, task, examples, args.max_new_tokens, templates) for m in models}}
     if args.answer_with:
         results["answering"] = answer_under(args.actor, args.answer_with, task, examples, results["models"])
     Path(args.out).write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")

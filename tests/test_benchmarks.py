@@ -106,7 +106,7 @@ def test_rewrite_probe_has_m_answer_under_the_written_prompts_and_p0(tiny_dir, t
                  "--answer-with", str(adapter), "--actor", str(tiny_dir), "--out", str(out)])
     data = json.loads(out.read_text())
     written = data["models"][str(tiny_dir)]["one_shot"]
-    assert list(data["models"][str(tiny_dir)]) == ["one_shot"] and len(written["rows"]) == 3
+    assert list(data["models"][str(tiny_dir)]) == list(data["templates"]) == ["one_shot"] and len(written["rows"]) == 3
     assert written["m_under_written"]["items"] == 3 and len(written["m_under_written"]["written_minus_p0"]) == 2
     assert all("m_output" in row for row in written["rows"]) and written["answers_in_prompts"]["items"] == 3
     assert data["answering"]["adapter"] == str(adapter) and 0 <= data["answering"]["p0_accuracy"] <= 1
