@@ -246,8 +246,8 @@ class MetaTunerSettings(_Checked):
     reward: Literal["likelihood", "exact_match"] = _help(
         "exact_match (the task's own checker on M's generated answer, ties broken by likelihood) or likelihood "
         "(minus the gold answer's mean NLL under M: no generation, so much cheaper on tasks with long answers, but "
-        "it rewards the wording M was trained on rather than a right answer). With d2_source=samples, exact_match "
-        "is what lets a prompt that changes M's answer win (docs/results/README.md, Defaults).", "exact_match")
+        "it rewards the wording M was trained on rather than a right answer; docs/results/README.md, Defaults).",
+        "exact_match")
     d2_source: Literal["samples", "samples_and_p0"] = _help(
         "What D2 may hold. samples: only prompts G sampled itself (p0 is scored as a reference but is neither a "
         "candidate nor the default SR target; the SR loss skips queries with no sample yet), as in the paper. "
