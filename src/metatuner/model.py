@@ -39,12 +39,12 @@ from .checkpoint import atomic_save_file, atomic_write_text
 from .config import MetaTunerSettings, RunConfig, load_config
 from .evaluate import evaluate
 from .diagnostics import lora_diversity, prompt_diagnostics
-from .prompt_answers import answers_in_prompts
 from .generation import (DecodeBatch, base_model, cache_argument, chat_prompt, decode_cache, decode_loop,
                          digit_tokens, eos_ids, frozen_weight_casts, generate, last_logits_only, left_padded_batch,
                          lm_batch, lm_loss, output_cache, score_targets, task_chats)
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 from .models import load_generator_and_actor, resolve_share_depth
+from .prompt_answers import answers_in_prompts
 from .tasks import get_task
 from .tasks.base import Example
 
