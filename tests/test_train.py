@@ -80,6 +80,13 @@ def test_trained_run_reloads_infers_and_exports(tiny_dir, tmp_path):
                                  "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_eval"] == 4
+    # The same run with M under p0 (G only encodes): every prompt is p0, the per-query LoRA still applies.
+    result = runner.invoke(app, ["eval", "--run", str(out), "--limit", "4", "--out", str(tmp_path / "ev-p0"),
+                                 "--max-new-tokens", "4", "--without-prompts"])
+    assert result.exit_code == 0, result.output
+    p0_eval = json.loads((tmp_path / "ev-p0" / "metrics.json").read_text())
+    assert p0_eval["diagnostics"]["p0_share"] == 1.0 and p0_eval["written_prompts"] is False
+    assert p0_eval["diagnostics"]["lora_diversity"]["queries"] == 4
 
     result = runner.invoke(app, ["export", "--run", str(out), "--query", "1 + 2 =", "--out", str(tmp_path / "ad")])
     assert result.exit_code == 0, result.output

@@ -200,6 +200,8 @@ def eval_cmd(
                                                     "applied over the run's own options."),
     on_bad_row: Optional[str] = typer.Option(None, help="error (stop at the first bad data row, naming file, line "
                                              "and field) or skip (drop bad rows and report them)."),
+    without_prompts: bool = typer.Option(False, "--without-prompts", help="With --run: M answers under p0 with the "
+                                         "run's per-query LoRA (G only encodes): what the written prompts add."),
 ) -> None:
     """Evaluate a model (optionally with a PEFT adapter) or a MetaTuner run; writes metrics.json and samples.jsonl.
 
@@ -216,8 +218,10 @@ def eval_cmd(
             if value is not None:
                 _fail(f"{flag} does not apply to --run: a MetaTuner run evaluates its own models, prompts and LoRA")
         _evaluate_run_folder(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype,
-                             task, options, prompt)
+                             task, options, prompt, without_prompts)
         return
+    if without_prompts:
+        _fail("--without-prompts applies to --run only: a plain model has no written prompts")
     if task is None:
         _fail("--task is required (or --run for a MetaTuner run)")
     _evaluate_model(model or EMBEDDED_DEFAULT_MODEL, adapter, task, data_path, split, limit, prompt, out, batch_size,
@@ -260,7 +264,7 @@ def _run_task(run, task_name: str | None, options: dict):
 
 
 def _evaluate_run_folder(run, data_path, split, limit, out, batch_size, max_new_tokens, mc_mode, device, dtype=None,
-                         task_name=None, options=None, prompt=None) -> None:
+                         task_name=None, options=None, prompt=None, without_prompts=False) -> None:
     cfg, task = _run_task(run, task_name, options or {})
     if data_path is None and task_name is None:
         data_path = cfg.data.eval_path  # the run's own eval file
@@ -272,11 +276,13 @@ def _evaluate_run_folder(run, data_path, split, limit, out, batch_size, max_new_
 
     mt = _load_run(run, device, dtype)
     mt.task, mt.p0 = task, prompt or mt.p0
+    if without_prompts:
+        mt.settings.use_prompt = False  # G still encodes each query for the hypernetwork; M gets p0
     examples = _fit_context(examples, mt.m, mt.m_tok, max_new_tokens or mt.task.max_new_tokens,
                             (options or {}).get("on_bad_row") or cfg.data.on_bad_row)
     result = mt.evaluate(examples, batch_size=batch_size, max_new_tokens=max_new_tokens, mc_mode=mc_mode)
     result.metrics.update({"run": str(run), "method": "metatuner", "task": task.name, "p0": mt.p0,
-                           "command": command_line()})
+                           "written_prompts": not without_prompts, "command": command_line()})
     out = out or Path(run) / "eval"
     result.write(out)
     shown = {k: result.metrics[k] for k in (*mt.task.metrics, "n_eval", "seconds")}
