@@ -82,10 +82,16 @@ def test_figures_from_before_each_kept_its_cpu_get_the_cpu_of_the_run_that_measu
     assert "native" in perf._cpu_bf16(details["old"]["cpu"])
 
 
-def test_profile_generate_prints_the_rate_and_the_top_operators(tiny_dir, capsys):
-    spec = importlib.util.spec_from_file_location("profile_generate", REPO / "benchmarks" / "profile_generate.py")
+def _benchmark_script(name: str):
+    """A script of benchmarks/ loaded as a module, so a test can call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_generate_prints_the_rate_and_the_top_operators(tiny_dir, capsys):
+    module = _benchmark_script("profile_generate")
     module.main(["--model", str(tiny_dir), "--batch", "2", "--max-new-tokens", "3", "--precision", "fp32"])
     out = capsys.readouterr().out
     assert "fp32; batch 2:" in out and "new tokens per CPU second" in out and "aten::" in out
@@ -98,9 +104,7 @@ def test_rewrite_probe_has_m_answer_under_the_written_prompts_and_p0(tiny_dir, t
     adapter = tmp_path / "adapter"
     lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), lora).save_pretrained(adapter)
-    spec = importlib.util.spec_from_file_location("rewrite_probe", REPO / "benchmarks" / "rewrite_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _benchmark_script("rewrite_probe")
     out = tmp_path / "probe.json"
     module.main(["--model", str(tiny_dir), "--template", "one_shot", "--items", "3", "--max-new-tokens", "3",
                  "--answer-with", str(adapter), "--actor", str(tiny_dir), "--out", str(out)])

@@ -7,8 +7,8 @@ repeats: "The answer is 84." for 58 + 26. The two look alike in the accuracy and
 query-specific), so this counts, over the items whose gold answer is a number, how often the prompt states an answer
 (a number the query does not name, or the number of an answer line such as "The answer is 43." for 43 + 14 - 14),
 how often a stated answer is the gold one, how often M's answer is one its prompt stated, and how often that
-answer is wrong (M repeating a wrong guess). MetaTuner's
-evaluation adds it to its diagnostics, and the results tables compute it from the published per-item outputs.
+answer is wrong (M repeating a wrong guess). MetaTuner's evaluation adds it to its diagnostics, and the results
+tables compute it from the published per-item outputs.
 """
 
 from __future__ import annotations
