@@ -19,7 +19,7 @@ import metatuner.generation as generation
 from bench_setup import Bench
 from common import Summary, autocast, interleaved
 from metatuner.config import MetaTunerSettings
-from metatuner.generation import generate
+from metatuner.generation import generate, task_chats
 from metatuner.model import MetaTuner
 from metatuner.rollouts import ExpertPromptStore, run_rollouts
 
@@ -59,7 +59,7 @@ def speedups(b: Bench) -> dict:
     model, tok = b.load()
     repeats = max(2, b.repeats - 2)
     return {**_generation(b, model, tok, repeats), **_next_token(b, model), **_rollouts(b, model, tok, repeats),
-            **_graphs(b, model, tok, repeats)}
+            **_checker_scoring(b, model, tok, repeats), **_graphs(b, model, tok, repeats)}
 
 
 def _generation(b: Bench, model, tok, repeats: int) -> dict:
@@ -158,6 +158,49 @@ def _rollouts(b: Bench, model, tok, repeats: int) -> dict:
         "what": f"rollouts (n=4, {len(examples)} queries, sample then score, likelihood reward, {b.precision}): "
                 "DynamicCache and autocast's casts / KVBuffer and kept casts "
                 f"(same D2: {stores['kept'] == stores['former']})",
+        "seconds": {k: Summary(v).as_dict() for k, v in s.items()}}}
+
+
+def _checker_scoring(b: Bench, model, tok, repeats: int) -> dict:
+    """Rollout candidates under the checker's reward (the default): M's likelihood of the gold answer and M's greedy
+    answer, from two passes over each candidate's chat (score, then answer) or from one prefill."""
+    mt = _metatuner(b, model, tok)
+    task, examples = b.train_examples(b.batch_size)
+    p0 = task.default_prompt
+    torch.manual_seed(7)
+    with torch.no_grad(), autocast(b.precision):
+        written = mt.write_prompts(mt.rewrite_requests([p0] * len(examples), [ex.question for ex in examples]),
+                                   with_grad=False)
+        factors = mt.factors(written.h)
+        sampled = mt.sample_prompts(mt.rewrite_requests([p0] * len(examples), [ex.question for ex in examples]),
+                                    n=4, temperature=0.8)
+    owners = [i for i, samples in enumerate(sampled) for _ in [p0, *samples]]
+    chats = task_chats(tok, task, [p for samples in sampled for p in [p0, *samples]], [examples[i] for i in owners])
+    targets = [examples[i].target for i in owners]
+    rows = factors.index_select(owners)
+    out = {}
+
+    def two_passes():
+        with autocast(b.precision):
+            scores = mt.score(chats, targets, rows, batch_size=16)
+            answers = mt.answer(chats, rows, max_new_tokens=task.max_new_tokens, stop_strings=task.stop_strings)
+        out["two_passes"] = (scores, answers.texts)
+
+    def one_prefill():
+        with autocast(b.precision):
+            scores, answers = mt.score_and_answer(chats, targets, rows, max_new_tokens=task.max_new_tokens,
+                                                  stop_strings=task.stop_strings)
+        out["one_prefill"] = (scores, answers.texts)
+
+    s = interleaved({"one_prefill": one_prefill, "two_passes": two_passes}, repeats=repeats)
+    (kept_scores, kept_texts), (former_scores, former_texts) = out["one_prefill"], out["two_passes"]
+    drift = max(abs(a - c) / max(n, 1) for (a, n), (c, _) in zip(kept_scores, former_scores))
+    return {"checker_scoring_one_prefill": {
+        "speedup": _ratio(s["two_passes"], s["one_prefill"]),
+        "what": f"rollout candidates under the checker's reward ({len(chats)} chats: p0 and 4 samples for "
+                f"{len(examples)} queries, per-query LoRA, max_new_tokens {task.max_new_tokens}, {b.precision}): "
+                f"score then answer, each prefilling the chat / one prefill for both (same answers: "
+                f"{kept_texts == former_texts}; mean log-likelihoods within {drift:.1e})",
         "seconds": {k: Summary(v).as_dict() for k, v in s.items()}}}
 
 

@@ -38,6 +38,7 @@ def test_quick_benchmark_writes_every_headline_figure(tmp_path):
     speedups = data["details"]["speedups"]
     assert "same D2: True" in speedups["rollouts_decoding"]["what"]
     assert "same outputs: True" in speedups["kv_cache_buffer"]["what"]
+    assert "same answers: True" in speedups["checker_scoring_one_prefill"]["what"]
 
 
 def test_a_run_that_measures_part_of_the_figures_keeps_the_others(tmp_path):

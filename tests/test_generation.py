@@ -307,3 +307,38 @@ def test_kept_casts_follow_weight_changes_and_leave_trainable_weights_to_autocas
         with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
             reference = model(**batch).logits
     assert not torch.equal(first, changed) and torch.equal(changed, reference)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_score_and_generate_equals_score_targets_and_generate(model, tokenizer, with_lora):
+    """One prefill serves both: the answers are generate's, token for token, and the scores score_targets' (a
+    cache not cut back after the targets would change the answers; a target shifted by one position, the scores)."""
+    from metatuner.generation import score_and_generate
+
+    chats = _chats(tokenizer) * 2
+    targets = ["The answer is 8.", "apples", "Hello there", "-4", "", "a much longer target than the others", "x", "9"]
+    context = None
+    if with_lora:
+        actor, factors = _lora_context(model, len(chats))
+        context = lambda rows: actor.apply(factors.index_select(rows))  # noqa: E731
+    scores, answers = score_and_generate(model, tokenizer, chats, targets, max_new_tokens=10, batch_size=3,
+                                         batch_context=context)
+    apart = score_targets(model, tokenizer, chats, targets, batch_size=3, batch_context=context)
+    generated = generate(model, tokenizer, chats, max_new_tokens=10, batch_size=3, batch_context=context)
+    assert answers.texts == generated.texts and answers.new_tokens == generated.new_tokens
+    assert [c for _, c in scores] == [c for _, c in apart] and scores[4] == (0.0, 0)
+    for (a, _), (b, _) in zip(scores, apart):
+        assert abs(a - b) < 1e-4
+
+
+def test_score_and_generate_keeps_score_targets_truncation(model, tokenizer):
+    from metatuner.generation import score_and_generate
+
+    chats = _chats(tokenizer)
+    targets = ["one two three four five six"] * len(chats)
+    limit = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chats) + 2
+    scores, _ = score_and_generate(model, tokenizer, chats, targets, max_new_tokens=4, max_length=limit)
+    apart = score_targets(model, tokenizer, chats, targets, max_length=limit)
+    assert [c for _, c in scores] == [c for _, c in apart]
+    for (a, _), (b, _) in zip(scores, apart):
+        assert abs(a - b) < 1e-4

@@ -112,25 +112,80 @@ def generate(
     encoded = _encode(tokenizer, prompts)
     texts: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
-    eos = eos_ids(tokenizer, model)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="item")
     for batch in length_batches([len(e) for e in encoded], batch_size):
-        with frozen_weight_casts(model):
-            prefilled = DecodeBatch.prefill(model, [encoded[i] for i in batch], tokenizer.pad_token_id,
-                                            batch_context(batch) if batch_context else None, reserve=max_new_tokens)
-        rows = decode_loop(
-            model, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos, max_new_tokens=max_new_tokens,
-            eos_ids=eos,
-            temperature=temperature if do_sample else 0.0, top_p=top_p, tokenizer=tokenizer,
-            stop_strings=stop_strings, row_context=(lambda live: batch_context([batch[k] for k in live]))
-            if batch_context else None,
-        )
-        for i, row in zip(batch, rows):
-            counts[i] = len(row)
-            texts[i] = _cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings).strip()
+        prefilled = DecodeBatch.prefill(model, [encoded[i] for i in batch], tokenizer.pad_token_id,
+                                        batch_context(batch) if batch_context else None, reserve=max_new_tokens)
+        _decode_rows(model, tokenizer, prefilled, batch, texts, counts, max_new_tokens=max_new_tokens,
+                     temperature=temperature if do_sample else 0.0, top_p=top_p, stop_strings=stop_strings,
+                     batch_context=batch_context)
         bar.update(len(batch))
     bar.close()
     return GenerationOutput(texts, counts, time.perf_counter() - start)
+
+
+def _decode_rows(model, tokenizer, prefilled: "DecodeBatch", batch: list[int], texts: list[str], counts: list[int], *,
+                 max_new_tokens: int, temperature: float, top_p: float, stop_strings: Sequence[str],
+                 batch_context: BatchContext | None) -> None:
+    """Decode one prefilled batch; row k's text and token count go to `texts[batch[k]]` and `counts[batch[k]]`."""
+    rows = decode_loop(
+        model, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos, max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids(tokenizer, model), temperature=temperature, top_p=top_p, tokenizer=tokenizer,
+        stop_strings=stop_strings,
+        row_context=(lambda live: batch_context([batch[k] for k in live])) if batch_context else None,
+    )
+    for i, row in zip(batch, rows):
+        counts[i] = len(row)
+        texts[i] = _cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop_strings).strip()
+
+
+@torch.no_grad()
+def score_and_generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    max_new_tokens: int,
+    stop_strings: Sequence[str] = (),
+    batch_size: int = 16,
+    max_length: int = 1024,
+    batch_context: BatchContext | None = None,
+) -> tuple[list[tuple[float, int]], GenerationOutput]:
+    """`score_targets(prompts, targets)` and greedy `generate(prompts)` from one prefill of each prompt.
+
+    The prompt is most of a row (a rollout's candidate prompt and question against a short target and answer), so
+    scoring it and answering it separately ran the prompt through M twice. Here each batch's prefill gives the
+    first target token's and the first answer token's logits; the targets then run through its KV cache, which is
+    cut back to the prompts before decoding. The answers are `generate`'s (same batches, same prefill); the scores
+    are `score_targets`' up to float rounding (other padding and batch neighbours). Where the cache cannot be
+    cut back in place (`PREALLOCATE_KV` off, or layers other than full attention) it runs the two separately.
+    """
+    if decode_cache(model, 0) is None:
+        scores = score_targets(model, tokenizer, prompts, targets, batch_size=batch_size, max_length=max_length,
+                               batch_context=batch_context)
+        return scores, generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
+                                batch_size=batch_size, batch_context=batch_context)
+    start = time.perf_counter()
+    encoded, target_ids = _encode(tokenizer, prompts), _encode(tokenizer, targets)
+    scores: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
+    texts: list[str] = [""] * len(prompts)
+    counts: list[int] = [0] * len(prompts)
+    for batch in length_batches([len(e) for e in encoded], batch_size):
+        # score_targets' rule: a row longer than max_length loses the end of its target, never the prompt
+        cut = [target_ids[i][: max(0, max_length - len(encoded[i]))] for i in batch]
+        width = max(len(t) for t in cut)
+        context = (lambda: batch_context(batch)) if batch_context else (lambda: None)  # a context enters once
+        prefilled = DecodeBatch.prefill(model, [encoded[i] for i in batch], tokenizer.pad_token_id, context(),
+                                        reserve=max(max_new_tokens, width))
+        if width:
+            sums = prefilled.target_logprobs(model, cut, tokenizer.pad_token_id, context())
+            prefilled.cache.crop(-width)
+            for i, s, t in zip(batch, sums.tolist(), cut):
+                scores[i] = (s, len(t))
+        _decode_rows(model, tokenizer, prefilled, batch, texts, counts, max_new_tokens=max_new_tokens,
+                     temperature=0.0, top_p=1.0, stop_strings=stop_strings, batch_context=batch_context)
+    return scores, GenerationOutput(texts, counts, time.perf_counter() - start)
 
 
 def eos_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None = None) -> list[int]:
@@ -491,6 +546,12 @@ class KVBuffer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._length if self._k is not None else 0
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `-tokens_to_remove` tokens (transformers' convention); their room stays for the next."""
+        if tokens_to_remove > 0 or self._k is None:
+            return super().crop(tokens_to_remove)
+        self._length = max(0, self._length + tokens_to_remove)
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._k is not None:
             self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
@@ -592,6 +653,27 @@ class DecodeBatch:
 
     def __len__(self) -> int:
         return self.logits.shape[0]
+
+    @torch.no_grad()
+    def target_logprobs(self, model, targets: Sequence[Sequence[int]], pad_id: int,
+                        context: ContextManager | None = None) -> torch.Tensor:
+        """Sum of log-probabilities of each row's target tokens after its prompt (teacher-forced, one forward
+        through the cache, which then holds the targets too: `cache.crop(-width)` forgets them)."""
+        width = max(len(t) for t in targets)
+        ids = torch.full((len(targets), width), pad_id, dtype=torch.long)
+        keep = torch.zeros((len(targets), width), dtype=torch.long)
+        for r, t in enumerate(targets):
+            ids[r, : len(t)] = torch.tensor(list(t), dtype=torch.long)
+            keep[r, : len(t)] = 1
+        ids, keep = ids.to(self.logits.device), keep.to(self.logits.device)
+        pos = self.pos + 1 + torch.arange(width, device=ids.device)
+        with context or contextlib.nullcontext(), frozen_weight_casts(model):
+            out = model(input_ids=ids, attention_mask=torch.cat([self.mask, keep], 1), position_ids=pos,
+                        use_cache=True, **{cache_argument(model): self.cache})
+        # The prefill's last logits predict each target's first token; the targets' own logits the rest.
+        logits = torch.cat([self.logits[:, None], out.logits[:, :-1]], 1).float()
+        token_logprobs = -F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view_as(ids)
+        return (token_logprobs * keep).sum(-1)
 
     def repeat(self, n: int) -> None:
         """Each row n times in a row (n samples from one prefill)."""

@@ -41,7 +41,7 @@ from .evaluate import evaluate
 from .diagnostics import lora_diversity, prompt_diagnostics
 from .generation import (DecodeBatch, base_model, cache_argument, chat_prompt, decode_cache, decode_loop,
                          digit_tokens, eos_ids, frozen_weight_casts, generate, last_logits_only, left_padded_batch,
-                         lm_batch, lm_loss, output_cache, score_targets, task_chats)
+                         lm_batch, lm_loss, output_cache, score_and_generate, score_targets, task_chats)
 from .hyperlora import HyperLoraConfig, HyperLoraGenerator, LoraFactors, PerExampleLoRA, export_peft_adapter
 from .models import load_generator_and_actor, resolve_share_depth
 from .prompt_answers import answers_in_prompts
@@ -419,6 +419,15 @@ class MetaTuner(nn.Module):
         with self.role("actor"):
             return generate(self.m, self.m_tok, chats, max_new_tokens=max_new_tokens, stop_strings=stop_strings,
                             batch_size=batch_size, batch_context=self._factor_context(factors), progress=progress)
+
+    @torch.no_grad()
+    def score_and_answer(self, chats: Sequence[str], targets: Sequence[str], factors: LoraFactors, *,
+                         max_new_tokens: int, stop_strings=(), batch_size: int = 16):
+        """`score` and greedy `answer` of the same chats from one prefill each (`generation.score_and_generate`)."""
+        with self.role("actor"):
+            return score_and_generate(self.m, self.m_tok, chats, targets, max_new_tokens=max_new_tokens,
+                                      stop_strings=stop_strings, batch_size=batch_size,
+                                      batch_context=self._factor_context(factors))
 
     # ----- inference -----------------------------------------------------------------------------------------
     @classmethod

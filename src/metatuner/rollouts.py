@@ -173,10 +173,14 @@ def _jsonable(score):
 
 def candidate_scores(mt, task, examples, chats, factors, reward, batch_size):
     """Per candidate: a float (likelihood) or (exact match, likelihood) compared in that order."""
-    logprobs = mt.score(chats, [ex.target for ex in examples], factors, batch_size=batch_size)
-    likelihood = [s / max(c, 1) for s, c in logprobs]  # minus the mean NLL of the gold answer
+    targets = [ex.target for ex in examples]
     if reward == "likelihood":
-        return likelihood
-    answers = mt.answer(chats, factors, max_new_tokens=task.max_new_tokens, stop_strings=task.stop_strings,
-                        batch_size=batch_size)
-    return [(task.reward(out, ex), ll) for out, ex, ll in zip(answers.texts, examples, likelihood)]
+        return _mean_logprobs(mt.score(chats, targets, factors, batch_size=batch_size))
+    # The checker needs M's answer too: scored and answered from one prefill of each candidate's chat.
+    logprobs, answers = mt.score_and_answer(chats, targets, factors, max_new_tokens=task.max_new_tokens,
+                                            stop_strings=task.stop_strings, batch_size=batch_size)
+    return [(task.reward(out, ex), ll) for out, ex, ll in zip(answers.texts, examples, _mean_logprobs(logprobs))]
+
+
+def _mean_logprobs(logprobs) -> list[float]:
+    return [s / max(c, 1) for s, c in logprobs]  # minus the mean NLL of the gold answer
