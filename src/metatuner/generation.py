@@ -2,7 +2,9 @@
 
     prompts = task_chats(tokenizer, task, [p0] * len(examples), examples)
     out = generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=16, stop_strings=["\\n\\nQuestion:"])
-    scores = score_targets(model, tokenizer, prompts, [ex.target for ex in examples])   # [(sum_logprob, n_tokens)]
+    targets = [ex.target for ex in examples]
+    scores = score_targets(model, tokenizer, prompts, targets)   # [(sum_logprob, n_tokens)]
+    scores, out = score_and_generate(model, tokenizer, prompts, targets, max_new_tokens=16)  # both, one prefill
 
 Prompts are grouped into batches of similar length (fewer pad tokens), left-padded, and decoded with the KV cache
 by our own loop (`decode_loop`, over a `DecodeBatch`). Results come back in the caller's order.
