@@ -130,6 +130,31 @@ def test_fault_grpo_stopped_by_sigterm_saves_and_resumes_to_the_end(tiny_dir, tm
     assert metrics["steps"] == 2 and len(metrics["history"]["train/reward"]) == 2  # step 1's log came with it
 
 
+@pytest.mark.fault
+def test_fault_grpo_resumed_with_save_every_saves_at_its_interval(tiny_dir, tmp_path, monkeypatch):
+    """A run started without train.save_every, stopped and resumed with it: transformers restores the checkpoint's
+    save interval (500) with its state, so the resumed run saved nothing before its end."""
+    calls = []
+    checker = TaskReward.__call__
+
+    def reward_then_sigterm(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return checker(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskReward, "__call__", reward_then_sigterm)
+    with pytest.raises(TrainingStopped):
+        train_grpo(_grpo_config(tiny_dir, tmp_path, "grpo.beta=0", "train.max_steps=4"))
+    monkeypatch.setattr(TaskReward, "__call__", checker)
+    saved = []
+    monkeypatch.setattr(grpo_module.GRPOTrainer, "_save_checkpoint",
+                        lambda self, *a, **k: saved.append(self.state.global_step))
+    train_grpo(_grpo_config(tiny_dir, tmp_path, "grpo.beta=0", "train.max_steps=4", "train.resume=auto",
+                            "train.save_every=1"))
+    assert saved == [2, 3, 4]
+
+
 # ----- BPO ----------------------------------------------------------------------------------------------------------
 
 def test_bpo_pairs_only_hold_prompts_that_beat_p0():

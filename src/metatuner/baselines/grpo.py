@@ -116,6 +116,15 @@ class StopOnSignal(TrainerCallback):
         return control
 
 
+class KeepSaveInterval(TrainerCallback):
+    """This run's save interval, not the resumed checkpoint's: transformers restores the whole TrainerState from a
+    checkpoint, `save_steps` included, and only warns that it differs from the arguments. A run started without
+    `train.save_every` (save_steps 500) and resumed with it would otherwise never save before step 500."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.save_steps = args.save_steps
+
+
 def _resume_from(cfg: RunConfig, trainer_dir: Path) -> str | None:
     """The TRL checkpoint `train.resume` names: `auto` is the newest under trainer_dir (None: a fresh start)."""
     if not cfg.train.resume:
@@ -154,7 +163,7 @@ def train_grpo(cfg: RunConfig) -> Path:
     with StopOnSignal() as stop:
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
                               train_dataset=grpo_dataset(task, examples, run.p0, tokenizer), processing_class=tokenizer,
-                              peft_config=lora, callbacks=[stop])
+                              peft_config=lora, callbacks=[stop, KeepSaveInterval()])
         tracker = start_tracker(out)  # after the Trainer, which sets up the processes the tracker asks about
         trainer.add_callback(TrackerCallback(tracker))
         try:
