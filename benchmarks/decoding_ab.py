@@ -168,12 +168,10 @@ def _checker_scoring(b: Bench, model, tok, repeats: int) -> dict:
     task, examples = b.train_examples(b.batch_size)
     p0 = task.default_prompt
     torch.manual_seed(7)
+    requests = mt.rewrite_requests([p0] * len(examples), [ex.question for ex in examples])
     with torch.no_grad(), autocast(b.precision):
-        written = mt.write_prompts(mt.rewrite_requests([p0] * len(examples), [ex.question for ex in examples]),
-                                   with_grad=False)
-        factors = mt.factors(written.h)
-        sampled = mt.sample_prompts(mt.rewrite_requests([p0] * len(examples), [ex.question for ex in examples]),
-                                    n=4, temperature=0.8)
+        factors = mt.factors(mt.write_prompts(requests, with_grad=False).h)
+        sampled = mt.sample_prompts(requests, n=4, temperature=0.8)
     owners = [i for i, samples in enumerate(sampled) for _ in [p0, *samples]]
     chats = task_chats(tok, task, [p for samples in sampled for p in [p0, *samples]], [examples[i] for i in owners])
     targets = [examples[i].target for i in owners]

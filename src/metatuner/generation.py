@@ -77,6 +77,18 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
+def _right_pad(rows: list[list[int]], pad_id: int, device: torch.device,
+               width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows padded on the right to `width` (default: the longest), with their mask: continuations of a cached prompt."""
+    width = max(len(r) for r in rows) if width is None else width
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
     cut = min((text.find(s) for s in stop_strings if s and s in text), default=-1)
     return text[:cut] if cut >= 0 else text
@@ -114,11 +126,12 @@ def generate(
     encoded = _encode(tokenizer, prompts)
     texts: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
+    eos = eos_ids(tokenizer, model)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, unit="item")
     for batch in length_batches([len(e) for e in encoded], batch_size):
         prefilled = DecodeBatch.prefill(model, [encoded[i] for i in batch], tokenizer.pad_token_id,
                                         batch_context(batch) if batch_context else None, reserve=max_new_tokens)
-        _decode_rows(model, tokenizer, prefilled, batch, texts, counts, max_new_tokens=max_new_tokens,
+        _decode_rows(model, tokenizer, prefilled, batch, texts, counts, eos, max_new_tokens=max_new_tokens,
                      temperature=temperature if do_sample else 0.0, top_p=top_p, stop_strings=stop_strings,
                      batch_context=batch_context)
         bar.update(len(batch))
@@ -126,13 +139,13 @@ def generate(
     return GenerationOutput(texts, counts, time.perf_counter() - start)
 
 
-def _decode_rows(model, tokenizer, prefilled: "DecodeBatch", batch: list[int], texts: list[str], counts: list[int], *,
-                 max_new_tokens: int, temperature: float, top_p: float, stop_strings: Sequence[str],
+def _decode_rows(model, tokenizer, prefilled: "DecodeBatch", batch: list[int], texts: list[str], counts: list[int],
+                 eos: list[int], *, max_new_tokens: int, temperature: float, top_p: float, stop_strings: Sequence[str],
                  batch_context: BatchContext | None) -> None:
     """Decode one prefilled batch; row k's text and token count go to `texts[batch[k]]` and `counts[batch[k]]`."""
     rows = decode_loop(
         model, prefilled.cache, prefilled.logits, prefilled.mask, prefilled.pos, max_new_tokens=max_new_tokens,
-        eos_ids=eos_ids(tokenizer, model), temperature=temperature, top_p=top_p, tokenizer=tokenizer,
+        eos_ids=eos, temperature=temperature, top_p=top_p, tokenizer=tokenizer,
         stop_strings=stop_strings,
         row_context=(lambda live: batch_context([batch[k] for k in live])) if batch_context else None,
     )
@@ -173,6 +186,7 @@ def score_and_generate(
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(prompts)
     texts: list[str] = [""] * len(prompts)
     counts: list[int] = [0] * len(prompts)
+    eos = eos_ids(tokenizer, model)
     for batch in length_batches([len(e) for e in encoded], batch_size):
         # score_targets' rule: a row longer than max_length loses the end of its target, never the prompt
         cut = [target_ids[i][: max(0, max_length - len(encoded[i]))] for i in batch]
@@ -185,7 +199,7 @@ def score_and_generate(
             prefilled.cache.crop(-width)
             for i, s, t in zip(batch, sums.tolist(), cut):
                 scores[i] = (s, len(t))
-        _decode_rows(model, tokenizer, prefilled, batch, texts, counts, max_new_tokens=max_new_tokens,
+        _decode_rows(model, tokenizer, prefilled, batch, texts, counts, eos, max_new_tokens=max_new_tokens,
                      temperature=0.0, top_p=1.0, stop_strings=stop_strings, batch_context=batch_context)
     return scores, GenerationOutput(texts, counts, time.perf_counter() - start)
 
@@ -377,12 +391,7 @@ def score_choices(
                 owner.append(k)
                 rows.append(option[:room])
         width = max(1, max(len(r) for r in rows))
-        target = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        t_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            target[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            t_mask[r, : len(row)] = 1
-        target, t_mask = target.to(device), t_mask.to(device)
+        target, t_mask = _right_pad(rows, tokenizer.pad_token_id, device, width)
         index = torch.tensor(owner, device=device)
         cache = output_cache(out)
         cache.batch_select_indices(index)  # every option row continues its own prompt's cache
@@ -661,14 +670,8 @@ class DecodeBatch:
                         context: ContextManager | None = None) -> torch.Tensor:
         """Sum of log-probabilities of each row's target tokens after its prompt (teacher-forced, one forward
         through the cache, which then holds the targets too: `cache.crop(-width)` forgets them)."""
-        width = max(len(t) for t in targets)
-        ids = torch.full((len(targets), width), pad_id, dtype=torch.long)
-        keep = torch.zeros((len(targets), width), dtype=torch.long)
-        for r, t in enumerate(targets):
-            ids[r, : len(t)] = torch.tensor(list(t), dtype=torch.long)
-            keep[r, : len(t)] = 1
-        ids, keep = ids.to(self.logits.device), keep.to(self.logits.device)
-        pos = self.pos + 1 + torch.arange(width, device=ids.device)
+        ids, keep = _right_pad([list(t) for t in targets], pad_id, self.logits.device)
+        pos = self.pos + 1 + torch.arange(ids.shape[1], device=ids.device)
         with context or contextlib.nullcontext(), frozen_weight_casts(model):
             out = model(input_ids=ids, attention_mask=torch.cat([self.mask, keep], 1), position_ids=pos,
                         use_cache=True, **{cache_argument(model): self.cache})
