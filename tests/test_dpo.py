@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from metatuner.baselines import dpo as dpo_module
 from metatuner.baselines.dpo import pair_from_choices, pair_from_samples, train_dpo
 from metatuner.config import load_config
 from metatuner.tasks import get_task
 from metatuner.tasks.base import Example
-from metatuner.testing import tensorboard_scalars
+from metatuner.testing import pretend_earlier_sittings_took, tensorboard_scalars
+from metatuner.trainer import TrainingStopped
 
 
 @pytest.fixture()
@@ -86,3 +90,58 @@ def test_dpo_trains_from_an_adapter_that_is_also_its_reference(tiny_dir, tmp_pat
 def test_dpo_without_pairs_says_what_to_change(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="dpo.gold_fallback"):
         train_dpo(_config(tiny_dir, tmp_path, "dpo.gold_fallback=false", "dpo.temperature=1e-4"))
+
+
+@pytest.mark.fault
+def test_fault_dpo_sampling_cut_short_resumes_to_the_pairs_of_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
+    """Six questions in chunks of two, each chunk under its own seed: a run killed after its first chunk resumes
+    with the second and ends with the pairs of a run that was never stopped."""
+    chunks = ["eval.batch_size=2", "train.max_steps=1"]
+    whole = train_dpo(_config(tiny_dir, tmp_path, *chunks, f"output_dir={tmp_path / 'whole'}"))
+    sampled = []
+    real = dpo_module.preference_pairs
+
+    def killed_after_one_chunk(*args, **kwargs):
+        if len(sampled) == 1:
+            raise KeyboardInterrupt  # what the process sees of a kill, between two chunks
+        sampled.append(args[3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo_module, "preference_pairs", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo(_config(tiny_dir, tmp_path, *chunks))
+    assert json.loads((tmp_path / "run" / "pairs.progress.json").read_text())["questions"] == 2
+    monkeypatch.setattr(dpo_module, "preference_pairs", lambda *a, **k: sampled.append(a[3]) or real(*a, **k))
+    resumed = train_dpo(_config(tiny_dir, tmp_path, *chunks, "train.resume=auto"))
+    assert [[ex.id for ex in chunk] for chunk in sampled] == [["train-0", "train-1"], ["train-2", "train-3"], ["train-4", "train-5"]]
+    assert (resumed / "pairs.jsonl").read_text() == (whole / "pairs.jsonl").read_text() != ""
+
+
+@pytest.mark.fault
+def test_fault_dpo_stopped_by_sigterm_in_training_resumes_and_counts_both_sittings(tiny_dir, tmp_path, monkeypatch):
+    real = dpo_module.DPOTrainer.compute_loss
+    steps = []
+
+    def loss_then_sigterm(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 1:  # the step finishes, a checkpoint is written, training stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(dpo_module.DPOTrainer, "compute_loss", loss_then_sigterm)
+    with pytest.raises(TrainingStopped, match="after step 1"):
+        train_dpo(_config(tiny_dir, tmp_path, "train.save_every=1"))
+    checkpoint = tmp_path / "run" / "trainer" / "checkpoint-1"
+    pretend_earlier_sittings_took(checkpoint, 1000.0)
+    monkeypatch.setattr(dpo_module, "preference_pairs", lambda *a, **k: pytest.fail("the pairs were sampled again"))
+    out = train_dpo(_config(tiny_dir, tmp_path, "train.save_every=1", "train.resume=auto"))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["steps"] == 2 and len(steps) == 2  # the resumed run trained step 2 only
+    assert 1000 < metrics["train_seconds"] < 1000 + 600
+
+
+@pytest.mark.bad_input
+def test_bad_input_dpo_resumed_with_other_sampling_settings_names_the_file_and_setting(tiny_dir, tmp_path):
+    train_dpo(_config(tiny_dir, tmp_path, "train.max_steps=1"))
+    with pytest.raises(ValueError, match=r"pairs\.progress\.json.*temperature"):
+        train_dpo(_config(tiny_dir, tmp_path, "train.max_steps=1", "train.resume=auto", "dpo.temperature=0.5"))

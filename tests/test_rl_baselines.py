@@ -22,7 +22,7 @@ from metatuner.generation import lm_batch, sequence_logprobs, score_targets, tas
 from metatuner.model import MetaTuner
 from metatuner.models import load_model
 from metatuner.tasks import get_task
-from metatuner.testing import tensorboard_scalars
+from metatuner.testing import pretend_earlier_sittings_took, tensorboard_scalars
 from metatuner.trainer import TrainingStopped
 
 CHAIN_SUM = ["data.task=rg:chain_sum", "data.task_options={size: 8, test_size: 4}"]
@@ -124,10 +124,12 @@ def test_fault_grpo_stopped_by_sigterm_saves_and_resumes_to_the_end(tiny_dir, tm
     assert stopped.value.exit_code == 128 + signal.SIGTERM
     assert (tmp_path / "run" / "trainer" / "checkpoint-1").is_dir()
     assert not (tmp_path / "run" / "adapter").exists()
+    pretend_earlier_sittings_took(tmp_path / "run" / "trainer" / "checkpoint-1", 1000.0)
     out = train_grpo(_grpo_config(tiny_dir, tmp_path, "grpo.beta=0", "train.resume=auto"))
     assert len(calls) == 2  # the resumed run generated (and was rewarded) for step 2 only
     metrics = json.loads((out / "train_metrics.json").read_text())
     assert metrics["steps"] == 2 and len(metrics["history"]["train/reward"]) == 2  # step 1's log came with it
+    assert 1000 < metrics["train_seconds"] < 1000 + 600  # both sittings: the checkpoint carried the first one's
 
 
 @pytest.mark.fault

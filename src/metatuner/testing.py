@@ -105,3 +105,15 @@ def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
         for tag in accumulator.Tags()["scalars"]:
             scalars.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
     return scalars
+
+
+def pretend_earlier_sittings_took(checkpoint, seconds: float) -> None:
+    """Set the training seconds a TRL checkpoint carries for the sittings before it (`baselines.trl_run`), so that a
+    test can tell a resumed run's `train_seconds` counts them."""
+    import json
+    from pathlib import Path
+
+    state_path = Path(checkpoint) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["stateful_callbacks"]["SittingSeconds"]["args"]["earlier"] = seconds
+    state_path.write_text(json.dumps(state))

@@ -11,6 +11,12 @@
    `dpo.beta`. With `dpo.init_adapter` (the comparison passes its SFT run's adapter) that adapter is both the start
    and DPO's reference policy; without it a fresh LoRA starts on the base model, which is then the reference.
 
+**Sittings.** The pairs are sampled in chunks of `eval.batch_size` questions, each under its own seed, and
+`pairs.progress.json` records every finished chunk; with `train.save_every` TRL checkpoints every N steps under
+`trainer/`. `train.resume=auto` goes on from both (the pairs an uninterrupted run would have sampled, then TRL's
+own resume), SIGINT or SIGTERM during training saves and stops the run, and `train_seconds` adds up every sitting
+(`baselines.trl_run`).
+
 The run folder gets `config.yaml`, `pairs.jsonl` (every pair and its rewards), `train_metrics.json`, TensorBoard
 scalars in `tb/` (what TRL logs every `train.log_every` steps, as `train/loss`, `train/rewards/accuracies`, ...) and
 `adapter/`, a standard PEFT adapter over the base model (`metatuner eval --adapter RUN/adapter`).
@@ -20,12 +26,15 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from datasets import Dataset
+from tqdm.auto import tqdm
 from trl import DPOConfig, DPOTrainer
 
+from ..checkpoint import atomic_write_text
 from ..config import RunConfig
 from ..evaluate import option_means
 from ..generation import generate, score_choices, task_chats
@@ -35,6 +44,7 @@ from ..tasks.base import Example, Task
 from ..trainer import TrackerCallback, open_run_folder, run_metrics, start_run, start_tracker, write_metrics
 from .policy import load_policy
 from .prompt_writer import check_actor_adapter
+from .trl_run import checkpoint_arguments, train_resumably
 
 
 def pair_from_samples(task: Task, example: Example, samples: list[str], gold_fallback: bool) -> dict | None:
@@ -68,23 +78,55 @@ def preference_pairs(model, tokenizer, task: Task, examples: list[Example], prom
     """One preference pair per training question where the policy's own answers (or options) tell one apart."""
     chats = task_chats(tokenizer, task, [prompt] * len(examples), examples)
     model.eval()
-    pairs = []
     if task.choice_targets(examples[0]) is not None:
         options = [task.choice_targets(ex) for ex in examples]
-        scores = score_choices(model, tokenizer, chats, options, batch_size=cfg.eval.batch_size, progress=True)
+        scores = score_choices(model, tokenizer, chats, options, batch_size=cfg.eval.batch_size)
         found = [pair_from_choices(task, ex, opts, sc) for ex, opts, sc in zip(examples, options, scores)]
     else:
         n = cfg.dpo.samples_per_question
         out = generate(model, tokenizer, [c for c in chats for _ in range(n)], do_sample=True,
                        temperature=cfg.dpo.temperature, max_new_tokens=cfg.eval.max_new_tokens or task.max_new_tokens,
-                       stop_strings=task.stop_strings, batch_size=cfg.eval.batch_size, progress=True,
-                       desc="dpo samples")
+                       stop_strings=task.stop_strings, batch_size=cfg.eval.batch_size)
         found = [pair_from_samples(task, ex, out.texts[i * n:(i + 1) * n], cfg.dpo.gold_fallback)
                  for i, ex in enumerate(examples)]
-    for ex, chat, pair in zip(examples, chats, found):
-        if pair is not None:
-            pairs.append({"id": ex.id, "prompt": chat, **pair})
-    return pairs
+    return [{"id": ex.id, "prompt": chat, **pair} for ex, chat, pair in zip(examples, chats, found) if pair is not None]
+
+
+def collect_pairs(model, tokenizer, task: Task, examples: list[Example], prompt: str, cfg: RunConfig, out: Path,
+                  start: float) -> tuple[list[dict], float]:
+    """`preference_pairs` over the questions in chunks of `eval.batch_size`, each sampled under its own seed
+    (`seed` + its first question's index), appended to out/pairs.jsonl as it finishes and recorded in
+    out/pairs.progress.json; with `train.resume` a run goes on after the last recorded chunk and samples what an
+    uninterrupted run would have. Returns every pair and the seconds until now over all sittings, this one counted
+    from `start` (a `time.perf_counter()` value)."""
+    progress_path, pairs_path = out / "pairs.progress.json", out / "pairs.jsonl"
+    sampled_with = {"seed": cfg.seed, "prompt": prompt, "questions_in_all": len(examples), **asdict(cfg.dpo)}
+    done, earlier, pairs = 0, 0.0, []
+    if cfg.train.resume and progress_path.is_file():
+        progress = json.loads(progress_path.read_text())
+        changed = [k for k, v in sampled_with.items() if progress["sampled_with"].get(k) != v]
+        if changed:
+            raise ValueError(f"{progress_path}: its pairs were sampled with other settings ({', '.join(changed)}); "
+                             "resume with those or start a new run folder")
+        done, earlier = progress["questions"], progress["seconds"]
+        finished = {ex.id for ex in examples[:done]}  # a chunk appended but not recorded is sampled again
+        pairs = [p for p in map(json.loads, pairs_path.read_text().splitlines()) if p["id"] in finished]
+    with open(pairs_path, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    chunk = cfg.eval.batch_size
+    with tqdm(total=len(examples), initial=done, desc="dpo pairs", unit="question") as bar:
+        for first in range(done, len(examples), chunk):
+            torch.manual_seed(cfg.seed + first)
+            found = preference_pairs(model, tokenizer, task, examples[first:first + chunk], prompt, cfg)
+            with open(pairs_path, "a") as f:
+                f.writelines(json.dumps(p) + "\n" for p in found)
+            pairs += found
+            done = min(first + chunk, len(examples))
+            seconds = earlier + time.perf_counter() - start
+            atomic_write_text(progress_path, json.dumps(
+                {"questions": done, "seconds": round(seconds, 3), "sampled_with": sampled_with}))
+            bar.update(done - first)
+    return pairs, earlier + time.perf_counter() - start
 
 
 def train_dpo(cfg: RunConfig) -> Path:
@@ -94,18 +136,14 @@ def train_dpo(cfg: RunConfig) -> Path:
     task, prompt = run.task, run.p0
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     start = time.perf_counter()
-
     check_actor_adapter(cfg.dpo.init_adapter, "dpo.init_adapter")
     model, tokenizer, lora = load_policy(cfg, cfg.dpo.init_adapter)
     examples = check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
-    pairs = preference_pairs(model, tokenizer, task, examples, prompt, cfg)
-    with open(out / "pairs.jsonl", "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in pairs)
+    pairs, sampling_seconds = collect_pairs(model, tokenizer, task, examples, prompt, cfg, out, start)
     if not pairs:
         raise ValueError(f"no preference pairs among {len(examples)} training questions: every question's "
                          f"{cfg.dpo.samples_per_question} samples got the same reward. Raise dpo.samples_per_question "
                          "or dpo.temperature, or set dpo.gold_fallback=true")
-    sampling_seconds = time.perf_counter() - start
 
     precision = resolve_precision(cfg.train.mixed_precision, cfg.model.device)
     precision.announce()
@@ -114,7 +152,7 @@ def train_dpo(cfg: RunConfig) -> Path:
         peft_config=lora)
     tracker = start_tracker(out)  # after the Trainer, which sets up the processes the tracker asks about
     trainer.add_callback(TrackerCallback(tracker))
-    trainer.train()
+    tuning_seconds = train_resumably(trainer, cfg, out, tracker, time.perf_counter())
     # Only the trained adapter: TRL keeps a frozen copy of an initial adapter beside it as the reference.
     trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
 
@@ -123,7 +161,7 @@ def train_dpo(cfg: RunConfig) -> Path:
     write_metrics(out, run_metrics(
         "dpo", train_examples=len(examples), unique_train_examples=len(examples), pairs=len(pairs),
         steps=trainer.state.global_step, sampling_seconds=round(sampling_seconds, 1),
-        train_seconds=round(time.perf_counter() - start, 1), precision=precision.as_dict(),
+        train_seconds=round(sampling_seconds + tuning_seconds, 1), precision=precision.as_dict(),
         history={"train/loss": [row["loss"] for row in logged],
                  "train/reward_accuracy": [row.get("rewards/accuracies") for row in logged]}),
         tracker, step=trainer.state.global_step)
@@ -142,5 +180,5 @@ def _dpo_config(cfg: RunConfig, out: Path, precision: Precision) -> DPOConfig:
         max_grad_norm=cfg.train.grad_clip, seed=cfg.seed, bf16=precision.mixed_precision == "bf16",
         fp16=precision.mixed_precision == "fp16",
         use_cpu=cfg.model.device == "cpu", gradient_checkpointing=cfg.train.gradient_checkpointing,
-        logging_steps=cfg.train.log_every, save_strategy="no", report_to="none",
+        logging_steps=cfg.train.log_every, report_to="none", **checkpoint_arguments(cfg),
     )

@@ -26,21 +26,17 @@ Precision follows `train.mixed_precision` (`runtime.resolve_precision`). With `t
 checkpoint every N steps under `trainer/`, and `train.resume=auto` (or a checkpoint path) continues from the last
 one with TRL's own resume (weights, optimizer, scheduler, RNG states; TRL reads its optimizer and RNG files with
 tensors-only loading). SIGINT or SIGTERM finishes the step, writes a checkpoint and stops the run
-(`TrainingStopped`). The run folder gets `config.yaml`, `train_metrics.json` (`history`: TRL's policy loss,
+(`TrainingStopped`); `train_seconds` adds up every sitting of a resumed run (`baselines.trl_run`). The run folder gets `config.yaml`, `train_metrics.json` (`history`: TRL's policy loss,
 mean reward, its spread and the KL per logging interval), TensorBoard scalars in `tb/` (all TRL logs, as
 `train/<name>`) and `adapter/`, a standard PEFT adapter over M.
 """
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
 from ..config import RunConfig
@@ -48,10 +44,10 @@ from ..generation import task_chats
 from ..runtime import resolve_precision
 from ..tasks import check_lengths, token_counter
 from ..tasks.base import Example, Task
-from ..trainer import (TrackerCallback, TrainingStopped, open_run_folder, run_metrics, start_run, start_tracker,
-                       write_metrics)
+from ..trainer import TrackerCallback, open_run_folder, run_metrics, start_run, start_tracker, write_metrics
 from .policy import load_policy
 from .prompt_writer import check_actor_adapter
+from .trl_run import checkpoint_arguments, train_resumably
 
 # TRL's log keys -> ours in train_metrics.json's history
 HISTORY_KEYS = {"loss": "train/policy_loss", "reward": "train/reward", "reward_std": "train/reward_std",
@@ -87,55 +83,6 @@ def grpo_dataset(task: Task, examples: list[Example], prompt: str, tokenizer) ->
     return Dataset.from_list([{"prompt": p, "id": ex.id} for p, ex in zip(prompts, examples)])
 
 
-class StopOnSignal(TrainerCallback):
-    """SIGINT/SIGTERM while TRL trains: finish the step, save a checkpoint, stop (the signal is recorded, not acted
-    on at once, so the checkpoint is whole)."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._record)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _record(self, signum, frame) -> None:
-        self.signal = signum
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.signal is not None:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
-class KeepSaveInterval(TrainerCallback):
-    """This run's save interval, not the resumed checkpoint's: transformers restores the whole TrainerState from a
-    checkpoint, `save_steps` included, and only warns that it differs from the arguments. A run started without
-    `train.save_every` (save_steps 500) and resumed with it would otherwise never save before step 500."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        state.save_steps = args.save_steps
-
-
-def _resume_from(cfg: RunConfig, trainer_dir: Path) -> str | None:
-    """The TRL checkpoint `train.resume` names: `auto` is the newest under trainer_dir (None: a fresh start)."""
-    if not cfg.train.resume:
-        return None
-    if cfg.train.resume == "auto":
-        return get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
-    if not Path(cfg.train.resume).is_dir():
-        raise FileNotFoundError(f"train.resume: no TRL checkpoint folder at {cfg.train.resume}")
-    return cfg.train.resume
-
-
 def train_grpo(cfg: RunConfig) -> Path:
     """GRPO-tune M's LoRA on the training questions with the task's checker as the reward; returns the run folder."""
     check_actor_adapter(cfg.grpo.init_adapter, "grpo.init_adapter")
@@ -157,23 +104,13 @@ def train_grpo(cfg: RunConfig) -> Path:
         max_grad_norm=cfg.train.grad_clip, seed=cfg.seed, bf16=precision.mixed_precision == "bf16",
         fp16=precision.mixed_precision == "fp16", use_cpu=cfg.model.device == "cpu",
         gradient_checkpointing=cfg.train.gradient_checkpointing, logging_steps=cfg.train.log_every,
-        save_strategy="steps" if cfg.train.save_every else "no", save_steps=cfg.train.save_every or 500,
-        save_total_limit=cfg.train.keep_checkpoints, report_to="none")
-    reward = TaskReward(task, examples)
-    with StopOnSignal() as stop:
-        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
-                              train_dataset=grpo_dataset(task, examples, run.p0, tokenizer), processing_class=tokenizer,
-                              peft_config=lora, callbacks=[stop, KeepSaveInterval()])
-        tracker = start_tracker(out)  # after the Trainer, which sets up the processes the tracker asks about
-        trainer.add_callback(TrackerCallback(tracker))
-        try:
-            trainer.train(resume_from_checkpoint=_resume_from(cfg, out / "trainer"))
-        finally:
-            if stop.signal is not None:
-                tracker.finish()
-    if stop.signal is not None:
-        raise TrainingStopped(f"stopped by signal {stop.signal} after step {trainer.state.global_step}; saved "
-                              f"{get_last_checkpoint(str(out / 'trainer'))}.", exit_code=128 + stop.signal)
+        report_to="none", **checkpoint_arguments(cfg))
+    trainer = GRPOTrainer(model=model, reward_funcs=TaskReward(task, examples), args=args,
+                          train_dataset=grpo_dataset(task, examples, run.p0, tokenizer), processing_class=tokenizer,
+                          peft_config=lora)
+    tracker = start_tracker(out)  # after the Trainer, which sets up the processes the tracker asks about
+    trainer.add_callback(TrackerCallback(tracker))
+    seconds = train_resumably(trainer, cfg, out, tracker, start)
     # Only the trained adapter: with beta > 0 TRL keeps a frozen copy of an initial adapter beside it as the reference.
     trainer.model.save_pretrained(out / "adapter", selected_adapters=["default"])
     # One row per logging interval (`train.log_every`), and the final row when the run ends between two.
@@ -181,7 +118,7 @@ def train_grpo(cfg: RunConfig) -> Path:
     questions = trainer.state.global_step * cfg.train.batch_size * cfg.train.grad_accum
     write_metrics(out, run_metrics(
         "grpo", train_examples=questions, unique_train_examples=len(examples), steps=trainer.state.global_step,
-        completions=questions * s.num_generations, train_seconds=round(time.perf_counter() - start, 1),
+        completions=questions * s.num_generations, train_seconds=round(seconds, 1),
         precision=precision.as_dict(),
         history={ours: [row[key] for row in logged if key in row] for key, ours in HISTORY_KEYS.items()}),
         tracker, step=trainer.state.global_step)
