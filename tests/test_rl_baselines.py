@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from metatuner.baselines import bpo as bpo_module
 from metatuner.baselines import grpo as grpo_module
 from metatuner.baselines import rlprompt as rlprompt_module
 from metatuner.baselines.bpo import choose_better_prompt, rewrite_candidates, train_bpo
@@ -227,6 +228,39 @@ def test_bpo_trains_g_on_prompts_that_beat_p0_under_the_frozen_m(tiny_dir, tmp_p
         assert torch.equal(frozen[f"g.base_model.model.{module}.actor.weight"], tensor)
     written = mt.evaluate(task.load("test"), batch_size=4, max_new_tokens=4, progress=False)
     assert written.metrics["n_eval"] == 4 and "diagnostics" in written.metrics
+
+
+@pytest.mark.fault
+def test_fault_bpo_rollouts_cut_short_resume_to_the_pairs_of_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
+    """Eight queries in batches of four: a run killed after its first batch resumes with the second (the first is
+    not sampled again) and ends with the pairs and counts of a run that was never stopped."""
+    def config(out, *extra):
+        return load_config(None, ["method=bpo", f"model.name={tiny_dir}", f"output_dir={out}", *CHAIN_SUM, *SMALL,
+                                  "bpo.reward=likelihood", "bpo.samples_per_query=3", "bpo.epochs=1", *extra])
+
+    whole = train_bpo(config(tmp_path / "whole"))
+    batches = []
+    real = bpo_module.better_prompt_pairs
+
+    def killed_after_one_batch(mt, task, rows, *args):
+        if len(batches) == 1:
+            raise KeyboardInterrupt
+        batches.append([ex.id for ex in rows])
+        return real(mt, task, rows, *args)
+
+    monkeypatch.setattr(bpo_module, "better_prompt_pairs", killed_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train_bpo(config(tmp_path / "cut"))
+    monkeypatch.setattr(bpo_module, "better_prompt_pairs",
+                        lambda mt, task, rows, *a: batches.append([ex.id for ex in rows]) or real(mt, task, rows, *a))
+    resumed = train_bpo(config(tmp_path / "cut", "train.resume=auto"))
+    assert len(batches) == 2 and not set(batches[0]) & set(batches[1])
+    assert (resumed / "pairs.jsonl").read_text() == (whole / "pairs.jsonl").read_text() != ""
+    counted = ("pairs", "candidates_scored", "sampled_prompts", "answer_leaks")
+    metrics = [json.loads((out / "train_metrics.json").read_text()) for out in (whole, resumed)]
+    assert [metrics[0][k] for k in counted] == [metrics[1][k] for k in counted]
+    with pytest.raises(ValueError, match=r"pairs\.progress\.json.*bpo\.temperature"):
+        train_bpo(config(tmp_path / "cut", "train.resume=auto", "bpo.temperature=0.5"))
 
 
 def test_bpo_without_pairs_says_what_to_change(tiny_dir, tmp_path):

@@ -27,6 +27,11 @@ frozen adapter), so `metatuner eval --run`, `infer --run` and `MetaTuner.from_pr
 `history["train/sr_loss"]`) and TensorBoard scalars in `tb/`. It runs in one process, in the precision
 `train.mixed_precision` resolves to.
 
+**Sittings.** The pairs are collected a batch of `train.batch_size` queries at a time, each under its own seed, and
+`pairs.progress.json` records every finished batch (`baselines.chunked_sampling`): `train.resume=auto` goes on
+with the next batch and collects the pairs of an uninterrupted run. G's training on the pairs, a few minutes, starts
+again in a resumed run; `train_seconds` counts the collection over every sitting.
+
 Where ours differs from BPO: the paper builds its pairs from human preference data (a chosen and a rejected answer
 per prompt) and has ChatGPT write the better prompt, then trains a separate 7B rewriter; here the better prompts
 are G's own samples, judged by the task's checker through the frozen M that will answer them, and the rewriter is
@@ -35,7 +40,6 @@ G itself with LoRA adapters. One round of sampling, no iteration, as in BPO.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -49,6 +53,7 @@ from ..distributed import end_training
 from ..tasks import check_lengths, token_counter
 from ..tasks.base import Example, Task
 from ..trainer import make_accelerator, open_run_folder, run_metrics, start_run, write_metrics
+from .chunked_sampling import sample_in_chunks, sampled_with
 from .prompt_writer import (build_prompt_writer, check_actor_adapter, checker_part, prompt_rewards,
                             prompt_writer_config)
 
@@ -76,35 +81,31 @@ def rewrite_candidates(task: Task, example: Example, sampled: list[str], p0: str
 
 
 @torch.no_grad()
-def better_prompt_pairs(mt, task: Task, examples: list[Example], p0: str, cfg: RunConfig, accelerator) -> dict:
-    """Sample, score and keep the (query, better prompt) pairs; with the counts the run reports."""
+def better_prompt_pairs(mt, task: Task, rows: list[Example], p0: str, cfg: RunConfig, accelerator
+                        ) -> tuple[list[dict], dict[str, int]]:
+    """Sample, score and keep the (query, better prompt) pairs of a batch of training queries; with the counts the
+    run reports."""
     s = cfg.bpo
-    pairs, scored, leaks, sampled_total = [], 0, 0, 0
-    bs = cfg.train.batch_size
-    for first in tqdm(range(0, len(examples), bs), desc="bpo rollouts", unit="batch"):
-        rows = examples[first : first + bs]
-        requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
-        with accelerator.autocast():
-            sampled = mt.sample_prompts(requests, n=s.samples_per_query, temperature=s.temperature)
-        pools = []
-        for ex, samples in zip(rows, sampled):
-            kept, dropped = rewrite_candidates(task, ex, samples, p0, s.reject_answer_leaks)
-            leaks += dropped
-            sampled_total += len(samples)
-            pools.append([p0, *kept])
-        owners = [ex for ex, pool in zip(rows, pools) for _ in pool]
-        with accelerator.autocast():
-            scores = prompt_rewards(mt, task, owners, [p for pool in pools for p in pool], s.reward,
-                                    cfg.eval.batch_size)
-        scored += len(owners)
-        at = 0
-        for ex, pool in zip(rows, pools):
-            pool_scores, at = scores[at : at + len(pool)], at + len(pool)
-            chosen = choose_better_prompt(pool_scores[0], pool[1:], pool_scores[1:])
-            if chosen is not None:
-                pairs.append({"id": ex.id, "question": ex.question, "prompt": chosen[0], "score": _jsonable(chosen[1]),
-                              "p0_score": _jsonable(pool_scores[0]), "candidates": len(pool) - 1})
-    return {"pairs": pairs, "candidates_scored": scored, "answer_leaks": leaks, "sampled": sampled_total}
+    requests = mt.rewrite_requests([p0] * len(rows), [ex.question for ex in rows])
+    with accelerator.autocast():
+        sampled = mt.sample_prompts(requests, n=s.samples_per_query, temperature=s.temperature)
+    pools, leaks = [], 0
+    for ex, samples in zip(rows, sampled):
+        kept, dropped = rewrite_candidates(task, ex, samples, p0, s.reject_answer_leaks)
+        leaks += dropped
+        pools.append([p0, *kept])
+    owners = [ex for ex, pool in zip(rows, pools) for _ in pool]
+    with accelerator.autocast():
+        scores = prompt_rewards(mt, task, owners, [p for pool in pools for p in pool], s.reward, cfg.eval.batch_size)
+    pairs, at = [], 0
+    for ex, pool in zip(rows, pools):
+        pool_scores, at = scores[at : at + len(pool)], at + len(pool)
+        chosen = choose_better_prompt(pool_scores[0], pool[1:], pool_scores[1:])
+        if chosen is not None:
+            pairs.append({"id": ex.id, "question": ex.question, "prompt": chosen[0], "score": _jsonable(chosen[1]),
+                          "p0_score": _jsonable(pool_scores[0]), "candidates": len(pool) - 1})
+    return pairs, {"candidates_scored": len(owners), "answer_leaks": leaks,
+                   "sampled": sum(len(samples) for samples in sampled)}
 
 
 def _jsonable(score):
@@ -152,23 +153,22 @@ def train_bpo(cfg: RunConfig) -> Path:
     examples = task.load(cfg.data.train_split, path=cfg.data.train_path, limit=cfg.data.train_limit)
     examples = check_lengths(examples, token_counter(mt.m_tok), cfg.train.max_length, cfg.data.on_bad_row)
 
-    found = better_prompt_pairs(mt, task, examples, p0, cfg, accelerator)
-    pairs = found["pairs"]
-    with open(out / "pairs.jsonl", "w") as f:
-        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+    pairs, counts, rollout_seconds = sample_in_chunks(
+        out, "pairs", examples, cfg.train.batch_size, cfg, sampled_with(cfg, "bpo", "metatuner", p0=p0),
+        lambda rows: better_prompt_pairs(mt, task, rows, p0, cfg, accelerator), start)
     if not pairs:
         raise ValueError(f"no training query of {len(examples)} had a sampled prompt that beats p0 under M "
                          f"(bpo.reward={cfg.bpo.reward}): raise bpo.samples_per_query or bpo.temperature, or use "
                          "bpo.reward=likelihood")
-    rollout_seconds = time.perf_counter() - start
+    trained_from = time.perf_counter()
     losses, rows_trained = train_on_pairs(mt, pairs, p0, cfg, accelerator)
     mt.save(out / "model")
     write_metrics(out, run_metrics(
         "bpo", train_examples=len(examples) + rows_trained, unique_train_examples=len(examples), pairs=len(pairs),
-        pair_share=round(len(pairs) / len(examples), 4), candidates_scored=found["candidates_scored"],
-        sampled_prompts=found["sampled"], answer_leaks=found["answer_leaks"], steps=len(losses),
+        pair_share=round(len(pairs) / len(examples), 4), candidates_scored=counts["candidates_scored"],
+        sampled_prompts=counts["sampled"], answer_leaks=counts["answer_leaks"], steps=len(losses),
         actor_adapter=cfg.bpo.actor_adapter, rollout_seconds=round(rollout_seconds, 1),
-        train_seconds=round(time.perf_counter() - start, 1), precision=precision.as_dict(),
+        train_seconds=round(rollout_seconds + time.perf_counter() - trained_from, 1), precision=precision.as_dict(),
         history={"train/sr_loss": losses}), accelerator, step=len(losses))
     end_training(accelerator)
     return out

@@ -12,7 +12,7 @@
    and DPO's reference policy; without it a fresh LoRA starts on the base model, which is then the reference.
 
 **Sittings.** The pairs are sampled in chunks of `eval.batch_size` questions, each under its own seed, and
-`pairs.progress.json` records every finished chunk; with `train.save_every` TRL checkpoints every N steps under
+`pairs.progress.json` records every finished chunk (`baselines.chunked_sampling`); with `train.save_every` TRL checkpoints every N steps under
 `trainer/`. `train.resume=auto` goes on from both (the pairs an uninterrupted run would have sampled, then TRL's
 own resume), SIGINT or SIGTERM during training saves and stops the run, and `train_seconds` adds up every sitting
 (`baselines.trl_run`).
@@ -24,17 +24,13 @@ scalars in `tb/` (what TRL logs every `train.log_every` steps, as `train/loss`, 
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 from trl import DPOConfig, DPOTrainer
 
-from ..checkpoint import atomic_write_text
 from ..config import RunConfig
 from ..evaluate import option_means
 from ..generation import generate, score_choices, task_chats
@@ -43,6 +39,7 @@ from ..tasks import check_lengths, token_counter
 from ..tasks.base import Example, Task
 from ..trainer import TrackerCallback, open_run_folder, run_metrics, start_run, start_tracker, write_metrics
 from .policy import load_policy
+from .chunked_sampling import sample_in_chunks, sampled_with
 from .prompt_writer import check_actor_adapter
 from .trl_run import checkpoint_arguments, train_resumably
 
@@ -92,43 +89,6 @@ def preference_pairs(model, tokenizer, task: Task, examples: list[Example], prom
     return [{"id": ex.id, "prompt": chat, **pair} for ex, chat, pair in zip(examples, chats, found) if pair is not None]
 
 
-def collect_pairs(model, tokenizer, task: Task, examples: list[Example], prompt: str, cfg: RunConfig, out: Path,
-                  start: float) -> tuple[list[dict], float]:
-    """`preference_pairs` over the questions in chunks of `eval.batch_size`, each sampled under its own seed
-    (`seed` + its first question's index), appended to out/pairs.jsonl as it finishes and recorded in
-    out/pairs.progress.json; with `train.resume` a run goes on after the last recorded chunk and samples what an
-    uninterrupted run would have. Returns every pair and the seconds until now over all sittings, this one counted
-    from `start` (a `time.perf_counter()` value)."""
-    progress_path, pairs_path = out / "pairs.progress.json", out / "pairs.jsonl"
-    sampled_with = {"seed": cfg.seed, "prompt": prompt, "questions_in_all": len(examples), **asdict(cfg.dpo)}
-    done, earlier, pairs = 0, 0.0, []
-    if cfg.train.resume and progress_path.is_file():
-        progress = json.loads(progress_path.read_text())
-        changed = [k for k, v in sampled_with.items() if progress["sampled_with"].get(k) != v]
-        if changed:
-            raise ValueError(f"{progress_path}: its pairs were sampled with other settings ({', '.join(changed)}); "
-                             "resume with those or start a new run folder")
-        done, earlier = progress["questions"], progress["seconds"]
-        finished = {ex.id for ex in examples[:done]}  # a chunk appended but not recorded is sampled again
-        pairs = [p for p in map(json.loads, pairs_path.read_text().splitlines()) if p["id"] in finished]
-    with open(pairs_path, "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in pairs)
-    chunk = cfg.eval.batch_size
-    with tqdm(total=len(examples), initial=done, desc="dpo pairs", unit="question") as bar:
-        for first in range(done, len(examples), chunk):
-            torch.manual_seed(cfg.seed + first)
-            found = preference_pairs(model, tokenizer, task, examples[first:first + chunk], prompt, cfg)
-            with open(pairs_path, "a") as f:
-                f.writelines(json.dumps(p) + "\n" for p in found)
-            pairs += found
-            done = min(first + chunk, len(examples))
-            seconds = earlier + time.perf_counter() - start
-            atomic_write_text(progress_path, json.dumps(
-                {"questions": done, "seconds": round(seconds, 3), "sampled_with": sampled_with}))
-            bar.update(done - first)
-    return pairs, earlier + time.perf_counter() - start
-
-
 def train_dpo(cfg: RunConfig) -> Path:
     """Sample preference pairs with the policy, then DPO-tune its LoRA weights; returns the run folder."""
     out = open_run_folder(cfg)
@@ -139,7 +99,9 @@ def train_dpo(cfg: RunConfig) -> Path:
     check_actor_adapter(cfg.dpo.init_adapter, "dpo.init_adapter")
     model, tokenizer, lora = load_policy(cfg, cfg.dpo.init_adapter)
     examples = check_lengths(examples, token_counter(tokenizer), cfg.train.max_length, cfg.data.on_bad_row)
-    pairs, sampling_seconds = collect_pairs(model, tokenizer, task, examples, prompt, cfg, out, start)
+    pairs, _, sampling_seconds = sample_in_chunks(
+        out, "pairs", examples, cfg.eval.batch_size, cfg, sampled_with(cfg, "dpo", prompt=prompt),
+        lambda rows: (preference_pairs(model, tokenizer, task, rows, prompt, cfg), {}), start)
     if not pairs:
         raise ValueError(f"no preference pairs among {len(examples)} training questions: every question's "
                          f"{cfg.dpo.samples_per_question} samples got the same reward. Raise dpo.samples_per_question "
