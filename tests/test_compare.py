@@ -56,6 +56,25 @@ def test_compare_runs_each_method_once_and_reports_intervals(tiny_dir, tmp_path,
     assert compare(path, report_only=True) == results  # nothing runs, the same results come back
 
 
+def test_each_method_reports_its_own_peak_memory_not_an_earlier_ones(tiny_dir, tmp_path, monkeypatch):
+    """Methods run one after another in compare's process: a method's peak_rss_mb must not be the peak of one run
+    before it (here SFT, made to hold 400 MB for a moment)."""
+    from metatuner import compare as compare_module
+
+    real = compare_module.run_method
+
+    def sft_holds_memory(cfg, name, full=False):
+        if name == "sft":
+            held = bytearray(400 * 2**20)
+            del held
+        return real(cfg, name, full)
+
+    monkeypatch.setattr(compare_module, "run_method", sft_holds_memory)
+    results = compare(_config(tmp_path, tiny_dir, {"sft": {}, "params_only": {"metatuner.use_prompt": False}}))
+    peaks = {name: entry["peak_rss_mb"] for name, entry in results["methods"].items()}
+    assert peaks["params_only"] < peaks["sft"] - 300, peaks
+
+
 def test_compare_seeded_sample_full_split_and_overrides(tiny_dir, tmp_path):
     path = _config(tmp_path, tiny_dir, {"zero_shot": {}, "sft": {}}, eval_sample=4, eval_sample_seed=3,
                    full_test_methods=["zero_shot"])

@@ -58,7 +58,7 @@ from .config import ConfigError, RunConfig
 from .evaluate import evaluate
 from .model import MetaTuner
 from .models import load_model
-from .runtime import command_line
+from .runtime import command_line, reset_peak_rss
 from .tasks import get_task
 from .train import train_metatuner
 
@@ -165,6 +165,7 @@ def compare(config_path: str | Path, only: list[str] | None = None, overrides: l
             continue
         started = time.perf_counter()
         print(f"[compare] {label}: running")
+        reset_peak_rss()  # each method's peak_rss_mb its own, not the largest of those run before it here
         run_method(run_cfg, name, full)
         print(f"[compare] {label}: done in {time.perf_counter() - started:.0f} s")
 

@@ -155,6 +155,17 @@ def peak_rss_mb() -> float:
     return round(kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024, 1)  # macOS reports bytes
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident memory (VmHWM) again from its present size, so that the next method run
+    in the same process (`metatuner compare` runs them one after another) reports its own peak, not an earlier
+    one's. Linux only (/proc/self/clear_refs); False where it could not be done."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def rss_mb() -> float:
     """This process's resident memory now, in MiB (Linux; 0 elsewhere)."""
     return _proc_status_mb("VmRSS") or 0.0
