@@ -328,6 +328,39 @@ def test_rlprompt_keeps_the_dev_argmax_and_records_its_search(tiny_dir, tmp_path
     assert metrics["train_examples"] == 3 * 4 * 3 + 3 * len(finals)  # (steps x batch x samples) + dev x finalists
 
 
+@pytest.mark.fault
+def test_fault_rlprompt_killed_mid_run_resumes_to_the_search_of_an_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
+    """Checkpoints every step: a run killed in its third step resumes from the second and ends with the sampled
+    prompts, rewards, policy and final prompt of a run that was never stopped."""
+    def config(out, *extra):
+        return load_config(None, ["method=rlprompt", f"model.name={tiny_dir}", f"output_dir={out}", *CHAIN_SUM,
+                                  *SMALL, "train.max_steps=4", "train.save_every=1", "rlprompt.dev_size=3",
+                                  "rlprompt.samples_per_step=3", "rlprompt.reward=likelihood", *extra])
+
+    whole = train_rlprompt(config(tmp_path / "whole"))
+    steps = []
+    real = rlprompt_module.reinforce_step
+
+    def killed_in_step_3(*args):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(rlprompt_module, "reinforce_step", killed_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_rlprompt(config(tmp_path / "cut"))
+    monkeypatch.setattr(rlprompt_module, "reinforce_step", lambda *a: steps.append(1) or real(*a))
+    resumed = train_rlprompt(config(tmp_path / "cut", "train.resume=auto"))
+    assert len(steps) == 3 + 2  # steps 3 and 4 again, not 1 and 2
+    searches = [json.loads((out / "search.json").read_text()) for out in (whole, resumed)]
+    for search in searches:
+        search.pop("seconds")
+    assert searches[0] == searches[1]
+    weights = [load_file(out / "checkpoints" / "step-00000003" / "weights.safetensors") for out in (whole, resumed)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("override, key", [
     ("grpo.num_generations=1", "grpo.num_generations"), ("grpo.loss_type=ppo", "grpo.loss_type"),

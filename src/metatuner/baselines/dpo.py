@@ -12,10 +12,10 @@
    and DPO's reference policy; without it a fresh LoRA starts on the base model, which is then the reference.
 
 **Sittings.** The pairs are sampled in chunks of `eval.batch_size` questions, each under its own seed, and
-`pairs.progress.json` records every finished chunk (`baselines.chunked_sampling`); with `train.save_every` TRL checkpoints every N steps under
-`trainer/`. `train.resume=auto` goes on from both (the pairs an uninterrupted run would have sampled, then TRL's
-own resume), SIGINT or SIGTERM during training saves and stops the run, and `train_seconds` adds up every sitting
-(`baselines.trl_run`).
+`pairs.progress.json` records every finished chunk (`baselines.chunked_sampling`); with `train.save_every` TRL
+checkpoints every N steps under `trainer/`. `train.resume=auto` goes on from both (the pairs an uninterrupted run
+would have sampled, then TRL's own resume), SIGINT or SIGTERM during training saves and stops the run, and
+`train_seconds` adds up every sitting (`baselines.trl_run`).
 
 The run folder gets `config.yaml`, `pairs.jsonl` (every pair and its rewards), `train_metrics.json`, TensorBoard
 scalars in `tb/` (what TRL logs every `train.log_every` steps, as `train/loss`, `train/rewards/accuracies`, ...) and

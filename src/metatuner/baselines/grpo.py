@@ -26,9 +26,10 @@ Precision follows `train.mixed_precision` (`runtime.resolve_precision`). With `t
 checkpoint every N steps under `trainer/`, and `train.resume=auto` (or a checkpoint path) continues from the last
 one with TRL's own resume (weights, optimizer, scheduler, RNG states; TRL reads its optimizer and RNG files with
 tensors-only loading). SIGINT or SIGTERM finishes the step, writes a checkpoint and stops the run
-(`TrainingStopped`); `train_seconds` adds up every sitting of a resumed run (`baselines.trl_run`). The run folder gets `config.yaml`, `train_metrics.json` (`history`: TRL's policy loss,
-mean reward, its spread and the KL per logging interval), TensorBoard scalars in `tb/` (all TRL logs, as
-`train/<name>`) and `adapter/`, a standard PEFT adapter over M.
+(`TrainingStopped`); `train_seconds` adds up every sitting of a resumed run (`baselines.trl_run`). The run folder
+gets `config.yaml`, `train_metrics.json` (`history`: TRL's policy loss, mean reward, its spread and the KL per
+logging interval), TensorBoard scalars in `tb/` (all TRL logs, as `train/<name>`) and `adapter/`, a standard PEFT
+adapter over M.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ gets `config.yaml`, `search.json` (p0, the best prompt and both dev scores, ever
 training reward, and the finalists' dev scores, in `baselines.opro`'s format), `best_prompt.txt`,
 `train_metrics.json` and TensorBoard scalars of every step in `tb/`; evaluation runs the frozen M with
 `best_prompt.txt`, as for the OPRO-like search. It runs in one process, in the precision `train.mixed_precision`
-resolves to.
+resolves to. With `train.save_every` a checkpoint every N steps (`checkpoints/step-N`: G's adapters, the optimizer,
+the RNG states, the prompts tried so far and their rewards); `train.resume=auto` goes on from the newest as an
+uninterrupted run would, and `train_seconds` counts every sitting.
 
 Where ours differs from RLPrompt: the paper's policy is a frozen distilGPT-2 with a small trainable MLP that emits
 a fixed number of prompt tokens (often ungrammatical), trained with soft Q-learning on shaped, per-input z-scored
@@ -44,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..batching import full_batches
+from ..checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ..config import RunConfig
 from ..distributed import end_training
 from ..generation import lm_batch, sequence_logprobs
@@ -118,7 +121,17 @@ def train_rlprompt(cfg: RunConfig) -> Path:
 
     tried: dict[str, list[float]] = {}  # prompt -> its training rewards, in the order first sampled
     history, curves, scored = [], {"train/reward_mean": [], "train/reward_max": [], "train/policy_loss": []}, 0
-    for step in tqdm(range(1, total_steps + 1), desc="rlprompt", unit="step"):
+    done, earlier = 0, 0.0
+    resume_from = find_checkpoint(out, cfg.train.resume) if cfg.train.resume else None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        mt.load_state(ckpt.tensors, ckpt.state["meta"], source=str(ckpt.path))
+        for _ in range(ckpt.step):  # the batches the steps before took
+            next(batches)
+        tried, history, curves, scored = (ckpt.state[k] for k in ("tried", "history", "curves", "scored"))
+        done, earlier = ckpt.step, ckpt.state["seconds"]
+        ckpt.restore(optimizer)  # and the RNG states: the sampling goes on as in an uninterrupted run
+    for step in tqdm(range(done + 1, total_steps + 1), initial=done, total=total_steps, desc="rlprompt", unit="step"):
         rows = [pool[i] for i in next(batches)]
         with torch.no_grad(), accelerator.autocast():
             prompts = mt.sample_prompts([request], n=s.samples_per_step, temperature=s.temperature)[0]
@@ -132,6 +145,11 @@ def train_rlprompt(cfg: RunConfig) -> Path:
         for key, value in zip(curves, (sum(rewards) / len(rewards), max(rewards), loss)):
             curves[key].append(value)
         accelerator.log({key: values[-1] for key, values in curves.items()}, step=step)
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+            save_checkpoint(out, step, tensors=mt.trainable_state(), optimizer=optimizer,
+                            keep=cfg.train.keep_checkpoints, state={
+                                "meta": mt.meta(), "tried": tried, "history": history, "curves": curves,
+                                "scored": scored, "seconds": earlier + time.perf_counter() - start})
     mt.sync_frozen()
     greedy = mt.write_prompts([request], with_grad=False).prompts[0]
 
@@ -143,7 +161,7 @@ def train_rlprompt(cfg: RunConfig) -> Path:
     for k, prompt in enumerate(finalists):
         history.append({"round": total_steps + 1, "source": "p0" if k == 0 else "greedy" if prompt == greedy
                         else "finalist", "instruction": prompt, "score": dev_scores[k], "dev": True})
-    seconds = time.perf_counter() - start
+    seconds = earlier + time.perf_counter() - start
     result = SearchResult(scorer=s.reward, p0=p0, p0_score=dev_scores[0], best=finalists[best],
                           best_score=dev_scores[best], dev_ids=[ex.id for ex in dev], history=history,
                           instructions_scored=len(set(tried) | set(finalists)), examples_scored=scored,
