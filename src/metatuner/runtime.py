@@ -155,15 +155,14 @@ def peak_rss_mb() -> float:
     return round(kib / (1024 * 1024) if sys.platform == "darwin" else kib / 1024, 1)  # macOS reports bytes
 
 
-def reset_peak_rss() -> bool:
+def reset_peak_rss() -> None:
     """Start this process's peak resident memory (VmHWM) again from its present size, so that the next method run
     in the same process (`metatuner compare` runs them one after another) reports its own peak, not an earlier
-    one's. Linux only (/proc/self/clear_refs); False where it could not be done."""
+    one's. Linux only (/proc/self/clear_refs); elsewhere it does nothing."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        return False
-    return True
+        pass
 
 
 def rss_mb() -> float:

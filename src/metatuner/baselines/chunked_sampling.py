@@ -44,11 +44,11 @@ def sample_in_chunks(out: Path, name: str, examples: list[Example], chunk_size: 
     (this one counted from `start`, a `time.perf_counter()` value). `settings`: what the records depend on beyond
     the questions and the seed (`sampled_with`; a resumed run must have the same)."""
     progress_path, records_path = out / f"{name}.progress.json", out / f"{name}.jsonl"
-    sampled_with = {"seed": cfg.seed, "questions_in_all": len(examples), **settings}
+    this_run = {"seed": cfg.seed, "questions_in_all": len(examples), **settings}
     done, earlier, records, counts = 0, 0.0, [], Counter()
     if cfg.train.resume and progress_path.is_file():
         progress = json.loads(progress_path.read_text())
-        changed = [k for k, v in sampled_with.items() if progress["sampled_with"].get(k) != v]
+        changed = [k for k, v in this_run.items() if progress["sampled_with"].get(k) != v]
         if changed:
             raise ValueError(f"{progress_path}: its {name} were sampled with other settings ({', '.join(changed)}); "
                              "resume with those or start a new run folder")
@@ -68,6 +68,6 @@ def sample_in_chunks(out: Path, name: str, examples: list[Example], chunk_size: 
             done = min(first + chunk_size, len(examples))
             atomic_write_text(progress_path, json.dumps({
                 "questions": done, "seconds": round(earlier + time.perf_counter() - start, 3),
-                "counts": dict(counts), "sampled_with": sampled_with}))
+                "counts": dict(counts), "sampled_with": this_run}))
             bar.update(done - first)
     return records, dict(counts), earlier + time.perf_counter() - start
