@@ -12,6 +12,7 @@
     metatuner export --run runs/metatuner-gsm8k --query "..." --out adapters/query-1
     metatuner serve --run runs/metatuner-gsm8k --max-batch 16                   # OpenAI-compatible API on :8000
     metatuner compare --config configs/compare-arithmetic.yaml                 # every baseline and ablation
+    metatuner paired --a runs/compare-arithmetic/grpo/eval --b runs/compare-arithmetic/sft/eval  # A minus B, 95%
     metatuner tasks
 
 Each command imports what it runs (training, the model, torch) inside its function, after its arguments and
@@ -384,6 +385,22 @@ def compare_cmd(
         _fail(str(err))
     except TrainingStopped as err:  # the methods finished before it keep their run folders; a rerun skips them
         _stopped(err, "Rerun the same command with train.resume=auto to continue from the checkpoint.")
+
+
+@app.command("paired")
+def paired_cmd(
+    a: List[Path] = typer.Option(..., "--a", help="Per-item outputs of side A: an eval folder or its samples.jsonl "
+                                                 "(.jsonl.gz too); repeat for seeds."),
+    b: List[Path] = typer.Option(..., "--b", help="The same for side B."),
+    metric: Optional[str] = typer.Option(None, help="Per-item score to compare (default: the files' first)."),
+) -> None:
+    """Compare two evaluations of the same items: means, 95% paired-bootstrap interval of A minus B (JSON)."""
+    from .paired import compare_paired
+
+    try:
+        typer.echo(json.dumps(compare_paired(a, b, metric), indent=1))
+    except ValueError as err:
+        _fail(str(err))
 
 
 def _seed_list(seeds: str | None) -> list[int] | None:
