@@ -41,7 +41,8 @@ def read_item_scores(path: Path, metric: str | None) -> tuple[dict[str, float], 
                     scores[str(row["id"])] = float(row["scores"][metric])
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError, StopIteration) as err:
                     what = f"missing key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
-                    raise ValueError(f"{path}, line {number}: not a per-item output of `metatuner eval` ({what})") from None
+                    raise ValueError(
+                        f"{path}, line {number}: not a per-item output of `metatuner eval` ({what})") from None
     except OSError as err:
         raise ValueError(f"cannot read {path}: {err}") from None
     if not scores:
@@ -80,6 +81,6 @@ def compare_paired(a: list[Path], b: list[Path], metric: str | None = None) -> d
         return {"files": [str(samples_path(p)) for p in paths], "means": [round(m, 4) for m in means],
                 "mean": round(sum(means) / len(means), 4)}
 
-    return {"metric": metric, "items": len(items), "file_pairs": len(pairs), "a": side(a, a_scores), "b": side(b, b_scores),
-            "a_minus_b": round((sum(left) - sum(right)) / len(left), 4), "ci95": [round(low, 4), round(high, 4)],
+    return {"metric": metric, "items": len(items), "file_pairs": len(pairs),
+            "a": side(a, a_scores), "b": side(b, b_scores), "a_minus_b": round((sum(left) - sum(right)) / len(left), 4), "ci95": [round(low, 4), round(high, 4)],
             "a_higher": sum(x > y for x, y in zip(left, right)), "b_higher": sum(y > x for x, y in zip(left, right))}
