@@ -82,5 +82,6 @@ def compare_paired(a: list[Path], b: list[Path], metric: str | None = None) -> d
                 "mean": round(sum(means) / len(means), 4)}
 
     return {"metric": metric, "items": len(items), "file_pairs": len(pairs),
-            "a": side(a, a_scores), "b": side(b, b_scores), "a_minus_b": round((sum(left) - sum(right)) / len(left), 4), "ci95": [round(low, 4), round(high, 4)],
+            "a": side(a, a_scores), "b": side(b, b_scores),
+            "a_minus_b": round((sum(left) - sum(right)) / len(left), 4), "ci95": [round(low, 4), round(high, 4)],
             "a_higher": sum(x > y for x, y in zip(left, right)), "b_higher": sum(y > x for x, y in zip(left, right))}
