@@ -9,15 +9,14 @@ A minus B, and how many items only one side got right.
 Each side is one or more per-item outputs of `metatuner eval` (an eval folder's samples.jsonl, or a published
 .jsonl.gz copy): several files are one method's seeds. As many files on both sides pair seed s with seed s; several
 against one pair each with that one. The interval resamples the pooled (pair, item) differences, as the seeds table
-does, over the items every file scored. numpy only, like `stats.py`.
+does, over the items every file scored. No torch: it reads files with `report.read_samples`.
 """
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
+from .report import read_samples
 from .stats import paired_bootstrap
 
 
@@ -29,22 +28,18 @@ def samples_path(path: Path) -> Path:
 def read_item_scores(path: Path, metric: str | None) -> tuple[dict[str, float], str]:
     """id -> score under `metric` (default: the first of the file's per-item scores), and the metric used."""
     path = samples_path(path)
-    scores: dict[str, float] = {}
     try:
-        with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    metric = metric or next(iter(row["scores"]))
-                    scores[str(row["id"])] = float(row["scores"][metric])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError, StopIteration) as err:
-                    what = f"missing key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
-                    raise ValueError(
-                        f"{path}, line {number}: not a per-item output of `metatuner eval` ({what})") from None
+        rows = read_samples(path)
     except OSError as err:
         raise ValueError(f"cannot read {path}: {err}") from None
+    scores: dict[str, float] = {}
+    for number, row in enumerate(rows, 1):
+        try:
+            metric = metric or next(iter(row["scores"]))
+            scores[str(row["id"])] = float(row["scores"][metric])
+        except (KeyError, TypeError, ValueError, StopIteration) as err:
+            what = f"missing key {err}" if isinstance(err, KeyError) else f"{type(err).__name__}: {err}"
+            raise ValueError(f"{path}, line {number}: not a per-item output of `metatuner eval` ({what})") from None
     if not scores:
         raise ValueError(f"{path}: no per-item outputs")
     return scores, metric

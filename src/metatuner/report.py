@@ -31,9 +31,16 @@ def _read_json(path: Path) -> dict:
 
 
 def read_samples(samples: Path) -> list[dict]:
-    """Per-item outputs: samples.jsonl, or its published .jsonl.gz copy."""
+    """Per-item outputs: samples.jsonl, or its published .jsonl.gz copy. A line that is not JSON is a ValueError
+    naming the file and line."""
+    rows = []
     with (gzip.open(samples, "rt") if samples.suffix == ".gz" else open(samples)) as f:
-        return [json.loads(line) for line in f]
+        for number, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{samples}, line {number}: not JSON ({err})") from None
+    return rows
 
 
 def per_item_scores(samples: Path, metric: str) -> dict[str, float]:
