@@ -136,6 +136,28 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + now() - start
 
 
+class PhaseFlops:
+    """Matrix-product FLOPs per named phase, with `PhaseTimer`'s interface (torch's `FlopCounterMode`: the linear
+    layers and the LM head, forward, backward and any recompute; attention is not counted on a CPU, where it is a
+    few percent of these models' work at these lengths)."""
+
+    def __init__(self):
+        self.flops: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        with count_flops() as counter:
+            yield
+        self.flops[phase] = self.flops.get(phase, 0) + counter.get_total_flops()
+
+
+def count_flops():
+    """A context that counts the matrix-product FLOPs run inside it (`.get_total_flops()` afterwards)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
 def j_step_backward(mt, task, rows, p0: str, store, timer: PhaseTimer, max_length: int = 512) -> None:
     """The forward and backward of one schedule-J step with rollouts, from MetaTuner's public API, in the order of
     `metatuner.train`: write prompts with {phi_s, phi_p'} (h keeps its gradient), task loss through M with the

@@ -233,7 +233,50 @@ def generation_speedup(b: Bench) -> dict:
             "llama-cpp-python is not installed (pip install -e '.[bench]' builds it)" if b.llama_cpp
             and b.model.startswith("embedded:") else "needs the embedded model's GGUF (full mode)")}
     result.update(_generation_with_lora(b, model, tok, chats))
+    result["work"] = _generation_work(b, model, tok, chats, few, seconds, result["ratio_both_fp32"])
     return result
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")
+
+
+def _generation_work(b: Bench, model, tok, chats, few, seconds, ratio_fp32) -> dict:
+    """How far `generation_speedup` can go on this machine in fp32: each side's matrix-product FLOPs (counted in an
+    untimed run) over its timed seconds, the share of our run's CPU time that the matrix products take (a profiled
+    run), and one thread's rate on a large square product. With every cost but the matrix products gone, our side
+    would run 1 / share times faster, so the fp32 ratio could reach at most ratio / share without fewer FLOPs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_setup import count_flops
+
+    def ours():
+        return generate(model, tok, chats, max_new_tokens=b.max_new_tokens, batch_size=b.gen_batch_size)
+
+    with count_flops() as counter:
+        ours()
+    ours_flops = counter.get_total_flops()
+    with count_flops() as counter, torch.no_grad():
+        _hf_generate(model, tok, few, b.max_new_tokens)
+    hf_flops = counter.get_total_flops()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    share = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
+    size = 256 if b.quick else 1024
+    x = torch.randn(size, size)
+    square = interleaved({"mm": lambda: torch.mm(x, x)}, repeats=b.repeats, warmup=1, number=5)["mm"]
+    ours_s, hf_s = Summary(seconds["ours_fp32"]).median, Summary(seconds["hf_fp32"]).median
+    return {
+        "what": "matrix-product FLOPs (linear layers and LM head, prefill and decoding; attention not counted) per "
+                "timed second; matmul_share: self CPU time in aten::mm and kin / all operators' in a profiled run",
+        "gflop": {"ours": round(ours_flops / 1e9, 2), "hf_batch1": round(hf_flops / 1e9, 2)},
+        "gflop_per_s": {"ours": round(ours_flops / ours_s / 1e9, 2), "hf_batch1": round(hf_flops / hf_s / 1e9, 2),
+                        "ours_matmuls_alone": round(ours_flops / (share * ours_s) / 1e9, 2),
+                        f"square_{size}_matmul": round(2 * size**3 / Summary(square).median / 1e9, 2)},
+        "ours_matmul_share": round(share, 3),
+        "fp32_ratio_ceiling": round(ratio_fp32 / share, 2),
+    }
 
 
 def _generation_with_lora(b: Bench, model, tok, chats) -> dict:

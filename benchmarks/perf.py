@@ -265,6 +265,16 @@ def render_markdown(data: dict, md_path: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _generation_work_md(w: dict) -> str:
+    rates = w["gflop_per_s"]
+    square = next(k for k in rates if k.startswith("square_"))
+    return (f" Work in fp32: ours {w['gflop']['ours']} GFLOP at {rates['ours']} GFLOP/s, transformers at batch 1 "
+            f"{w['gflop']['hf_batch1']} GFLOP at {rates['hf_batch1']} GFLOP/s; the matrix products take "
+            f"{w['ours_matmul_share']:.0%} of our CPU time and run there at {rates['ours_matmuls_alone']} GFLOP/s, "
+            f"one thread's {square.split('_')[1]}x{square.split('_')[1]} product at {rates[square]} GFLOP/s; with "
+            f"every other cost gone the fp32 ratio would be at most {w['fp32_ratio_ceiling']}x ({w['what']}).")
+
+
 def _details_md(d: dict) -> list[str]:
     out = ["## Details", ""]
     if "hyperlora_vs_peft" in d:
@@ -280,7 +290,10 @@ def _details_md(d: dict) -> list[str]:
                    f"The whole J step (prompt writing, rollouts, SR loss: {x['full_j_step_settings']}) takes "
                    f"{x['full_j_step_seconds']['median']:.4g} s = "
                    f"{x.get('j_step_over_trl', x.get('full_j_step_over_trl'))}x the TRL step (median of the "
-                   f"repetitions' ratios); its phases (medians): {x['full_j_step_phases_seconds']}.")
+                   f"repetitions' ratios); its phases (medians): {x['full_j_step_phases_seconds']}."
+                   + (f" Work: the J step computes {x['j_step_flops_over_trl']}x the TRL step's matrix-product FLOPs "
+                      f"(GFLOP per step {x['gflop_per_step']}; the J step's by phase {x['j_step_gflop_by_phase']}), "
+                      f"at GFLOP/s {x['gflop_per_s']} ({x['flops_what']})." if "j_step_flops_over_trl" in x else ""))
     if "scoring_vs_forward" in d:
         x = d["scoring_vs_forward"]
         out.append(f"- **scoring_vs_forward**: {x['ours_tokens_per_s']['median']:.4g} tokens/s scoring "
@@ -298,7 +311,7 @@ def _details_md(d: dict) -> list[str]:
                    + f". {x['what']}. Both in fp32: {x.get('ratio_both_fp32')}x. All settings (tokens/s): "
                    + ", ".join(f"{k} {v['median']:.4g}" for k, v in x.get("tokens_per_s_by_setting", {}).items())
                    + f". With MetaTuner's per-query LoRA (fp32): {x['with_per_query_lora_tokens_per_s']['median']:.4g} "
-                   f"tokens/s.")
+                   f"tokens/s." + (_generation_work_md(x["work"]) if "work" in x else ""))
     if "memory_vs_sft" in d:
         x = d["memory_vs_sft"]
         out.append(f"- **memory_vs_sft**: peak RSS {x['metatuner_peak_rss_mb']['median']:.0f} MiB (MetaTuner) vs "

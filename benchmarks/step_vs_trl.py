@@ -12,7 +12,8 @@ cost of the prompt branch is visible too.
 Each repetition: ours (1 warm-up + S timed steps), then TRL (the same), then the full J step (1 warm-up + 1 timed);
 each side starts from a fresh copy of the base weights. Medians over repetitions of the per-repetition ratios:
 `ratio` (task-loss step / TRL step) and `j_step_over_trl` (whole J step / TRL step, the `j_step_vs_trl_sft`
-headline).
+headline). Then, untimed, each step's matrix-product FLOPs (`j_step_flops_over_trl`): how much more the J step has
+to compute than the TRL step, so that the time ratio splits into work and speed (FLOP/s) per side.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from datasets import Dataset, disable_progress_bars
 from transformers import get_linear_schedule_with_warmup
 
 import sft_loop_vs_trl as sft_bench
-from bench_setup import Bench, PhaseTimer, j_step_backward
+from bench_setup import Bench, PhaseFlops, PhaseTimer, count_flops, j_step_backward
 from common import Summary, autocast, now
 from metatuner.config import MetaTunerSettings
 from metatuner.model import MetaTuner
@@ -71,8 +72,9 @@ def run_ours(base, tok, task, examples, b: Bench, steps: int) -> list[float]:
     return seconds
 
 
-def run_full_j(base, tok, task, examples, b: Bench) -> tuple[float, dict]:
-    """One full J step (prompt writing, task loss, rollouts, SR loss, update) after one warm-up step."""
+def run_full_j(base, tok, task, examples, b: Bench, meter=PhaseTimer) -> tuple[float, PhaseTimer | PhaseFlops]:
+    """One full J step (prompt writing, task loss, rollouts, SR loss, update) after one warm-up step: its seconds
+    and its phases' meter (`PhaseTimer`: seconds per phase; `PhaseFlops`: FLOPs per phase)."""
     torch.manual_seed(0)
     mt = MetaTuner(copy.deepcopy(base), tok, MetaTunerSettings(
         target_modules=list(b.lora_targets), rank=b.lora_r, max_prompt_tokens=8 if b.quick else 48))
@@ -80,7 +82,7 @@ def run_full_j(base, tok, task, examples, b: Bench) -> tuple[float, dict]:
     store = ExpertPromptStore()
     for step in (1, 2):
         rows = examples[(step - 1) * b.batch_size : step * b.batch_size]
-        timer = PhaseTimer()
+        timer = meter()
         start = now()
         with autocast(b.precision):
             j_step_backward(mt, task, rows, task.default_prompt, store, timer, b.max_length)
@@ -90,7 +92,7 @@ def run_full_j(base, tok, task, examples, b: Bench) -> tuple[float, dict]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         seconds = now() - start
-    return seconds, {k: round(v, 3) for k, v in timer.seconds.items()}
+    return seconds, timer
 
 
 def _pairs(task, rows, tok):
@@ -106,6 +108,22 @@ def trl_args(b: Bench, steps: int) -> argparse.Namespace:
         mixed_precision=b.precision, max_length=b.max_length, seed=0, lora_r=b.lora_r, lora_alpha=float(b.lora_r),
         target_modules=",".join(b.lora_targets),
     )
+
+
+def step_flops(base, tok, task, examples, dataset, b: Bench, steps: int) -> dict:
+    """Matrix-product FLOPs of one step of each side, counted in runs of their own (the timed runs go without the
+    counter): TRL's and our task-loss step as the mean over a run's steps, the J step's timed step by phase. What the
+    J step must compute over what the TRL step computes is the floor of `j_step_over_trl` at equal FLOP/s."""
+    with count_flops() as counter:
+        _, trainer, _ = sft_bench.run_trl(base, tok, dataset, trl_args(b, steps), "cpu")
+    trl = counter.get_total_flops() / (steps + 1)
+    del trainer
+    with count_flops() as counter:
+        run_ours(base, tok, task, examples, b, steps)
+    ours = counter.get_total_flops() / (steps + 1)
+    _, meter = run_full_j(base, tok, task, examples, b, meter=PhaseFlops)
+    j_step = sum(meter.flops.values())
+    return {"trl_sft": trl, "metatuner_task_loss_step": ours, "j_step": j_step, "j_step_by_phase": meter.flops}
 
 
 def metatuner_step_vs_trl_sft(b: Bench) -> dict:
@@ -127,10 +145,12 @@ def metatuner_step_vs_trl_sft(b: Bench) -> dict:
             tokenisation = sft_bench.compare_tokenisation(tok, pairs, b.max_length, prepared)
         del trainer, prepared
         gc.collect()
-        seconds, step_phases = run_full_j(base, tok, task, examples, b)
+        seconds, timer = run_full_j(base, tok, task, examples, b)
         full_s.append(seconds)
-        phases.append(step_phases)
+        phases.append(timer.seconds)
         gc.collect()
+    flops = step_flops(base, tok, task, examples, dataset, b, steps)
+    gflop = lambda n: round(n / 1e9, 2)  # noqa: E731
     ratio = round(Summary([a / b for a, b in zip(ours_s, trl_s)]).median, 4)  # per-repetition pairs
     j_ratio = round(Summary([j / t for j, t in zip(full_s, trl_s)]).median, 4)
     return {
@@ -150,4 +170,12 @@ def metatuner_step_vs_trl_sft(b: Bench) -> dict:
                                        for k in phases[0]},
         "full_j_step_settings": "n_rollouts 4, rollouts every step, likelihood reward, max_prompt_tokens "
                                 + ("8" if b.quick else "48") + ", SR weight 1",
+        "gflop_per_step": {k: gflop(v) for k, v in flops.items() if k != "j_step_by_phase"},
+        "j_step_gflop_by_phase": {k: gflop(v) for k, v in flops["j_step_by_phase"].items()},
+        "j_step_flops_over_trl": round(flops["j_step"] / flops["trl_sft"], 3),
+        "gflop_per_s": {"trl_sft": gflop(flops["trl_sft"] / Summary(trl_s).median),
+                        "metatuner_task_loss_step": gflop(flops["metatuner_task_loss_step"] / Summary(ours_s).median),
+                        "j_step": gflop(flops["j_step"] / Summary(full_s).median)},
+        "flops_what": "matrix-product FLOPs of one step (linear layers and LM head: forward, backward, checkpoint "
+                      "recompute; attention not counted), torch's FlopCounterMode in untimed runs",
     }

@@ -39,6 +39,13 @@ def test_quick_benchmark_writes_every_headline_figure(tmp_path):
     assert "same D2: True" in speedups["rollouts_decoding"]["what"]
     assert "same outputs: True" in speedups["kv_cache_buffer"]["what"]
     assert "same answers: True" in speedups["checker_scoring_one_prefill"]["what"]
+    # The work behind two ratios: the J step computes more than a TRL step; matmuls are part of generation's time.
+    step = data["details"]["metatuner_step_vs_trl_sft"]
+    assert step["j_step_flops_over_trl"] > 1 and {"rollouts", "sr_loss"} <= set(step["j_step_gflop_by_phase"])
+    generation = data["details"]["generation_speedup"]
+    assert 0 < generation["work"]["ours_matmul_share"] <= 1
+    assert generation["work"]["fp32_ratio_ceiling"] >= generation["ratio_both_fp32"]
+    assert "Work: the J step computes" in text and "Work in fp32:" in text
 
 
 def test_a_run_that_measures_part_of_the_figures_keeps_the_others(tmp_path):
