@@ -99,6 +99,7 @@ def eval_vs_lm_eval(b: Bench) -> dict:
     repeats = 1 if not b.quick else b.repeats
     seconds = interleaved({"ours": ours, "lm_eval": theirs}, repeats=repeats, warmup=0)
     rate = {k: [len(examples) / s for s in v] for k, v in seconds.items()}
+    work = _work(ours, theirs, {k: Summary(v).median for k, v in seconds.items()})
     return {
         "ratio": round(Summary([a / t for a, t in zip(rate["ours"], rate["lm_eval"])]).median, 4),
         "target": ">= 2.0",
@@ -110,6 +111,7 @@ def eval_vs_lm_eval(b: Bench) -> dict:
         "lm_eval_examples_per_s": Summary(rate["lm_eval"]).as_dict(3),
         **_agreement(found["ours"], found["lm_eval"], chats, len(examples)),
         "lm_eval_version": getattr(lm_eval, "__version__", None),
+        "work": work,
         "commands": {
             "ours": f"metatuner eval --model {model_dir} --task gsm8k --data-path {DATA} --limit {len(examples)} "
                     f"--max-new-tokens {b.eval_max_new_tokens} --batch-size {b.eval_batch_size} --dtype {b.eval_dtype}",
@@ -117,6 +119,26 @@ def eval_vs_lm_eval(b: Bench) -> dict:
                        f"{TASK_NAME} --include_path benchmarks/lm_eval_tasks --limit {len(examples)} --batch_size "
                        f"{theirs_batch} --apply_chat_template --gen_kwargs max_gen_toks={b.eval_max_new_tokens}",
         },
+    }
+
+
+def _work(ours, theirs, seconds: dict[str, float]) -> dict:
+    """Each side's matrix-product FLOPs, counted in one more (untimed) run of each, and its FLOP/s in the timed
+    runs: the ratio is lm_eval's FLOPs over ours (what our finished rows leaving the batch save against a batch
+    decoded until its last row stops) times our FLOP/s over lm_eval's."""
+    from bench_setup import count_flops
+
+    flops = {}
+    for name, run in (("ours", ours), ("lm_eval", theirs)):
+        with count_flops() as counter:
+            run()
+        flops[name] = counter.get_total_flops()
+    return {
+        "what": "matrix-product FLOPs (linear layers and LM head; attention not counted) of one evaluation of the "
+                "items, FlopCounterMode in an untimed run; FLOP/s over the timed runs' median seconds",
+        "gflop": {k: round(v / 1e9, 1) for k, v in flops.items()},
+        "lm_eval_flops_over_ours": round(flops["lm_eval"] / flops["ours"], 3),
+        "gflop_per_s": {k: round(flops[k] / seconds[k] / 1e9, 2) for k in flops},
     }
 
 

@@ -336,7 +336,10 @@ def _details_md(d: dict) -> list[str]:
                    f"lm_eval {acc['lm_eval']['strict']:.4g} / {acc['lm_eval']['flexible']:.4g} (correct items "
                    f"{x['correct_items']['ours']} vs {x['correct_items']['lm_eval']}); lm_eval saw our inputs: "
                    f"{x['same_inputs']}; identical outputs {x['same_outputs']} of {x['examples']}. Commands: `"
-                   f"{x['commands']['ours']}`; `{x['commands']['lm_eval']}`.")
+                   f"{x['commands']['ours']}`; `{x['commands']['lm_eval']}`."
+                   + (f" Work: lm_eval computes {x['work']['lm_eval_flops_over_ours']}x our matrix-product FLOPs "
+                      f"(GFLOP {x['work']['gflop']}) at GFLOP/s {x['work']['gflop_per_s']} ({x['work']['what']})."
+                      if "work" in x else ""))
     from serve_load import describe
 
     out += [f"- **{name}**: {describe(name, d[name])}" for name in SERVE if name in d]

@@ -46,6 +46,8 @@ def test_quick_benchmark_writes_every_headline_figure(tmp_path):
     assert 0 < generation["work"]["ours_matmul_share"] <= 1
     assert generation["work"]["fp32_ratio_ceiling"] >= generation["ratio_both_fp32"]
     assert "Work: the J step computes" in text and "Work in fp32:" in text
+    if OPTIONAL["eval_vs_lm_eval"]:
+        assert data["details"]["eval_vs_lm_eval"]["work"]["lm_eval_flops_over_ours"] > 0
 
 
 def test_a_run_that_measures_part_of_the_figures_keeps_the_others(tmp_path):
