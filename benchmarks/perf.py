@@ -2,7 +2,7 @@
 
 Run from the repository root with the project's environment (`make bench`, `make bench-quick`, or directly):
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/perf.py                 # SmolLM2-135M (embedded), ~20-30 min on 2 cores
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/perf.py                 # SmolLM2-135M (embedded), ~40 min on 2 cores
     .venv/bin/python benchmarks/perf.py --quick --out-json /tmp/p.json --out-md /tmp/p.md   # tiny model, ~1 min
     .venv/bin/python benchmarks/perf.py --only scoring_vs_forward --only generation_speedup  # update two entries
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/perf.py --threads 1 --only serve_batching_speedup \
@@ -23,7 +23,8 @@ The headline figures (docs/performance.json, top level):
 plus `speedups` (A/B of hot-path changes) and `scaling` (J step time and peak RSS against n, k, r, batch).
 
 Every ratio comes from one process (memory: alternating processes), both sides interleaved, medians of several
-repetitions; the machine, thread count and load go into the JSON. Each figure is written over an existing
+repetitions; the machine, thread count and load go into the JSON. Where a ratio's target is far off, each side's
+matrix-product FLOPs are counted too, in one more untimed run, so that the ratio splits into work and speed. Each figure is written over an existing
 --out-json as soon as it is measured, so the entries a run does not reach (--only, --skip, a crash) are kept. docs/performance/notes.md, when present, is appended to the Markdown as the closing note.
 """
 
