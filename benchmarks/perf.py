@@ -24,8 +24,10 @@ plus `speedups` (A/B of hot-path changes) and `scaling` (J step time and peak RS
 
 Every ratio comes from one process (memory: alternating processes), both sides interleaved, medians of several
 repetitions; the machine, thread count and load go into the JSON. Where a ratio's target is far off, each side's
-matrix-product FLOPs are counted too, in one more untimed run, so that the ratio splits into work and speed. Each figure is written over an existing
---out-json as soon as it is measured, so the entries a run does not reach (--only, --skip, a crash) are kept. docs/performance/notes.md, when present, is appended to the Markdown as the closing note.
+matrix-product FLOPs are counted too, in one more untimed run, so that the ratio splits into work and speed. Each
+figure is written over an existing --out-json as soon as it is measured, so the entries a run does not reach
+(--only, --skip, a crash) are kept. docs/performance/notes.md, when present, is appended to the Markdown as the
+closing note.
 """
 
 from __future__ import annotations
