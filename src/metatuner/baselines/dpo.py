@@ -20,7 +20,8 @@ would have sampled, then TRL's own resume), SIGINT or SIGTERM during training sa
 **Memory.** A micro-batch runs its chosen and rejected answers through the policy with logits over the whole
 vocabulary at every position, so memory grows with `train.batch_size` x `train.max_length`: CosmosQA's passages
 (up to 512 tokens) at 8 questions took SmolLM2-135M's run to 16.5 GB on a CPU. `train.batch_size=4
-train.grad_accum=2` trains on the same rows in the same steps with less (a peak of 10.5 GB there).
+train.grad_accum=2` trains on the same rows in the same steps with less (peaks of 9.6 to 10.5 GB there over its
+sittings).
 
 The run folder gets `config.yaml`, `pairs.jsonl` (every pair and its rewards), `train_metrics.json`, TensorBoard
 scalars in `tb/` (what TRL logs every `train.log_every` steps, as `train/loss`, `train/rewards/accuracies`, ...) and
